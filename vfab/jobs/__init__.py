@@ -1,0 +1,1 @@
+"""Jobs: their states, their persistent store and the queue that plots them."""
