@@ -1,0 +1,120 @@
+"""The job store on a real SQLite file: migrations, transitions, history, restart."""
+
+import sqlite3
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from vfab.jobs import states
+from vfab.jobs.errors import JobNotFound
+from vfab.jobs.job import Job
+from vfab.store.jobstore import DatabaseError, JobStore
+from vfab.store.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
+
+
+def make_job(job_id, *, priority=0, created="2026-11-26T03:00:00.000Z", state=states.QUEUED):
+    return Job(id=job_id, name=f"job {job_id}", state=state, priority=priority,
+               created_at=created, svg_file=f"{job_id}.svg", layers=1, paths=3,
+               pen_down_mm=10.0, pen_up_mm=5.0, estimated_seconds=12.0)
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = JobStore(tmp_path / "vfab.db", reactor=reactor)
+    store.open()
+    yield store
+    store.close()
+
+
+def test_open_creates_a_private_migrated_file(tmp_path):
+    store = JobStore(tmp_path / "sub" / "vfab.db", reactor=reactor)
+    store.open()
+    store.close()
+    path = tmp_path / "sub" / "vfab.db"
+    assert path.stat().st_mode & 0o777 == 0o600
+    connection = sqlite3.connect(path)
+    assert connection.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error(tmp_path):
+    path = tmp_path / "vfab.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(DatabaseError, match="vfab.db"):
+        JobStore(path, reactor=reactor).open()
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    connection = sqlite3.connect(tmp_path / "vfab.db")
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(SchemaTooNew, match="upgrade vfab"):
+        migrate(connection)
+
+
+@pytest_twisted.inlineCallbacks
+def test_jobs_run_by_priority_then_age_and_list_newest_first(store):
+    yield store.add(make_job("a", priority=0))
+    yield store.add(make_job("b", priority=5))
+    yield store.add(make_job("c", priority=5))
+    nxt = yield store.next_queued()
+    assert nxt.id == "b"
+    listed = yield store.list()
+    assert [job.id for job in listed] == ["c", "b", "a"]
+    limited = yield store.list(limit=1)
+    assert [job.id for job in limited] == ["c"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_transitions_are_checked_and_recorded_with_their_reason(store):
+    yield store.add(make_job("a"))
+    before, after = yield store.transition("a", states.PLOTTING, "started")
+    assert (before.state, after.state) == ("queued", "plotting")
+    assert after.started_at is not None and after.finished_at is None
+    with pytest.raises(states.InvalidTransition):
+        yield store.transition("a", states.QUEUED, "nope")
+    _, done = yield store.transition("a", states.COMPLETED, "plot finished", progress=1.0)
+    assert done.finished_at is not None and done.progress == 1.0
+    history = yield store.history("a")
+    assert [(h["from_state"], h["to_state"], h["reason"]) for h in history] == [
+        (None, "queued", "submitted"), ("queued", "plotting", "started"),
+        ("plotting", "completed", "plot finished")]
+    with pytest.raises(JobNotFound):
+        yield store.get("missing")
+
+
+@pytest_twisted.inlineCallbacks
+def test_only_finished_jobs_can_be_deleted(store):
+    yield store.add(make_job("a"))
+    with pytest.raises(states.InvalidTransition):
+        yield store.delete("a")
+    yield store.transition("a", states.CANCELLED, "by request")
+    yield store.delete("a")
+    with pytest.raises(JobNotFound):
+        yield store.get("a")
+
+
+@pytest_twisted.inlineCallbacks
+def test_progress_is_saved_and_survives_a_restart(tmp_path):
+    path = tmp_path / "vfab.db"
+    store = JobStore(path, reactor=reactor)
+    store.open()
+    yield store.add(make_job("a"))
+    yield store.add(make_job("b"))
+    yield store.transition("a", states.PLOTTING, "started")
+    yield store.save_progress("a", 0.25, {"layer": 0, "path": 7, "move": 3})
+    store.close()
+
+    again = JobStore(path, reactor=reactor)
+    again.open()  # as after a crash: "a" was plotting
+    try:
+        job = yield again.get("a")
+        assert job.state == states.INTERRUPTED
+        assert job.progress == 0.25
+        assert job.position == {"layer": 0, "path": 7, "move": 3}
+        history = yield again.history("a")
+        assert history[-1]["to_state"] == "interrupted"
+        other = yield again.get("b")
+        assert other.state == states.QUEUED
+    finally:
+        again.close()

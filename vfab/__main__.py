@@ -1,0 +1,5 @@
+"""`python -m vfab` is the `vfab` command."""
+
+from vfab.cli import main
+
+main()

@@ -1,0 +1,141 @@
+"""The client commands: each takes the client and parsed arguments, returns an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.parse
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from vfab.cli.client import DaemonClient
+
+_out = Console(highlight=False)
+_err = Console(stderr=True, highlight=False)
+
+FINISHED = ("completed", "failed", "cancelled")
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as people read them: 45 s, 3 min 20 s, 2 h 05 min."""
+    if seconds is None:
+        return "-"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _job_path(job_id: str, action: str = "") -> str:
+    return f"/api/jobs/{urllib.parse.quote(job_id, safe='')}" + (f"/{action}" if action else "")
+
+
+def add(client: DaemonClient, args: argparse.Namespace) -> int:
+    try:
+        svg = args.file.read_bytes()
+    except OSError as error:
+        _err.print(f"vfab: cannot read {args.file}: {error.strerror}")
+        return 2
+    job = client.request("POST", "/api/jobs", body=svg, content_type="image/svg+xml",
+                         query={"name": args.name, "priority": args.priority,
+                                "preset": args.preset})
+    sys.stdout.write(job["id"] + "\n")
+    _err.print(f"queued '{job['name']}': {job['paths']} paths on {job['layers']} "
+               f"layer(s), about {duration(job['estimated_seconds'])}")
+    return 0
+
+
+def list(client: DaemonClient, args: argparse.Namespace) -> int:  # noqa: A001 - the verb
+    answer = client.request("GET", "/api/jobs", query={"state": args.state,
+                                                       "limit": args.limit})
+    if args.json:
+        from vfab.cli import print_json
+        print_json(answer)
+        return 0
+    jobs = answer["jobs"]
+    if not jobs:
+        _out.print("no jobs" + (f" in state {args.state}" if args.state else ""))
+        return 0
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "NAME", "STATE", "PRIORITY", "PROGRESS", "ESTIMATE", "CREATED"):
+        table.add_column(column)
+    for job in jobs:
+        table.add_row(job["id"], job["name"], job["state"], str(job["priority"]),
+                      f"{job['progress'] * 100:.0f}%", duration(job["estimated_seconds"]),
+                      job["created_at"].replace("T", " ")[:19])
+    _out.print(table)
+    return 0
+
+
+def status(client: DaemonClient, args: argparse.Namespace) -> int:
+    if args.job_id:
+        job = client.request("GET", _job_path(args.job_id))
+        if args.json:
+            from vfab.cli import print_json
+            print_json(job)
+            return 0
+        _print_job(job)
+        return 0
+    health = client.request("GET", "/health")
+    device = client.request("GET", "/api/device")
+    active = [job for state in ("plotting", "paused", "awaiting_pen")
+              for job in client.request("GET", "/api/jobs", query={"state": state})["jobs"]]
+    queued = client.request("GET", "/api/jobs", query={"state": "queued"})["jobs"]
+    if args.json:
+        from vfab.cli import print_json
+        print_json({"health": health, "device": device, "active_jobs": active,
+                    "queued_jobs": len(queued)})
+        return 0
+    _out.print(f"daemon   {client.url}: {health['status']}, up {duration(health['uptime'])}")
+    _out.print(f"device   {device['status']}"
+               + (f" on {device['port']}" if device.get("port") else "")
+               + (f", firmware {device['firmware_version']}"
+                  if device.get("firmware_version") else ""))
+    _out.print(f"queue    {len(queued)} waiting")
+    for job in active:
+        _out.print(f"active   {job['id']} '{job['name']}' {job['state']} "
+                   f"{job['progress'] * 100:.0f}%")
+    return 0
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in ("id", "name", "state", "priority", "progress", "layers", "paths",
+                "pen_down_mm", "pen_up_mm", "estimated_seconds", "created_at", "started_at",
+                "finished_at", "error"):
+        value = job.get(key)
+        if key == "progress":
+            value = f"{value * 100:.1f}%"
+        elif key == "estimated_seconds":
+            value = duration(value)
+        table.add_row(key, "-" if value is None else str(value))
+    _out.print(table)
+
+
+def _control(client: DaemonClient, args: argparse.Namespace, action: str) -> int:
+    job = client.request("POST", _job_path(args.job_id, action))
+    _out.print(f"job {job['id']} '{job['name']}' is {job['state']}")
+    return 0
+
+
+def pause(client: DaemonClient, args: argparse.Namespace) -> int:
+    return _control(client, args, "pause")
+
+
+def resume(client: DaemonClient, args: argparse.Namespace) -> int:
+    return _control(client, args, "resume")
+
+
+def cancel(client: DaemonClient, args: argparse.Namespace) -> int:
+    return _control(client, args, "cancel")
+
+
+def watch(client: DaemonClient, args: argparse.Namespace) -> int:
+    from vfab.cli.watch import watch_jobs
+    return watch_jobs(client, args.job_id)

@@ -1,0 +1,27 @@
+"""Errors of job control that the HTTP API, the WebSocket and the CLI report."""
+
+from vfab.jobs.states import InvalidTransition
+
+__all__ = ["InvalidTransition", "JobNotFound", "NotAccepting", "InvalidJobInput"]
+
+
+class JobNotFound(KeyError):
+    """No job has this id (HTTP 404)."""
+
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(job_id)
+
+    def __str__(self) -> str:
+        return f"no job with id {self.job_id!r}"
+
+
+class NotAccepting(RuntimeError):
+    """The daemon is shutting down and takes no new jobs (HTTP 503)."""
+
+    def __str__(self) -> str:
+        return "the daemon is shutting down and accepts no new jobs"
+
+
+class InvalidJobInput(ValueError):
+    """A job field (name, priority, preset) is not acceptable (HTTP 400)."""

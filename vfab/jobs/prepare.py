@@ -1,0 +1,71 @@
+"""Turning a submitted SVG into what a job needs: its drawing, figures and plan.
+
+These functions are pure and may take seconds on a large drawing, so the
+queue runs them in a thread (`deferToThread`), never on the reactor.
+"""
+
+from __future__ import annotations
+
+import attr
+
+from vfab.config import DeviceConfig
+from vfab.geometry.svg import Drawing, check_travel, drawing_stats, load_svg
+from vfab.geometry.order import optimize
+from vfab.jobs.errors import InvalidJobInput
+from vfab.motion.planner import MotionPlan, plan_drawing
+
+#: Named plot settings a job may ask for: factors on the configured speeds.
+PRESETS: dict[str, dict[str, float]] = {
+    "default": {},
+    "fast": {"speed_pen_down": 1.5, "speed_pen_up": 1.25, "accel_pen_down": 1.5},
+    "quality": {"speed_pen_down": 0.5, "accel_pen_down": 0.5, "cornering": 0.5},
+    "draft": {"speed_pen_down": 2.0, "speed_pen_up": 1.5, "accel_pen_down": 2.0,
+              "cornering": 2.0},
+}
+
+
+def device_settings(device: DeviceConfig, preset: str | None) -> DeviceConfig:
+    """The device settings with a preset's factors applied (capped at the device limits)."""
+    if preset is None:
+        return device
+    if preset not in PRESETS:
+        raise InvalidJobInput(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    changes = {}
+    for name, factor in PRESETS[preset].items():
+        check = attr.fields_dict(DeviceConfig)[name].metadata["check"]
+        try:
+            changes[name] = check(getattr(device, name) * factor)
+        except ValueError:
+            # Beyond what the configuration accepts: keep the configured value.
+            continue
+    return attr.evolve(device, **changes)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class PreparedJob:
+    drawing: Drawing
+    plan: MotionPlan
+    layers: int
+    paths: int
+    pen_down_mm: float
+    pen_up_mm: float
+
+    @property
+    def estimated_seconds(self) -> float:
+        return self.plan.estimated_seconds
+
+
+def prepare(svg: bytes, device: DeviceConfig, *, use_lm: bool = True) -> PreparedJob:
+    """Read, check, order and plan a drawing for this device.
+
+    Raises SVGError when it is not a drawing and OutOfTravel when it does not
+    fit the model's travel.
+    """
+    drawing = load_svg(svg, tolerance=device.tolerance)
+    check_travel(drawing, device.travel_mm)
+    if device.optimize:
+        drawing = optimize(drawing, device.merge_tolerance)
+    stats = drawing_stats(drawing)
+    plan = plan_drawing(drawing, device, use_lm=use_lm)
+    return PreparedJob(drawing=drawing, plan=plan, layers=stats.layers, paths=stats.paths,
+                       pen_down_mm=stats.pen_down_mm, pen_up_mm=stats.pen_up_mm)

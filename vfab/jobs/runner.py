@@ -1,0 +1,373 @@
+"""Walks one job's motion plan on the plotter.
+
+The runner keeps exactly one command in flight: the board acknowledges a move
+when it enters its one-deep motion FIFO, so sending the next move on each
+acknowledgement keeps the carriage fed without ever getting far ahead of it.
+Every pause, pen change, cancel and stop happens between two moves, at a
+position (layer, path, move) that is saved and from which the plot continues
+without drawing a stroke twice or skipping one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attr
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import Logger
+
+from vfab.config import DeviceConfig
+from vfab.jobs import states
+from vfab.motion.planner import Move, MotionPlan, pen_moves, plan_travel
+from vfab.plotter.kinematics import motor_steps_to_mm
+
+_log = Logger()
+
+#: job_progress messages a second, at most, for one job (the contract's bound).
+PROGRESS_RATE = 10.0
+#: How often the PRG button is polled while a pen change is awaited.
+BUTTON_POLL_SECONDS = 0.5
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class Position:
+    """Where a plot stands: the next move to send is `move` of path `path` of `layer`."""
+
+    layer: int = 0
+    path: int = 0
+    move: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"layer": self.layer, "path": self.path, "move": self.move}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, int] | None) -> "Position":
+        if not data:
+            return cls()
+        return cls(int(data["layer"]), int(data["path"]), int(data["move"]))
+
+
+class Cancelled(Exception):
+    """The job was cancelled while plotting."""
+
+
+class Stopped(Exception):
+    """The daemon is stopping: the plot was paused at a safe point and saved."""
+
+
+# What a runner needs from the queue: state changes and saved progress,
+# both written to the store (and announced) by the queue.
+Transition = Callable[..., Deferred]
+SaveProgress = Callable[[float, dict[str, int]], Deferred]
+
+
+class PlotRunner:
+    """Plots one job; `run()` fires with the final state or fails with the device's error."""
+
+    def __init__(self, *, job_id: str, plan: MotionPlan, plotter: Any, device: Any,
+                 settings: DeviceConfig, clock: Any, publish: Callable[[dict], None],
+                 transition: Transition, save_progress: SaveProgress,
+                 start: Position = Position(), use_lm: bool = True):
+        self.job_id = job_id
+        self._plan = plan
+        self._plotter = plotter
+        self._device = device
+        self._settings = settings
+        self._clock = clock
+        self._publish = publish
+        self._transition = transition
+        self._save_progress = save_progress
+        self._start = start
+        self._use_lm = use_lm
+        self._pen_up, self._pen_down = pen_moves(settings)
+        self._here = (0.0, 0.0)
+        self._pen_is_down = False
+        self._was_down = False  # the pen's state when the last pause began
+        self._requested: str | None = None  # "pause", "cancel" or "stop"
+        self._pause_done: Deferred | None = None
+        self._wake: Deferred | None = None
+        self._total_draw = sum(m.duration_s for layer in plan.layers
+                               for path in layer.paths for m in path.draw) or 1.0
+        self._done_draw = 0.0
+        self._paths_done = 0
+        self._total_paths = sum(len(layer.paths) for layer in plan.layers)
+        self._position = start
+        self._started_at = clock.seconds()
+        self._last_progress = float("-inf")
+        self._last_position_report = float("-inf")
+        self._last_save = clock.seconds()
+        self._saving: Deferred | None = None
+
+    # -- requests from the queue -------------------------------------------
+
+    def pause(self) -> Deferred:
+        """Ask for a pause at the next move; fires once the pen is up and progress saved."""
+        if self._pause_done is None:
+            self._pause_done = Deferred()
+        if self._requested is None:
+            self._requested = "pause"
+        return self._pause_done
+
+    def resume(self) -> None:
+        """Continue after a pause or a pen change."""
+        self._requested = None
+        self._wakeup("resume")
+
+    def cancel(self) -> None:
+        self._requested = "cancel"
+        self._wakeup("cancel")
+
+    def stop(self) -> None:
+        """The daemon is stopping: pause at the next safe point and end the run."""
+        self._requested = "stop"
+        self._wakeup("stop")
+
+    def _wakeup(self, why: str) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.callback(why)
+
+    @property
+    def progress(self) -> float:
+        return min(1.0, self._done_draw / self._total_draw)
+
+    @property
+    def position(self) -> Position:
+        return self._position
+
+    # -- the plot ----------------------------------------------------------
+
+    @inlineCallbacks
+    def run(self) -> Deferred[str]:
+        """Plot from the start position; fires with COMPLETED, CANCELLED or INTERRUPTED."""
+        self._count_done_before(self._start)
+        steps = yield self._plotter.query_steps()
+        self._here = motor_steps_to_mm(steps[0], steps[1], self._settings.microstepping)
+        self._report_progress(force=True)
+        try:
+            yield self._plot()
+        except Cancelled:
+            yield self._finish_at_home()
+            return states.CANCELLED
+        except Stopped:
+            return states.INTERRUPTED
+        yield self._finish_at_home()
+        self._done_draw = self._total_draw
+        self._report_progress(force=True)
+        return states.COMPLETED
+
+    def _count_done_before(self, start: Position) -> None:
+        """Progress already made by an earlier run of this job."""
+        for li, layer in enumerate(self._plan.layers):
+            for pi, path in enumerate(layer.paths):
+                if (li, pi) < (start.layer, start.path):
+                    self._done_draw += sum(m.duration_s for m in path.draw)
+                    self._paths_done += 1
+                elif (li, pi) == (start.layer, start.path):
+                    self._done_draw += sum(m.duration_s for m in path.draw[:start.move])
+
+    @inlineCallbacks
+    def _plot(self) -> Deferred[None]:
+        start = self._start
+        for li in range(start.layer, len(self._plan.layers)):
+            layer = self._plan.layers[li]
+            if li > start.layer:
+                yield self._change_pen(li, layer.name)
+            first_path = start.path if li == start.layer else 0
+            for pi in range(first_path, len(layer.paths)):
+                path = layer.paths[pi]
+                mi = start.move if (li, pi) == (start.layer, start.path) else 0
+                if mi < len(path.draw):
+                    yield self._draw_path(li, pi, mi, path)
+                self._paths_done += 1
+                self._position = Position(li, pi + 1, 0)
+
+    @inlineCallbacks
+    def _draw_path(self, li: int, pi: int, mi: int, path: Any) -> Deferred[None]:
+        self._position = Position(li, pi, mi)
+        yield self._checkpoint()
+        target = path.start_mm if mi == 0 else path.draw[mi - 1].end_mm
+        for move in plan_travel(self._here, target, self._settings, use_lm=self._use_lm):
+            yield self._send(move)
+        yield self._set_pen(down=True)
+        while mi < len(path.draw):
+            yield self._checkpoint()
+            move = path.draw[mi]
+            yield self._send(move)
+            self._done_draw += move.duration_s
+            mi += 1
+            self._position = Position(li, pi, mi)
+            self._report_progress()
+            self._maybe_save()
+        yield self._set_pen(down=False)
+
+    @inlineCallbacks
+    def _checkpoint(self) -> Deferred[None]:
+        """Between two moves: honour a pause, a cancel or a stop."""
+        while self._requested is not None:
+            request = self._requested
+            if request == "cancel":
+                raise Cancelled()
+            yield self._safe_stop()
+            if request == "stop":
+                yield self._transition(states.INTERRUPTED, "the daemon stopped; resume "
+                                       "continues from the saved progress",
+                                       progress=self.progress,
+                                       position=self._position.to_dict())
+                self._resolve_pause()
+                raise Stopped()
+            yield self._transition(states.PAUSED, "paused by request", progress=self.progress,
+                                   position=self._position.to_dict())
+            self._resolve_pause()
+            why = yield self._wait()
+            if why == "resume":
+                yield self._transition(states.PLOTTING, "resumed")
+                yield self._set_pen(down=True, only_if_was=True)
+
+    def _resolve_pause(self) -> None:
+        done, self._pause_done = self._pause_done, None
+        if done is not None:
+            done.callback(None)
+
+    @inlineCallbacks
+    def _safe_stop(self) -> Deferred[None]:
+        """Let the queued moves finish, then lift the pen: nothing is left half drawn."""
+        self._was_down = self._pen_is_down
+        yield self._plotter.wait_idle()
+        if self._pen_is_down:
+            yield self._send(self._pen_up)
+            self._pen_is_down = False
+            yield self._plotter.wait_idle()
+        self._device.update_position(self._here[0], self._here[1], pen_down=False)
+
+    def _wait(self) -> Deferred[str]:
+        """Fires with "resume", "cancel" or "stop"."""
+        self._wake = Deferred()
+        if self._requested in ("cancel", "stop"):
+            self._wakeup(self._requested)
+        return self._wake
+
+    @inlineCallbacks
+    def _change_pen(self, index: int, name: str) -> Deferred[None]:
+        """Park the carriage, ask for the next pen and wait for resume or the PRG button."""
+        yield self._checkpoint()
+        park = self._settings.pen_change_position or (0.0, 0.0)
+        for move in plan_travel(self._here, park, self._settings, use_lm=self._use_lm):
+            yield self._send(move)
+        yield self._plotter.wait_idle()
+        yield self._plotter.button_pressed()  # forget a press from before the prompt
+        self._position = Position(index, 0, 0)
+        yield self._transition(states.AWAITING_PEN, f"next pen: {name}",
+                               progress=self.progress, position=self._position.to_dict())
+        self._publish({"type": "system_alert", "severity": "info",
+                       "title": "Pen change",
+                       "message": f"Job {self.job_id}: put in the pen for layer "
+                                  f"{index + 1} ({name}), then resume or press the "
+                                  f"plotter's button."})
+        why = yield self._wait_for_pen()
+        if why == "cancel":
+            raise Cancelled()
+        if why == "stop":
+            yield self._transition(states.INTERRUPTED, "the daemon stopped during a pen change",
+                                   progress=self.progress, position=self._position.to_dict())
+            raise Stopped()
+        yield self._transition(states.PLOTTING, f"pen for layer {index + 1} ({name}) is in")
+
+    @inlineCallbacks
+    def _wait_for_pen(self) -> Deferred[str]:
+        wake = self._wait()
+        while not wake.called:
+            pressed = yield self._plotter.button_pressed()
+            if pressed and not wake.called:
+                self._requested = None
+                self._wakeup("resume")
+                break
+            if not wake.called:
+                yield _sleep(self._clock, BUTTON_POLL_SECONDS, wake)
+        why = yield wake
+        return why
+
+    @inlineCallbacks
+    def _set_pen(self, *, down: bool, only_if_was: bool = False) -> Deferred[None]:
+        if only_if_was and not self._was_down:
+            return
+        if down == self._pen_is_down:
+            return
+        yield self._send(self._pen_down if down else self._pen_up)
+        self._pen_is_down = down
+        self._device.update_position(self._here[0], self._here[1], pen_down=down)
+
+    @inlineCallbacks
+    def _send(self, move: Move) -> Deferred[None]:
+        yield self._plotter.send_move(move.command)
+        if move.end_mm is not None:
+            self._here = move.end_mm
+            now = self._clock.seconds()
+            if now - self._last_position_report >= 1.0 / PROGRESS_RATE:
+                self._last_position_report = now
+                self._device.update_position(self._here[0], self._here[1],
+                                             pen_down=self._pen_is_down)
+
+    @inlineCallbacks
+    def _finish_at_home(self) -> Deferred[None]:
+        yield self._plotter.wait_idle()
+        if self._pen_is_down:
+            yield self._send(self._pen_up)
+            self._pen_is_down = False
+        for move in plan_travel(self._here, (0.0, 0.0), self._settings, use_lm=self._use_lm):
+            yield self._send(move)
+        yield self._plotter.wait_idle()
+        self._device.update_position(self._here[0], self._here[1], pen_down=False)
+
+    # -- telling the world ---------------------------------------------------
+
+    def _report_progress(self, force: bool = False) -> None:
+        now = self._clock.seconds()
+        if not force and now - self._last_progress < 1.0 / PROGRESS_RATE:
+            return
+        self._last_progress = now
+        progress = self.progress
+        elapsed = now - self._started_at
+        remaining = (1.0 - progress) * self._plan.estimated_seconds
+        self._publish({
+            "type": "job_progress",
+            "job_id": self.job_id,
+            "progress": round(progress, 4),
+            "progress_percentage": round(progress * 100.0, 1),
+            "current_layer": min(self._position.layer + 1, len(self._plan.layers)),
+            "total_layers": len(self._plan.layers),
+            "paths_done": self._paths_done,
+            "total_paths": self._total_paths,
+            "elapsed_seconds": round(elapsed, 1),
+            "eta_seconds": round(remaining, 1),
+        })
+
+    def _maybe_save(self) -> None:
+        now = self._clock.seconds()
+        if self._saving is not None or now - self._last_save < self._settings.progress_save_interval:
+            return
+        self._last_save = now
+        self._saving = self._save_progress(self.progress, self._position.to_dict())
+
+        def saved(result: Any) -> Any:
+            self._saving = None
+            return result
+
+        self._saving.addBoth(saved)
+        self._saving.addErrback(lambda failure: _log.failure(
+            "could not save the progress of job {job_id}", failure, job_id=self.job_id))
+
+
+def _sleep(clock: Any, seconds: float, cut_short: Deferred) -> Deferred[None]:
+    """A Deferred that fires after `seconds`, or as soon as `cut_short` fires."""
+    slept: Deferred[None] = Deferred()
+    call = clock.callLater(seconds, slept.callback, None)
+
+    def early(result: Any) -> Any:
+        if call.active():
+            call.cancel()
+            slept.callback(None)
+        return result
+
+    cut_short.addBoth(early)
+    return slept

@@ -1,0 +1,174 @@
+"""The daemon's service tree and its ordered start and stop.
+
+`MultiService` starts children in order but stops them all at once, and the
+daemon needs a strict order both ways, so `VfabService` sequences them itself:
+
+start: database opened and migrated -> HTTP/WebSocket server listening ->
+       device service started (these three before twistd drops root) ->
+       queue service started -> hooks ready.
+stop:  stop accepting jobs -> let the active plot finish or pause it at a
+       safe point -> close WebSocket clients (1001) -> park the device ->
+       close the database.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.logger import ILogObserver, Logger
+from twisted.python.failure import Failure
+
+from vfab.config import Config, sqlite_path
+from vfab.events import EventBus
+from vfab.hooks import HookService
+from vfab.jobs.queue import QueueService
+from vfab.plotter.service import DeviceService
+from vfab.store.jobstore import DatabaseError, JobStore
+from vfab.web.server import WebService
+
+_log = Logger()
+
+
+class StartupError(RuntimeError):
+    """Start-up cannot go on; the message is the one-line reason shown to the operator."""
+
+
+def make_private_dir(path: Path, owner: tuple[int, int] | None) -> None:
+    """Create a folder readable only by the daemon's user (0700)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if owner is not None and os.geteuid() == 0:
+        os.chown(path, *owner)
+
+
+class VfabService(MultiService):
+    """The root of the daemon's services."""
+
+    def __init__(self, config: Config, workspace: Path, reactor: Any, *,
+                 owner: tuple[int, int] | None = None, log_observer: Any = None,
+                 handle_signals: bool = False):
+        super().__init__()
+        self.config = config
+        self.workspace = workspace
+        self._reactor = reactor
+        self._owner = owner
+        self._log_observer = log_observer
+        self._handle_signals = handle_signals
+        self._privileged_started = False
+        self.bus = EventBus()
+        self.store = JobStore(sqlite_path(config.database.url, workspace), reactor=reactor,
+                              pool_size=config.database.pool_size)
+        self.device = DeviceService(config.device, self.bus, reactor,
+                                    record_dir=workspace / "simulator")
+        self.queue = QueueService(store=self.store, device=self.device, bus=self.bus,
+                                  settings=config.device, jobs_dir=workspace / "jobs",
+                                  reactor=reactor)
+        self.web = WebService(config.websocket, self.queue, self.device, self.bus, reactor,
+                              health=self._health, device_type=config.device.type)
+        self.hooks = HookService(config.hooks, self.bus, reactor)
+        for child in (self.web, self.device, self.queue, self.hooks):
+            child.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        """Under twistd, hand the daemon's log observer to the application: twistd's
+        documented place for it, used unless `--logger` names another."""
+        super().setServiceParent(parent)
+        if self._log_observer is not None and hasattr(parent, "setComponent") \
+                and parent.getComponent(ILogObserver, None) is None:
+            parent.setComponent(ILogObserver, self._log_observer)
+
+    def _health(self) -> bool:
+        """Whether the store can be used (False makes /health "unhealthy")."""
+        return self.store.is_open
+
+    # -- start ------------------------------------------------------------------
+
+    def privilegedStartService(self) -> None:
+        """The steps that may need root: the database files, the port, the device."""
+        if self._privileged_started:
+            return
+        self._privileged_started = True
+        Service.privilegedStartService(self)
+        self._step("database", self._open_database)
+        self._step("HTTP/WebSocket server", self._listen)
+        self._step("device service", self.device.startService)
+
+    def startService(self) -> None:
+        self.privilegedStartService()
+        Service.startService(self)
+        self._step("queue service", self.queue.startService)
+        self._step("hooks", self.hooks.startService)
+        if self._handle_signals:
+            self._reactor.callWhenRunning(self._install_signal_handlers)
+        _log.info("vfab ready: http://{host}:{port}/ (WebSocket at /ws)",
+                  host=self.config.websocket.host, port=self.web.port)
+
+    def _step(self, what: str, action: Any) -> None:
+        try:
+            action()
+        except StartupError:
+            raise
+        except (DatabaseError, OSError) as error:
+            raise StartupError(f"{what}: {error}") from None
+
+    def _open_database(self) -> None:
+        make_private_dir(self.workspace, self._owner)
+        self.store.open()
+        if self._owner is not None and os.geteuid() == 0:
+            for suffix in ("", "-wal", "-shm"):
+                path = Path(f"{self.store.path}{suffix}")
+                if path.exists():
+                    os.chown(path, *self._owner)
+        _log.info("database opened and migrated: {path}", path=str(self.store.path))
+
+    def _listen(self) -> None:
+        if not self.config.websocket.enabled:
+            _log.warn("websocket.enabled is false: no HTTP API and no WebSocket")
+            return
+        listening = self.web.startService()
+        result: list[Any] = []
+        listening.addBoth(result.append)
+        if not result:
+            raise StartupError("HTTP/WebSocket server: the listening port did not open")
+        if isinstance(result[0], Failure):
+            raise StartupError(f"cannot listen on {self.config.websocket.host}:"
+                               f"{self.config.websocket.port}: {result[0].getErrorMessage()}")
+
+    def _install_signal_handlers(self) -> None:
+        """A clean stop on SIGTERM or SIGINT exits 0, as the contract says (twistd's own
+        handlers make the process die of the signal instead)."""
+        def stop(signum: int, frame: Any) -> None:
+            _log.info("received {signal}, shutting down", signal=signal.Signals(signum).name)
+            self._reactor.callFromThread(self._reactor.stop)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+
+    # -- stop -------------------------------------------------------------------
+
+    @inlineCallbacks
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        _log.info("shutdown: stop accepting jobs")
+        self.queue.stop_accepting()
+        yield self._stop_step("active job", self.queue)
+        yield self._stop_step("hooks", self.hooks)
+        _log.info("shutdown: closing WebSocket clients")
+        yield self._stop_step("HTTP/WebSocket server", self.web)
+        _log.info("shutdown: parking the device (pen up, motors off)")
+        yield self._stop_step("device", self.device)
+        self.store.close()
+        _log.info("shutdown complete")
+
+    @inlineCallbacks
+    def _stop_step(self, what: str, service: Service) -> Deferred[None]:
+        if not service.running:
+            return
+        try:
+            yield service.stopService()
+        except Exception:
+            _log.failure("shutdown: stopping the {what} failed", what=what)

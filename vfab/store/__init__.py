@@ -1,0 +1,1 @@
+"""The job store: SQLite through twisted.enterprise.adbapi, with migrations."""

@@ -1,0 +1,245 @@
+"""The persistent job store: SQLite through `twisted.enterprise.adbapi`.
+
+One connection (SQLite allows one writer; several connections only trade
+speed for "database is locked"), WAL journal, foreign keys on. Every state
+change is written with its history row in one transaction, so what the store
+says after a crash is what happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from vfab.jobs.job import Job, iso8601
+from vfab.jobs.states import (ACTIVE, FINISHED, INTERRUPTED, PLOTTING, QUEUED,
+                              InvalidTransition, check_transition)
+from vfab.jobs.errors import JobNotFound
+from vfab.store.migrations import migrate
+
+_log = Logger()
+
+_COLUMNS = ("id", "name", "state", "priority", "preset", "created_at", "started_at",
+            "finished_at", "layers", "paths", "pen_down_mm", "pen_up_mm",
+            "estimated_seconds", "progress", "error", "svg_file", "position")
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
+
+
+class DatabaseError(RuntimeError):
+    """The database cannot be opened or used; the message says which file and why."""
+
+
+def _configure(connection: sqlite3.Connection) -> None:
+    """Run on every new connection the pool opens."""
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute("PRAGMA foreign_keys = ON")
+    connection.execute("PRAGMA synchronous = NORMAL")
+    connection.execute("PRAGMA busy_timeout = 5000")
+
+
+def _job(row: tuple[Any, ...]) -> Job:
+    fields = dict(zip(_COLUMNS, row))
+    fields["position"] = json.loads(fields["position"]) if fields["position"] else None
+    return Job(**fields)
+
+
+def _fetch(cursor: Any, job_id: str) -> Job:
+    cursor.execute(f"{_SELECT} WHERE id = ?", (job_id,))
+    row = cursor.fetchone()
+    if row is None:
+        raise JobNotFound(job_id)
+    return _job(row)
+
+
+class JobStore:
+    """Jobs and their history, kept in one SQLite file."""
+
+    def __init__(self, path: Path, *, reactor: Any, pool_size: int = 1,
+                 now: Callable[[], float] | None = None):
+        self.path = path
+        self._reactor = reactor
+        self._now = now or reactor.seconds
+        if pool_size != 1:
+            _log.debug("SQLite allows one writer: using one connection (pool_size {size} "
+                       "applies to server databases)", size=pool_size)
+        self._pool: adbapi.ConnectionPool | None = None
+
+    def open(self) -> None:
+        """Open the file, apply migrations and mark interrupted every job that held
+        the plotter when the daemon last stopped.
+
+        Done synchronously at start-up, before the daemon listens, so that a
+        database it cannot use stops the start with a one-line reason.
+        """
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                # Create the file ourselves so that it is private from the first byte.
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            connection = sqlite3.connect(str(self.path))
+            try:
+                _configure(connection)
+                before, after = migrate(connection)
+                with connection:
+                    interrupted = self._interrupt_active(connection.cursor())
+            finally:
+                connection.close()
+        except (OSError, sqlite3.Error) as error:
+            raise DatabaseError(f"database {self.path}: {error}") from None
+        if before != after:
+            _log.info("database {path} migrated from schema {before} to {after}",
+                      path=str(self.path), before=before, after=after)
+        for job_id in interrupted:
+            _log.warn("job {job_id} held the plotter when the daemon stopped; "
+                      "it is now interrupted", job_id=job_id)
+        self._pool = adbapi.ConnectionPool(
+            "sqlite3", str(self.path), cp_min=1, cp_max=1, check_same_thread=False,
+            cp_openfun=_configure, cp_reactor=self._reactor)
+
+    @property
+    def is_open(self) -> bool:
+        return self._pool is not None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+            _log.info("database {path} closed", path=str(self.path))
+
+    def _interrupt_active(self, cursor: Any) -> list[str]:
+        marks = ", ".join("?" * len(ACTIVE))
+        cursor.execute(f"SELECT id FROM jobs WHERE state IN ({marks})", tuple(ACTIVE))
+        ids = [row[0] for row in cursor.fetchall()]
+        for job_id in ids:
+            self._write_transition(cursor, _fetch(cursor, job_id), INTERRUPTED,
+                                   "the daemon stopped while the job held the plotter; "
+                                   "resume continues from the saved progress", {})
+        return ids
+
+    def _run(self, interaction: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self._pool is None:
+            raise DatabaseError("the database is closed")
+        return self._pool.runInteraction(interaction, *args)
+
+    def add(self, job: Job) -> Deferred[Job]:
+        """Insert a new job with its first history row."""
+        def insert(cursor: Any) -> Job:
+            cursor.execute(
+                f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES "
+                f"({', '.join('?' * len(_COLUMNS))})",
+                tuple(json.dumps(job.position) if name == "position" and job.position
+                      else getattr(job, name) for name in _COLUMNS))
+            cursor.execute(
+                "INSERT INTO job_events (job_id, at, from_state, to_state, reason) "
+                "VALUES (?, ?, NULL, ?, ?)", (job.id, job.created_at, job.state, "submitted"))
+            return job
+        return self._run(insert)
+
+    def get(self, job_id: str) -> Deferred[Job]:
+        return self._run(_fetch, job_id)
+
+    def list(self, state: str | None = None, limit: int | None = None) -> Deferred[list[Job]]:
+        """Jobs newest first."""
+        def select(cursor: Any) -> list[Job]:
+            query, args = _SELECT, []
+            if state is not None:
+                query += " WHERE state = ?"
+                args.append(state)
+            query += " ORDER BY seq DESC"
+            if limit is not None:
+                query += " LIMIT ?"
+                args.append(limit)
+            cursor.execute(query, args)
+            return [_job(row) for row in cursor.fetchall()]
+        return self._run(select)
+
+    def next_queued(self) -> Deferred[Job | None]:
+        """The job to plot next: highest priority, then oldest."""
+        def select(cursor: Any) -> Job | None:
+            cursor.execute(f"{_SELECT} WHERE state = ? ORDER BY priority DESC, seq ASC LIMIT 1",
+                           (QUEUED,))
+            row = cursor.fetchone()
+            return _job(row) if row else None
+        return self._run(select)
+
+    def counts(self) -> Deferred[dict[str, int]]:
+        """How many jobs are in each state."""
+        def select(cursor: Any) -> dict[str, int]:
+            cursor.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+            return dict(cursor.fetchall())
+        return self._run(select)
+
+    def transition(self, job_id: str, to_state: str, reason: str,
+                   **fields: Any) -> Deferred[tuple[Job, Job]]:
+        """Move a job to `to_state` with `fields` (progress, position, error…) and a
+        history row, in one transaction; returns (before, after).
+
+        Fails with JobNotFound or InvalidTransition.
+        """
+        def write(cursor: Any) -> tuple[Job, Job]:
+            before = _fetch(cursor, job_id)
+            check_transition(job_id, before.state, to_state)
+            self._write_transition(cursor, before, to_state, reason, fields)
+            return before, _fetch(cursor, job_id)
+        return self._run(write)
+
+    def _write_transition(self, cursor: Any, job: Job, to_state: str, reason: str,
+                          fields: dict[str, Any]) -> None:
+        stamp = iso8601(self._now())
+        values = dict(fields, state=to_state)
+        if to_state == PLOTTING and job.started_at is None:
+            values["started_at"] = stamp
+        if to_state in FINISHED:
+            values["finished_at"] = stamp
+        self._update(cursor, job.id, values)
+        cursor.execute(
+            "INSERT INTO job_events (job_id, at, from_state, to_state, reason) "
+            "VALUES (?, ?, ?, ?, ?)", (job.id, stamp, job.state, to_state, reason))
+
+    @staticmethod
+    def _update(cursor: Any, job_id: str, values: dict[str, Any]) -> None:
+        unknown = set(values) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"not job columns: {sorted(unknown)}")
+        if "position" in values and values["position"] is not None:
+            values["position"] = json.dumps(values["position"])
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        cursor.execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
+                       (*values.values(), job_id))
+
+    def save_progress(self, job_id: str, progress: float,
+                      position: dict[str, int] | None) -> Deferred[None]:
+        """Record how far an active job has come, without a state change."""
+        def write(cursor: Any) -> None:
+            self._update(cursor, job_id, {"progress": progress, "position": position})
+        return self._run(write)
+
+    def delete(self, job_id: str) -> Deferred[Job]:
+        """Remove a finished job and its history; returns what was removed."""
+        def remove(cursor: Any) -> Job:
+            job = _fetch(cursor, job_id)
+            if job.state not in FINISHED:
+                raise InvalidTransition(job_id, job.state, "deleted")
+            cursor.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+            return job
+        return self._run(remove)
+
+    def history(self, job_id: str) -> Deferred[list[dict[str, Any]]]:
+        """Every state change of a job, oldest first."""
+        def select(cursor: Any) -> list[dict[str, Any]]:
+            _fetch(cursor, job_id)
+            cursor.execute("SELECT at, from_state, to_state, reason FROM job_events "
+                           "WHERE job_id = ? ORDER BY seq", (job_id,))
+            return [dict(zip(("at", "from_state", "to_state", "reason"), row))
+                    for row in cursor.fetchall()]
+        return self._run(select)
+
+
+

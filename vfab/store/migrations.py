@@ -1,0 +1,69 @@
+"""The job database schema as ordered migrations, applied at start.
+
+`PRAGMA user_version` holds how many have been applied; a migration is never
+edited once released, only followed by a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: jobs and the history of their states.
+    """
+    CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL,
+        state TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        preset TEXT,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        finished_at TEXT,
+        layers INTEGER NOT NULL DEFAULT 0,
+        paths INTEGER NOT NULL DEFAULT 0,
+        pen_down_mm REAL NOT NULL DEFAULT 0,
+        pen_up_mm REAL NOT NULL DEFAULT 0,
+        estimated_seconds REAL,
+        progress REAL NOT NULL DEFAULT 0,
+        error TEXT,
+        svg_file TEXT NOT NULL,
+        position TEXT
+    );
+    CREATE INDEX jobs_state ON jobs (state);
+    CREATE TABLE job_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        at TEXT NOT NULL,
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        reason TEXT
+    );
+    CREATE INDEX job_events_job ON job_events (job_id);
+    """,
+)
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(RuntimeError):
+    """The database was written by a newer vfab; refuse rather than damage it."""
+
+
+def schema_version(connection: sqlite3.Connection) -> int:
+    return connection.execute("PRAGMA user_version").fetchone()[0]
+
+
+def migrate(connection: sqlite3.Connection) -> tuple[int, int]:
+    """Apply the missing migrations; returns (version before, version after)."""
+    before = schema_version(connection)
+    if before > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"the database has schema version {before} but this vfab knows only "
+            f"{SCHEMA_VERSION}: upgrade vfab or use another database")
+    for number in range(before, SCHEMA_VERSION):
+        # executescript commits first; each migration is its own transaction.
+        connection.executescript(
+            f"BEGIN; {MIGRATIONS[number]} PRAGMA user_version = {number + 1}; COMMIT;")
+    return before, SCHEMA_VERSION

@@ -1,0 +1,160 @@
+"""`twistd vfab`: the plugin's options and the service it makes.
+
+Process matters (daemonizing, the PID file, dropping to a user and group)
+belong to twistd; these options are vfab's own. `vfab daemon` builds a
+twistd command line from the daemon reference's options and runs this.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.python import usage
+
+from vfab.config import (LOG_LEVELS, Config, ConfigError, default_workspace, load_config,
+                         with_overrides, workspace_path)
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer 1-65535, got {value!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"expected an integer 1-65535, got {value!r}")
+    return port
+
+
+def _log_level(value: str) -> str:
+    if value.lower() not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value.lower()
+
+
+def _nice(value: str) -> int:
+    try:
+        nice = int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer -20..19, got {value!r}") from None
+    if not -20 <= nice <= 19:
+        raise ValueError(f"expected an integer -20..19, got {value!r}")
+    return nice
+
+
+def _coerced(name: str, check: Any) -> Any:
+    def coerce(value: str) -> Any:
+        try:
+            return check(value)
+        except ValueError as error:
+            raise ValueError(f"--{name}: {error}") from None
+    coerce.coerceDoc = ""
+    return coerce
+
+
+class Options(usage.Options):
+    """vfab's options; CLI values win over the configuration file."""
+
+    synopsis = "[options]"
+    longdesc = ("Runs the vfab plotter job server: an HTTP API and WebSocket, a persistent "
+                "job queue and the AxiDraw (EBB) device. See README.rst.")
+
+    optParameters = [
+        ["host", "h", None, "Bind address of the HTTP/WebSocket server [default: localhost]."],
+        ["port", "p", None, "Its port; 0 = any free port [default: 8766].",
+         _coerced("port", _port)],
+        ["workspace", "w", None,
+         "Jobs, database and logs [default: $XDG_DATA_HOME/vfab/workspace]."],
+        ["log-level", "l", None, "debug, info, warning, error or critical [default: info].",
+         _coerced("log-level", _log_level)],
+        ["config", "c", None, "Configuration file [default: $XDG_CONFIG_HOME/vfab/config.yaml]."],
+        ["nice", None, None, "Process priority (-20..19).", _coerced("nice", _nice)],
+    ]
+
+    config: Config
+    workspace_dir: Path
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Usage and configuration errors exit 2 with the problem on one line each."""
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as error:
+            _usage_exit([str(error)])
+        except ConfigError as error:
+            _usage_exit(error.problems)
+
+    def postOptions(self) -> None:
+        config = load_config(self["config"])
+        self.config = with_overrides(config, host=self["host"], port=self["port"],
+                                     log_level=self["log-level"])
+        # Imported here: the plugin dropin must stay import-cheap (no reactor).
+        from vfab.logs import check_format
+        check_format(self.config.logging.format)
+        self.workspace_dir = Path(self["workspace"]).expanduser().resolve() \
+            if self["workspace"] else default_workspace()
+
+    def twistd_option(self, name: str) -> Any:
+        """A twistd option (uid, gid, nodaemon…) when run under twistd, else None."""
+        parent = getattr(self, "parent", None)
+        return parent.get(name) if parent is not None else None
+
+
+def _usage_exit(problems: list[str]) -> None:
+    for problem in problems:
+        sys.stderr.write(f"vfab: {problem}\n")
+    raise SystemExit(2)
+
+
+def _owner(options: Options) -> tuple[int, int] | None:
+    """The user and group twistd will switch to, so files made as root are theirs."""
+    uid, gid = options.twistd_option("uid"), options.twistd_option("gid")
+    if uid is None:
+        return None
+    if gid is None:
+        import pwd
+        gid = pwd.getpwuid(uid).pw_gid
+    return (uid, gid)
+
+
+def makeService(options: Options, reactor: Any = None) -> Any:
+    """Build the daemon's service tree from parsed options."""
+    if reactor is None:
+        from twisted.internet import reactor
+    from vfab.logs import make_observer, open_log_file, reopen_on_sigusr1
+    from vfab.service import VfabService, make_private_dir
+
+    config, workspace = options.config, options.workspace_dir
+    owner = _owner(options)
+    sys.excepthook = _startup_errors_in_one_line(sys.excepthook)
+    log_file = None
+    try:
+        if options["nice"]:
+            os.nice(options["nice"])
+        make_private_dir(workspace, owner)
+        if config.logging.file:
+            log_file = open_log_file(workspace_path(config.logging.file, workspace),
+                                     config.logging, owner)
+    except OSError as error:
+        sys.stderr.write(f"vfab: cannot start: {error}\n")
+        raise SystemExit(1) from None
+    if log_file is not None:
+        reopen_on_sigusr1(log_file, reactor)
+    observer = make_observer(config.logging, log_file)
+    return VfabService(config, workspace, reactor, owner=owner, log_observer=observer,
+                       handle_signals=True)
+
+
+def _startup_errors_in_one_line(previous: Any) -> Any:
+    """twistd lets start-up exceptions end the process with a traceback; the
+    operator needs the one-line reason instead."""
+    from vfab.service import StartupError
+
+    def hook(kind: type, error: BaseException, traceback: Any) -> None:
+        if isinstance(error, StartupError):
+            sys.stderr.write(f"vfab: cannot start: {error}\n")
+        else:
+            previous(kind, error, traceback)
+
+    return hook
