@@ -1,0 +1,351 @@
+"""EBBProtocol byte by byte against a StringTransport and a Clock."""
+
+from __future__ import annotations
+
+import pytest
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+
+from vfab.config import DeviceConfig
+from vfab.plotter.ebb import EBBProtocol, MotionStatus, parse_version
+from vfab.plotter.errors import DeviceLost, DeviceTimeout, EBBError
+from vfab.plotter.kinematics import (microstep_code, microstepping_of_code, mm_to_motor_steps,
+                                     motor_steps_to_mm, steps_per_mm)
+from vfab.plotter.pen import PenServo
+
+TIMEOUT = 5.0
+
+
+class Board:
+    """The host side of a protocol under test: what it wrote, what we answer."""
+
+    def __init__(self):
+        self.clock = Clock()
+        self.transport = StringTransport()
+        self.lost: list[Failure] = []
+        self.protocol = EBBProtocol(self.clock, TIMEOUT, on_lost=self.lost.append)
+        self.protocol.makeConnection(self.transport)
+
+    def sent(self) -> bytes:
+        """Bytes written since the last call."""
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def answer(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+
+@pytest.fixture
+def board() -> Board:
+    return Board()
+
+
+def result(deferred: Deferred):
+    outcome = []
+    deferred.addBoth(outcome.append)
+    assert outcome, "the Deferred has not fired"
+    if isinstance(outcome[0], Failure):
+        outcome[0].raiseException()
+    return outcome[0]
+
+
+def failure(deferred: Deferred, *kinds) -> Failure:
+    outcome = []
+    deferred.addBoth(outcome.append)
+    assert outcome and isinstance(outcome[0], Failure), f"expected a failure, got {outcome}"
+    assert outcome[0].check(*kinds), outcome[0]
+    return outcome[0]
+
+
+def pending(deferred: Deferred) -> bool:
+    return not deferred.called
+
+
+# -- reply forms ------------------------------------------------------------------
+
+def test_ok_reply(board):
+    d = board.protocol.command("SC,4,20000")
+    assert board.sent() == b"SC,4,20000\r"
+    assert pending(d)
+    board.answer(b"OK\r\n")
+    assert result(d) == []
+
+
+def test_version_is_one_line_without_ok(board):
+    d = board.protocol.version()
+    assert board.sent() == b"V\r"
+    board.answer(b"EBBv13_and_above EB Firmware Version 2.8.1\r\n")
+    assert result(d) == (2, 8, 1)
+    assert board.protocol.firmware_version == (2, 8, 1)
+    assert board.protocol.version_text == "EBBv13_and_above EB Firmware Version 2.8.1"
+
+
+def test_query_motion_one_line_with_lf_cr_ending(board):
+    d = board.protocol.query_motion()
+    assert board.sent() == b"QM\r"
+    board.answer(b"QM,1,1,0,1\n\r")
+    assert result(d) == MotionStatus(True, True, False, True)
+    d = board.protocol.query_motion()
+    board.answer(b"QM,0,0,0\n\r")  # legacy firmware: no FIFO field
+    assert result(d).idle
+
+
+def test_query_general_one_line(board):
+    d = board.protocol.command("QG")
+    board.answer(b"3E\r\n")
+    assert result(d) == ["3E"]
+
+
+def test_query_steps_value_then_ok(board):
+    d = board.protocol.query_steps()
+    assert board.sent() == b"QS\r"
+    board.answer(b"1421,-429\n\r")
+    assert pending(d)
+    board.answer(b"OK\r\n")
+    assert result(d) == (1421, -429)
+
+
+@pytest.mark.parametrize("method, command, reply, expected", [
+    ("query_pen", b"QP\r", b"1\n\rOK\r\n", True),
+    ("query_pen", b"QP\r", b"0\n\rOK\r\n", False),
+    ("query_button", b"QB\r", b"1\r\nOK\r\n", True),
+    ("query_button", b"QB\r", b"0\r\nOK\r\n", False),
+])
+def test_value_then_ok_queries(board, method, command, reply, expected):
+    d = getattr(board.protocol, method)()
+    assert board.sent() == command
+    board.answer(reply)
+    assert result(d) is expected
+
+
+def test_query_enables_value_then_ok(board):
+    d = board.protocol.command("QE")
+    board.answer(b"16,16\r\nOK\r\n")
+    assert result(d) == ["16,16"]
+
+
+def test_replies_split_anywhere_and_mixed_line_endings(board):
+    d1 = board.protocol.query_steps()
+    d2 = board.protocol.command("CS")
+    for byte in b"12,-3\n\rOK\r\n":
+        board.answer(bytes([byte]))
+    assert result(d1) == (12, -3)
+    assert board.sent() == b"QS\rCS\r"
+    board.answer(b"\nOK\n")
+    assert result(d2) == []
+
+
+def test_error_line_fails_with_the_command_and_message(board):
+    d = board.protocol.command("XX,1")
+    queued = board.protocol.command("CS")
+    assert board.sent() == b"XX,1\r"
+    board.answer(b"!8 Err: Unknown command\r\n")
+    error = failure(d, EBBError).value
+    assert error.command == "XX,1"
+    assert error.message == "!8 Err: Unknown command"
+    assert "XX,1" in str(error)
+    assert board.sent() == b"CS\r"  # the queue moves on
+    board.answer(b"OK\r\n")
+    assert result(queued) == []
+    assert board.lost == []
+
+
+def test_unasked_lines_are_ignored(board):
+    board.answer(b"OK\r\nstray\r\n")
+    d = board.protocol.command("CS")
+    board.answer(b"OK\r\n")
+    assert result(d) == []
+
+
+def test_reboot_expects_no_reply(board):
+    d = board.protocol.reboot()
+    assert board.sent() == b"RB\r"
+    assert result(d) == []
+
+
+# -- one command in flight ------------------------------------------------------------
+
+def test_one_command_in_flight(board):
+    first = board.protocol.move("SM,100,10,10")
+    second = board.protocol.move("SM,100,-10,-10")
+    third = board.protocol.query_steps()
+    assert board.sent() == b"SM,100,10,10\r"
+    board.answer(b"OK\r\n")
+    assert result(first) == []
+    assert board.sent() == b"SM,100,-10,-10\r"
+    assert pending(second) and pending(third)
+    board.answer(b"OK\r\n")
+    assert board.sent() == b"QS\r"
+    board.answer(b"0,0\n\rOK\r\n")
+    assert result(third) == (0, 0)
+
+
+def test_cancelled_queued_command_is_not_sent(board):
+    first = board.protocol.command("CS")
+    second = board.protocol.command("QB")
+    second.cancel()
+    failure(second, CancelledError)
+    board.answer(b"OK\r\n")
+    assert result(first) == []
+    assert board.sent() == b"CS\r"
+
+
+def test_invalid_command_text_is_refused(board):
+    failure(board.protocol.command("SM,1\rCS"), ValueError)
+    failure(board.protocol.command("X" * 64), ValueError)
+    failure(board.protocol.move("SC,4,1"), ValueError)
+    assert board.sent() == b""
+
+
+# -- timeouts and loss ----------------------------------------------------------------
+
+def test_timeout_is_device_loss(board):
+    d = board.protocol.command("QM")
+    queued = board.protocol.command("CS")
+    board.clock.advance(TIMEOUT - 0.01)
+    assert pending(d)
+    board.clock.advance(0.01)
+    error = failure(d, DeviceTimeout).value
+    assert error.command == "QM" and error.seconds == TIMEOUT
+    failure(queued, DeviceLost)
+    assert len(board.lost) == 1 and board.lost[0].check(DeviceTimeout)
+    assert board.transport.disconnecting
+    failure(board.protocol.command("V"), DeviceLost)
+    board.protocol.connectionLost(Failure(Exception("closed")))
+    assert len(board.lost) == 1  # told once
+
+
+def test_answered_command_cancels_its_timeout(board):
+    d = board.protocol.command("CS")
+    board.answer(b"OK\r\n")
+    result(d)
+    assert board.clock.getDelayedCalls() == []
+
+
+def test_connection_loss_fails_everything_pending(board):
+    d1 = board.protocol.command("SM,100,1,1")
+    d2 = board.protocol.command("SM,100,1,1")
+    closed = board.protocol.when_closed()
+    board.protocol.connectionLost(Failure(Exception("unplugged")))
+    failure(d1, DeviceLost)
+    failure(d2, DeviceLost)
+    assert result(closed) is None
+    assert len(board.lost) == 1 and board.lost[0].check(DeviceLost)
+    assert "unplugged" in board.lost[0].getErrorMessage()
+    failure(board.protocol.command("V"), DeviceLost)
+    assert board.clock.getDelayedCalls() == []
+
+
+# -- named commands -------------------------------------------------------------------
+
+@pytest.mark.parametrize("microstepping, line", [
+    (16, b"EM,1,1\r"), (8, b"EM,2,2\r"), (4, b"EM,3,3\r"), (2, b"EM,4,4\r"), (1, b"EM,5,5\r"),
+    (0, b"EM,0,0\r"),
+])
+def test_enable_motors(board, microstepping, line):
+    board.protocol.enable_motors(microstepping)
+    assert board.sent() == line
+
+
+def test_configure_pen_as_the_vendor_software(board):
+    config = DeviceConfig(pen_pos_up=60, pen_pos_down=30, pen_rate_raise=75, pen_rate_lower=50)
+    d = board.protocol.configure_pen(config)
+    expected = [b"SC,8,8\r", b"SC,4,20641\r", b"SC,5,15248\r", b"SC,11,1618\r",
+                b"SC,12,1079\r"]
+    for line in expected:
+        assert board.sent() == line
+        assert pending(d)
+        board.answer(b"OK\r\n")
+    assert result(d) is not None
+
+
+def test_configure_pen_reports_the_first_refusal(board):
+    d = board.protocol.configure_pen(DeviceConfig())
+    board.sent()
+    board.answer(b"!8 Err: Unknown command\r\n")
+    for _ in range(4):
+        board.answer(b"OK\r\n")
+    assert failure(d, EBBError).value.command == "SC,8,8"
+
+
+def test_pen_servo_timings():
+    servo = PenServo.from_config(DeviceConfig())
+    assert (servo.raise_ms, servo.lower_ms) == (130, 146)
+    flat = PenServo.from_config(DeviceConfig(pen_pos_up=50, pen_pos_down=50, pen_delay_up=20))
+    assert (flat.raise_ms, flat.lower_ms) == (20, 0)
+
+
+def test_pen_and_servo_timeout(board):
+    board.protocol.pen(True, 130)
+    assert board.sent() == b"SP,1,130\r"
+    board.answer(b"OK\r\n")
+    board.protocol.pen(False)
+    assert board.sent() == b"SP,0\r"
+    board.answer(b"OK\r\n")
+    board.protocol.servo_timeout(60000)
+    assert board.sent() == b"SR,60000\r"
+
+
+def test_wait_idle_polls_until_nothing_moves(board):
+    d = board.protocol.wait_idle(poll_interval=0.1)
+    assert board.sent() == b"QM\r"
+    board.answer(b"QM,1,1,1,0\n\r")
+    assert pending(d) and board.sent() == b""
+    board.clock.advance(0.1)
+    assert board.sent() == b"QM\r"
+    board.answer(b"QM,0,0,0,0\n\r")
+    assert result(d) is None
+
+
+def test_wait_idle_is_bounded(board):
+    d = board.protocol.wait_idle(poll_interval=1.0, max_wait=2.0)
+    for _ in range(3):
+        board.sent()
+        board.answer(b"QM,1,1,1,1\n\r")
+        board.clock.advance(1.0)
+    failure(d, DeviceTimeout)
+
+
+def test_clear_steps_reset_and_emergency_stop(board):
+    board.protocol.clear_steps()
+    assert board.sent() == b"CS\r"
+    board.answer(b"OK\r\n")
+    board.protocol.reset()
+    assert board.sent() == b"R\r"
+    board.answer(b"OK\r\n")
+    d = board.protocol.emergency_stop(disable_motors=True)
+    assert board.sent() == b"ES,1\r"
+    board.answer(b"1,0,0,10,20\n\rOK\r\n")
+    assert result(d) == ["1", "0", "0", "10", "20"]
+
+
+@pytest.mark.parametrize("line, version", [
+    ("EBBv13_and_above EB Firmware Version 2.8.1", (2, 8, 1)),
+    ("EBBv13_and_above EB Firmware Version 2.5.3", (2, 5, 3)),
+    ("EBBv13_and_above Protocol emulated by Eggduino-Firmware V1.6a", (1, 6, 0)),
+])
+def test_parse_version(line, version):
+    assert parse_version(line) == version
+
+
+def test_parse_version_rejects_garbage():
+    with pytest.raises(ValueError):
+        parse_version("hello")
+
+
+# -- kinematics -------------------------------------------------------------------------
+
+def test_kinematics_axidraw_mixed_axes():
+    assert steps_per_mm(16) == 80 and steps_per_mm(8) == 40 and steps_per_mm(1) == 5
+    assert mm_to_motor_steps(10, 0) == (800, 800)
+    assert mm_to_motor_steps(0, 10) == (800, -800)
+    assert mm_to_motor_steps(10, 5, microstepping=8) == (600, 200)
+    assert motor_steps_to_mm(800, -800) == (0.0, 10.0)
+    assert motor_steps_to_mm(*mm_to_motor_steps(123.4, 56.7)) == pytest.approx((123.4, 56.7))
+    assert [microstep_code(m) for m in (16, 8, 4, 2, 1)] == [1, 2, 3, 4, 5]
+    assert microstepping_of_code(3) == 4
+    with pytest.raises(ValueError):
+        steps_per_mm(3)

@@ -1,0 +1,52 @@
+"""`python -m vfab.simulator`: run the virtual plotter on a pty until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from twisted.internet import reactor
+from twisted.logger import globalLogBeginner, textFileLogObserver
+
+from vfab.simulator import Faults, start_virtual_plotter
+
+
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m vfab.simulator",
+        description="A virtual AxiDraw (EBB firmware 2.8.1) on a pseudo-terminal.")
+    parser.add_argument("--link", help="keep a symlink at this path pointing to the pty")
+    parser.add_argument("--speed", type=float, default=1.0,
+                        help="time factor: 10 runs moves ten times faster (default 1)")
+    parser.add_argument("--record-dir", help="write strokes.json, drawing.svg and drawing.png "
+                        "here on motors-off and at exit")
+    parser.add_argument("--drop-after", type=int, metavar="N",
+                        help="fault: hang up when command N+1 arrives")
+    parser.add_argument("--silent-after", type=int, metavar="N",
+                        help="fault: stop answering after N commands")
+    parser.add_argument("--error-at", type=int, action="append", default=[], metavar="N",
+                        help="fault: answer command N with an error (repeatable)")
+    parser.add_argument("--press-button", action="store_true",
+                        help="the PRG button was pressed: the first QB answers 1")
+    args = parser.parse_args(argv)
+    if args.speed <= 0:
+        parser.error("--speed: expected a positive number")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arguments(argv)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+                                     redirectStandardIO=False)
+    faults = Faults(drop_after=args.drop_after, silent_after=args.silent_after,
+                    error_at=frozenset(args.error_at), button_pressed=args.press_button)
+    plotter = start_virtual_plotter(reactor, speed=args.speed, record_dir=args.record_dir,
+                                    link=args.link, faults=faults)
+    print(plotter.path, flush=True)
+    reactor.addSystemEventTrigger("before", "shutdown", plotter.stop)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
