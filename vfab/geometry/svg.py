@@ -1,0 +1,333 @@
+"""Reading an uploaded SVG into a Drawing.
+
+The upload is untrusted: it is decoded and parsed once with defusedxml (no
+DOCTYPE, no entities, no external references) before vpype ever sees it, its
+geometry is bounded before curves are flattened (so that a small file cannot
+ask for billions of points), and every refusal is an SVGError whose message
+tells the submitter what to fix.
+
+vpype then does the SVG work: units (mm, cm, in, pt, px at 96 per inch),
+viewBox, transforms, nested groups and curves. Curves are flattened with
+vpype's quantization equal to the tolerance (chords no longer than it) and
+then simplified (Douglas-Peucker, same tolerance), so a flattened curve stays
+within about the tolerance of the true one while keeping few vertices.
+Straight segments are kept exactly as drawn.
+"""
+
+from __future__ import annotations
+
+import codecs
+import io
+import math
+import re
+import xml.etree.ElementTree as ElementTree
+
+import defusedxml
+import defusedxml.ElementTree as SafeElementTree
+import numpy as np
+import svgelements
+import vpype
+
+from .drawing import Drawing, Layer
+from .errors import SVGError
+
+MM_PER_PX = 25.4 / 96.0
+PX_PER_MM = 96.0 / 25.4
+
+#: Coordinates beyond 10 m are broken data, not a drawing that is merely too
+#: big for the plotter (that is OutOfTravel, checked later against the model).
+GIGANTIC_MM = 10_000.0
+
+#: Upper bound on the elements a document may expand to through <use>
+#: references, so that nested <use> elements cannot multiply into billions.
+MAX_EXPANDED_ELEMENTS = 1_000_000
+#: Deeper nesting than this is not a drawing (and would exhaust the stack).
+MAX_DEPTH = 200
+
+#: Upper bound on the points curve flattening may create: about 160 MB of
+#: coordinates. Past it the drawing is refused before vpype allocates them.
+MAX_FLATTENED_POINTS = 10_000_000
+
+SVG_NAMESPACE = "http://www.w3.org/2000/svg"
+
+_XML_DECLARATION = re.compile(rb"""^\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
+_TEXT_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")
+
+_MAGIC = (
+    (b"\x1f\x8b", "gzip-compressed (an .svgz file); upload the uncompressed .svg"),
+    (b"\x89PNG", "a PNG image, not an SVG drawing"),
+    (b"\xff\xd8\xff", "a JPEG image, not an SVG drawing"),
+    (b"%PDF", "a PDF document, not an SVG drawing"),
+    (b"PK\x03\x04", "a ZIP archive, not an SVG drawing"),
+)
+
+
+def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
+    """Read an SVG upload into a Drawing in mm; raise SVGError saying what is wrong.
+
+    `tolerance` (mm) is how far flattened curves may stray from the true curve.
+    Paths of a single point (or of one repeated point) are dropped: a plotter
+    cannot draw them without inventing a mark. Consecutive duplicate points
+    are removed, since they draw nothing.
+    """
+    if not math.isfinite(tolerance) or tolerance <= 0:
+        raise ValueError(f"tolerance must be a positive number of mm, got {tolerance!r}")
+    text = _decode(data)
+    root = _parse_safely(text)
+    _check_root(root)
+    _check_numbers(root)
+    _check_expansion(root)
+    quantization_px = tolerance * PX_PER_MM
+    _check_geometry(text, quantization_px)
+    try:
+        document = vpype.read_multilayer_svg(
+            io.StringIO(text), quantization=quantization_px, crop=False, simplify=True
+        )
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, RecursionError,
+            ElementTree.ParseError) as error:
+        raise SVGError(f"the SVG could not be read: {error}") from None
+    return _to_drawing(document)
+
+
+def _decode(data: bytes) -> str:
+    """The upload as text: UTF-8 unless a BOM or the XML declaration says otherwise."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError("load_svg expects the uploaded bytes")
+    data = bytes(data)
+    if not data.strip():
+        raise SVGError("the upload is empty; send an SVG file")
+    for magic, what in _MAGIC:
+        if data.startswith(magic):
+            raise SVGError(f"the upload is {what}")
+    if data.startswith(codecs.BOM_UTF8):
+        encoding, data = "utf-8", data[len(codecs.BOM_UTF8):]
+    elif data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    else:
+        declared = _XML_DECLARATION.match(data)
+        encoding = declared.group(1).decode("ascii") if declared else "utf-8"
+        try:
+            codecs.lookup(encoding)
+        except LookupError:
+            raise SVGError(f"the SVG declares an unknown text encoding {encoding!r}; "
+                           "save it as UTF-8") from None
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise SVGError(f"the SVG is not valid {encoding} text (byte 0x{byte:02x} at offset "
+                       f"{error.start}); save it as UTF-8 or declare its encoding") from None
+    # The text is decoded now; a leftover encoding declaration would only
+    # confuse the parsers that read the str.
+    text = _TEXT_DECLARATION.sub("", text.lstrip("\ufeff"), count=1)
+    if "\x00" in text:
+        raise SVGError("the upload contains NUL bytes; it is not an SVG text file")
+    return text
+
+
+def _parse_safely(text: str) -> ElementTree.Element:
+    try:
+        return SafeElementTree.fromstring(
+            text, forbid_dtd=True, forbid_entities=True, forbid_external=True
+        )
+    except defusedxml.DTDForbidden:
+        raise SVGError("the SVG contains a <!DOCTYPE ...> declaration, which is refused "
+                       "for safety; remove it (SVG files do not need one)") from None
+    except defusedxml.EntitiesForbidden:
+        raise SVGError("the SVG declares XML entities, which are refused for safety; "
+                       "remove the <!ENTITY ...> declarations") from None
+    except defusedxml.ExternalReferenceForbidden:
+        raise SVGError("the SVG refers to external XML resources, which are refused "
+                       "for safety") from None
+    except ElementTree.ParseError as error:
+        raise SVGError(f"the upload is not well-formed XML ({error})") from None
+
+
+def _check_root(root: ElementTree.Element) -> None:
+    tag = root.tag if isinstance(root.tag, str) else ""
+    namespace, _, local = tag.rpartition("}")
+    namespace = namespace.lstrip("{")
+    if local != "svg":
+        raise SVGError(f"the document is XML but not SVG: its root element is <{local}>, "
+                       "not <svg>")
+    if namespace not in ("", SVG_NAMESPACE):
+        raise SVGError(f"the <svg> root is in namespace {namespace!r}, not {SVG_NAMESPACE!r}")
+
+
+_XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
+
+
+def _check_expansion(root: ElementTree.Element) -> None:
+    """Refuse <use> cycles, <use> bombs and absurd nesting before any SVG library expands them."""
+    depth = {root: 0}
+    ids = {}
+    for parent in root.iter():
+        if parent.get("id"):
+            ids.setdefault(parent.get("id"), parent)
+        for child in parent:
+            depth[child] = depth[parent] + 1
+            if depth[child] > MAX_DEPTH:
+                raise SVGError(f"the SVG nests elements more than {MAX_DEPTH} levels deep")
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def expanded(element: ElementTree.Element) -> int:
+        key = id(element)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise SVGError("the SVG has a <use> element that refers to itself")
+        active.add(key)
+        total = 1 + sum(expanded(child) for child in element)
+        href = element.get("href") or element.get(_XLINK_HREF) or ""
+        if isinstance(element.tag, str) and element.tag.endswith("use") and href.startswith("#"):
+            target = ids.get(href[1:])
+            if target is not None:
+                total += expanded(target)
+        active.discard(key)
+        sizes[key] = total
+        if total > MAX_EXPANDED_ELEMENTS:
+            raise SVGError(f"the SVG's <use> references expand to more than "
+                           f"{MAX_EXPANDED_ELEMENTS:,} elements")
+        return total
+
+    try:
+        expanded(root)
+    except RecursionError:
+        raise SVGError("the SVG's <use> references are chained too deeply") from None
+
+
+_GEOMETRY_ATTRIBUTES = ("d", "points", "x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r",
+                        "rx", "ry", "width", "height", "transform", "viewBox")
+_NON_FINITE = re.compile(r"(?<![A-Za-z])(nan|inf|infinity)(?![A-Za-z])", re.IGNORECASE)
+
+
+def _check_numbers(root: ElementTree.Element) -> None:
+    """Refuse NaN and infinity spelled out in geometry, which SVG parsers would skip silently."""
+    for element in root.iter():
+        for name in _GEOMETRY_ATTRIBUTES:
+            value = element.get(name)
+            if value is not None and _NON_FINITE.search(value):
+                local = element.tag.rpartition("}")[2] if isinstance(element.tag, str) else "?"
+                raise SVGError(f"the SVG has a non-finite number (NaN or infinity) in the "
+                               f"{name!r} attribute of a <{local}> element")
+
+
+def _segment_bound(segment: svgelements.PathSegment) -> tuple[list[complex], float, bool]:
+    """The points that bound a segment, a bound on its length, and whether vpype subdivides it."""
+    if isinstance(segment, svgelements.Move):
+        return [complex(segment.end)], 0.0, False
+    if isinstance(segment, (svgelements.Line, svgelements.Close)):
+        start, end = complex(segment.start), complex(segment.end)
+        return [start, end], abs(end - start), False
+    if isinstance(segment, svgelements.Arc):
+        if segment.rx == 0 or segment.ry == 0:
+            start, end = complex(segment.start), complex(segment.end)
+            return [start, end], abs(end - start), False
+        radius = max(abs(segment.rx), abs(segment.ry))
+        center = complex(segment.center)
+        corners = [center + radius * complex(dx, dy) for dx in (-1, 1) for dy in (-1, 1)]
+        return [complex(segment.start), complex(segment.end), *corners], \
+            abs(segment.sweep) * radius, True
+    if isinstance(segment, svgelements.QuadraticBezier):
+        points = [complex(segment.start), complex(segment.control), complex(segment.end)]
+    elif isinstance(segment, svgelements.CubicBezier):
+        points = [complex(segment.start), complex(segment.control1),
+                  complex(segment.control2), complex(segment.end)]
+    else:
+        raise SVGError(f"the SVG uses an unsupported path segment ({type(segment).__name__})")
+    # A Bézier curve is never longer than its control polygon.
+    return points, sum(abs(b - a) for a, b in zip(points, points[1:])), True
+
+
+def _check_geometry(text: str, quantization_px: float) -> None:
+    """Refuse NaN/inf and gigantic coordinates, and curves that would flatten to too many points.
+
+    This runs before vpype flattens curves into points, which is where a tiny
+    file with an enormous circle would otherwise exhaust memory.
+    """
+    try:
+        svg = svgelements.SVG.parse(io.StringIO(text))
+    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, RecursionError,
+            ElementTree.ParseError) as error:
+        raise SVGError(f"the SVG could not be read: {error}") from None
+    limit_px = GIGANTIC_MM * PX_PER_MM
+    points_needed = 0
+    for element in svg.elements():
+        if not isinstance(element, svgelements.Shape):
+            continue
+        if isinstance(element, (svgelements.Polyline, svgelements.Polygon)):
+            points = [complex(point) for point in element.points]
+            segments: list[tuple[list[complex], float, bool]] = [(points, 0.0, False)]
+            points_needed += len(points)
+        else:
+            path = element if isinstance(element, svgelements.Path) else svgelements.Path(element)
+            if not isinstance(element, svgelements.Path):
+                path.reify()
+            segments = [_segment_bound(segment) for segment in path]
+        for points, length, curved in segments:
+            for point in points:
+                if not (math.isfinite(point.real) and math.isfinite(point.imag)):
+                    raise SVGError(f"the SVG has a non-finite coordinate (NaN or infinity) "
+                                   f"in a <{_tag(element)}> element")
+                if abs(point.real) > limit_px or abs(point.imag) > limit_px:
+                    worst = max(abs(point.real), abs(point.imag)) * MM_PER_PX
+                    raise SVGError(f"the SVG has a coordinate {worst:.6g} mm from the origin in "
+                                   f"a <{_tag(element)}> element; coordinates beyond "
+                                   f"{GIGANTIC_MM / 1000:g} m are refused")
+            if not math.isfinite(length):
+                raise SVGError(f"the SVG has a <{_tag(element)}> element of infinite length")
+            points_needed += max(2, math.ceil(length / quantization_px)) if curved else 1
+        if points_needed > MAX_FLATTENED_POINTS:
+            raise SVGError(f"flattening the curves at a tolerance of "
+                           f"{quantization_px * MM_PER_PX:g} mm would need more than "
+                           f"{MAX_FLATTENED_POINTS:,} points; simplify the drawing or raise "
+                           "device.tolerance")
+
+
+def _tag(element: svgelements.SVGElement) -> str:
+    return type(element).__name__.lower()
+
+
+def _clean_path(line: np.ndarray) -> np.ndarray | None:
+    """(N, 2) mm coordinates without consecutive duplicates, or None if nothing is drawn."""
+    points = np.column_stack([line.real, line.imag]) * MM_PER_PX
+    if len(points) < 2:
+        return None
+    keep = np.ones(len(points), dtype=bool)
+    keep[1:] = np.any(points[1:] != points[:-1], axis=1)
+    points = points[keep]
+    return points if len(points) >= 2 else None
+
+
+def _to_drawing(document: vpype.Document) -> Drawing:
+    layers = []
+    for layer_id in sorted(document.layers):
+        collection = document.layers[layer_id]
+        paths = []
+        for line in collection:
+            points = _clean_path(np.asarray(line))
+            if points is not None:
+                paths.append(points)
+        if not paths:
+            continue
+        name = collection.property(vpype.METADATA_FIELD_NAME)
+        layers.append(Layer(name=str(name) if name else f"Layer {layer_id}", paths=paths))
+    if not layers:
+        raise SVGError("the SVG has nothing to plot: no paths or shapes with a length "
+                       "(text must be converted to paths; fills and images are not plotted)")
+    for layer in layers:
+        for path in layer.paths:
+            if not np.isfinite(path).all():
+                raise SVGError("the SVG produces non-finite coordinates (NaN or infinity)")
+            if np.abs(path).max() > GIGANTIC_MM:
+                raise SVGError(f"the SVG has coordinates beyond {GIGANTIC_MM / 1000:g} m "
+                               "from the origin")
+    if document.page_size is not None:
+        width_px, height_px = document.page_size
+    else:
+        width_px = height_px = 0.0
+    width_mm, height_mm = width_px * MM_PER_PX, height_px * MM_PER_PX
+    if not (math.isfinite(width_mm) and math.isfinite(height_mm)):
+        raise SVGError("the SVG page size is not a finite number")
+    return Drawing(layers=tuple(layers), width_mm=width_mm, height_mm=height_mm)

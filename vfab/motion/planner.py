@@ -1,0 +1,232 @@
+"""From a Drawing and the device settings to EBB commands with exact times.
+
+Positions are planned in absolute motor steps: every command ends at the
+rounded step position of its planned end point, and its step counts are the
+difference from where the previous command ended. Rounding never accumulates
+and the carriage ends exactly where the plan says, to the step.
+
+With `use_lm` (firmware 2.7+) every constant-acceleration piece becomes one
+`LM` command whose time is the firmware's own, to the 40 µs tick. Without it,
+pieces become `SM` commands of constant speed: accelerating pieces are cut
+into 10 ms slices, steady ones into slices of at most 0.5 s (so a slow axis
+never drops under the firmware's 1.31 steps/s), all in whole milliseconds.
+
+Planning is pure (no reactor, no I/O), so it may run in a thread.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from vfab.config import DeviceConfig
+from vfab.geometry.drawing import Drawing
+from vfab.plotter.kinematics import steps_per_mm
+
+from . import ebb
+from .pen import pen_moves
+from .plan import LayerPlan, Move, MotionPlan, PathPlan
+from .profile import Limits, Pieces, plan_pieces
+
+HOME = (0.0, 0.0)
+#: SM slices: accelerating pieces are cut this fine (ms) ...
+SM_ACCEL_SLICE_MS = 10
+#: ... and steady pieces this coarse, so 1 step per slice is still >= 1.31 steps/s.
+SM_STEADY_SLICE_MS = 500
+#: The shortest SM command (ms).
+SM_MIN_MS = 4
+
+
+def pen_down_limits(config: DeviceConfig) -> Limits:
+    return Limits(speed=config.speed_pen_down, accel=config.accel_pen_down,
+                  cornering=config.cornering, steps_per_mm=steps_per_mm(config.microstepping))
+
+
+def pen_up_limits(config: DeviceConfig) -> Limits:
+    return Limits(speed=config.speed_pen_up, accel=config.accel_pen_up,
+                  cornering=config.cornering, steps_per_mm=steps_per_mm(config.microstepping))
+
+
+def chord_tolerance(config: DeviceConfig) -> float:
+    """How far the motion may cut across dropped vertices: half the curve tolerance."""
+    return config.tolerance / 2.0
+
+
+def _to_steps(points: np.ndarray, per_mm: float) -> np.ndarray:
+    """Absolute (motor1, motor2) steps, rounded exactly as kinematics.mm_to_motor_steps."""
+    x, y = points[:, 0], points[:, 1]
+    return np.stack([np.rint((x + y) * per_mm), np.rint((x - y) * per_mm)], axis=1).astype(np.int64)
+
+
+def _from_previous(end_steps: np.ndarray, path: np.ndarray,
+                   path_start_steps: np.ndarray) -> np.ndarray:
+    """Each command's start: the previous command's end, or its path's start."""
+    start = np.empty_like(end_steps)
+    if len(end_steps):
+        start[1:] = end_steps[:-1]
+        first = np.ones(len(path), dtype=bool)
+        first[1:] = path[1:] != path[:-1]
+        start[first] = path_start_steps[path[first]]
+    return start
+
+
+def _lm_commands(pieces: Pieces, per_mm: float):
+    end_steps = _to_steps(pieces.end_mm, per_mm)
+    start_steps = _from_previous(end_steps, pieces.path, _to_steps(pieces.path_start, per_mm))
+    delta = end_steps - start_steps
+    moving = np.any(delta != 0, axis=1)
+    delta, end_steps = delta[moving], end_steps[moving]
+    path, end_mm, distance = pieces.path[moving], pieces.end_mm[moving], pieces.length[moving]
+    u0, u1 = pieces.start_speed[moving], pieces.end_speed[moving]
+    ticks = np.maximum(np.rint(pieces.duration[moving] * ebb.TICKS_PER_S), 1).astype(np.int64)
+    start_fraction = 2.0 * u0 / (u0 + u1)
+    rate1, accel1 = ebb.lm_axis_parameters(delta[:, 0], ticks, start_fraction)
+    rate2, accel2 = ebb.lm_axis_parameters(delta[:, 1], ticks, start_fraction)
+    actual = ebb.lm_ticks(rate1, delta[:, 0], accel1, rate2, delta[:, 1], accel2)
+    commands = [f"LM,{r1},{s1},{a1},{r2},{s2},{a2}" for r1, s1, a1, r2, s2, a2 in zip(
+        rate1.tolist(), delta[:, 0].tolist(), accel1.tolist(),
+        rate2.tolist(), delta[:, 1].tolist(), accel2.tolist())]
+    return path, commands, actual / ebb.TICKS_PER_S, end_steps, end_mm, distance
+
+
+def _sm_commands(pieces: Pieces, per_mm: float):
+    duration = pieces.duration
+    total_ms = np.maximum(np.ceil(duration * 1000.0 - 1e-6), SM_MIN_MS).astype(np.int64)
+    steady = np.isclose(pieces.start_speed, pieces.end_speed, rtol=1e-9, atol=1e-9)
+    slice_ms = np.where(steady, SM_STEADY_SLICE_MS, SM_ACCEL_SLICE_MS)
+    slices = np.maximum(-(-total_ms // slice_ms), 1)
+    piece = np.repeat(np.arange(len(duration)), slices)
+    # Slice k of a piece covers [k, k + 1] / slices of it, in whole milliseconds.
+    first_of_piece = np.cumsum(slices) - slices
+    k = np.arange(len(piece)) - np.repeat(first_of_piece, slices) + 1
+    end_ms = np.rint(k * total_ms[piece] / slices[piece]).astype(np.int64)
+    start_ms = np.rint((k - 1) * total_ms[piece] / slices[piece]).astype(np.int64)
+    # Distance along the piece at each slice end, on the planned speed ramp
+    # stretched to the whole-millisecond duration.
+    fraction = end_ms / total_ms[piece]
+    u0, u1 = pieces.start_speed[piece], pieces.end_speed[piece]
+    along = pieces.length[piece] * (fraction * u0 + fraction ** 2 * (u1 - u0) / 2.0) \
+        / ((u0 + u1) / 2.0)
+    along = np.clip(along, 0.0, pieces.length[piece])
+    start, end = pieces.start_mm[piece], pieces.end_mm[piece]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share = np.where(pieces.length[piece] > 0, along / pieces.length[piece], 1.0)
+    end_mm = start + (end - start) * share[:, None]
+    last = k == slices[piece]
+    end_mm[last] = end[last]
+    path = pieces.path[piece]
+    end_steps = _to_steps(end_mm, per_mm)
+    start_steps = _from_previous(end_steps, path, _to_steps(pieces.path_start, per_mm))
+    delta = end_steps - start_steps
+    ms = end_ms - start_ms
+    previous_along = np.zeros(len(piece))
+    previous_along[1:] = along[:-1]
+    previous_along[k == 1] = 0.0
+    distance = along - previous_along
+    commands = [f"SM,{d},{s1},{s2}" for d, s1, s2 in zip(
+        ms.tolist(), delta[:, 0].tolist(), delta[:, 1].tolist())]
+    return path, commands, ms / 1000.0, end_steps, end_mm, distance
+
+
+def plan_moves(paths: list[np.ndarray], limits: Limits, *, use_lm: bool,
+               tolerance: float) -> tuple[list[tuple[Move, ...]], Pieces]:
+    """Moves for each polyline, from rest to rest, all planned together."""
+    pieces = plan_pieces(paths, limits, tolerance)
+    per_mm = limits.steps_per_mm
+    path, commands, durations, end_steps, end_mm, distance = (
+        _lm_commands(pieces, per_mm) if use_lm else _sm_commands(pieces, per_mm))
+    moves = [Move(command, duration, (m1, m2), (x, y), length)
+             for command, duration, m1, m2, x, y, length in zip(
+                 commands, durations.tolist(), end_steps[:, 0].tolist(),
+                 end_steps[:, 1].tolist(), end_mm[:, 0].tolist(), end_mm[:, 1].tolist(),
+                 distance.tolist())]
+    bounds = np.searchsorted(path, np.arange(len(paths) + 1))
+    grouped = [tuple(moves[bounds[i]:bounds[i + 1]]) for i in range(len(paths))]
+    return grouped, pieces
+
+
+def plan_path(points: np.ndarray, config: DeviceConfig, *, use_lm: bool = True) -> tuple[Move, ...]:
+    """Pen-down moves along one polyline (mm), from rest at its first point to rest at its last."""
+    moves, _ = plan_moves([np.asarray(points, dtype=np.float64)], pen_down_limits(config),
+                          use_lm=use_lm, tolerance=chord_tolerance(config))
+    return moves[0]
+
+
+def resume_path(path: PathPlan, moves_done: int, config: DeviceConfig, *,
+                use_lm: bool = True) -> tuple[Move, ...]:
+    """The rest of a path after `moves_done` of its moves, planned again from rest.
+
+    The remaining moves of the original plan start at speed; after a pause
+    the carriage is at rest, so the remainder is re-planned through the same
+    points (where each remaining move ended).
+    """
+    if moves_done <= 0:
+        return path.draw
+    if moves_done >= len(path.draw):
+        return ()
+    points = [path.draw[moves_done - 1].end_mm] + [move.end_mm for move in path.draw[moves_done:]]
+    return plan_path(np.array(points), config, use_lm=use_lm)
+
+
+def plan_travel(from_mm: tuple[float, float], to_mm: tuple[float, float], config: DeviceConfig,
+                *, use_lm: bool = True) -> tuple[Move, ...]:
+    """Pen-up moves in a straight line from rest at `from_mm` to rest at `to_mm`."""
+    moves, _ = plan_moves([np.array([from_mm, to_mm], dtype=np.float64)], pen_up_limits(config),
+                          use_lm=use_lm, tolerance=0.0)
+    return moves[0]
+
+
+def _travel_seconds(starts: np.ndarray, ends: np.ndarray, config: DeviceConfig,
+                    use_lm: bool) -> np.ndarray:
+    """The time of plan_travel for each (start, end), planned together."""
+    if len(starts) == 0:
+        return np.zeros(0)
+    paths = [np.array([a, b]) for a, b in zip(starts, ends)]
+    moves, _ = plan_moves(paths, pen_up_limits(config), use_lm=use_lm, tolerance=0.0)
+    return np.array([sum(move.duration_s for move in group) for group in moves])
+
+
+def plan_drawing(drawing: Drawing, config: DeviceConfig, *, use_lm: bool = True) -> MotionPlan:
+    """The whole plot: per layer and path, the pen-down moves and the travel times."""
+    everything = [(layer_index, path_index, path)
+                  for layer_index, layer in enumerate(drawing.layers)
+                  for path_index, path in enumerate(layer.paths)]
+    paths = [path for _, _, path in everything]
+    draws, pieces = plan_moves(paths, pen_down_limits(config), use_lm=use_lm,
+                               tolerance=chord_tolerance(config))
+    starts = pieces.path_start
+    ends = pieces.path_end
+    previous = np.vstack([np.array([HOME]), ends[:-1]]) if len(paths) else np.zeros((0, 2))
+    travel = _travel_seconds(previous, starts, config, use_lm)
+    home = _travel_seconds(ends[-1:], np.array([HOME]), config, use_lm) if len(paths) \
+        else np.zeros(1)
+    up, down = pen_moves(config)
+
+    per_layer: list[list[PathPlan]] = [[] for _ in drawing.layers]
+    for number, (layer_index, path_index, _) in enumerate(everything):
+        per_layer[layer_index].append(PathPlan(
+            index=path_index,
+            start_mm=(float(starts[number, 0]), float(starts[number, 1])),
+            end_mm=(float(ends[number, 0]), float(ends[number, 1])),
+            draw=draws[number],
+            length_mm=float(pieces.path_length[number]),
+            travel_s=float(travel[number]),
+        ))
+    layers = tuple(LayerPlan(index=index, name=layer.name, paths=tuple(per_layer[index]))
+                   for index, layer in enumerate(drawing.layers))
+    plan = MotionPlan(layers=layers, estimated_seconds=0.0, pen_up=up, pen_down=down,
+                      home_s=float(home[0]) if len(home) else 0.0)
+    return MotionPlan(layers=layers, estimated_seconds=estimate_seconds(plan), pen_up=up,
+                      pen_down=down, home_s=plan.home_s)
+
+
+def estimate_seconds(plan: MotionPlan) -> float:
+    """Time the plotter takes: per path travel, pen down, draw, pen up; then travel home."""
+    pen = (plan.pen_up.duration_s if plan.pen_up else 0.0) + \
+        (plan.pen_down.duration_s if plan.pen_down else 0.0)
+    total = plan.home_s
+    for layer in plan.layers:
+        for path in layer.paths:
+            total += path.travel_s + pen + path.draw_s
+    return float(total) if math.isfinite(total) else float("inf")
