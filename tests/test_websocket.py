@@ -1,0 +1,597 @@
+"""The WebSocket at /ws (contract section 4) with a real autobahn client over a real port.
+
+Time (heartbeat, AUTH deadline, progress pacing) runs on the harness Clock,
+so nothing here sleeps; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from typing import Any
+
+import pytest
+import pytest_twisted
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, DeferredQueue
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from tests.web_fakes import ClockedReactor, FakeDevice, FakeJobs, WebHarness
+from vfab.config import WebSocketConfig
+from vfab.jobs.states import PAUSED, PLOTTING
+from vfab.web.auth import APIKeyCheck
+from vfab.web.system import SystemMonitor
+from vfab.web.ws import AUTH_TIMEOUT, SLOW_READER_LIMIT, StreamFactory
+
+KEY = "s3cret-key"
+TIMEOUT = 10
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+UPGRADE = ("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+           "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           "Sec-WebSocket-Version: 13\r\n{extra}\r\n")
+
+
+class Client(WebSocketClientProtocol):
+    """Collects what the server sends; can be told not to answer pings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: DeferredQueue[dict[str, Any]] = DeferredQueue()
+        self.pings: DeferredQueue[bytes] = DeferredQueue()
+        self.opened: Deferred[Client] = Deferred()
+        self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
+        self.answer_pings = True
+
+    def onOpen(self) -> None:
+        self.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.messages.put(json.loads(payload))
+
+    def onPing(self, payload: bytes) -> None:
+        self.pings.put(payload)
+        if self.answer_pings:
+            super().onPing(payload)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.opened.called:
+            self.opened.errback(ConnectionError(f"handshake failed: {reason}"))
+        if not self.closed.called:
+            self.closed.callback((code, reason))
+
+    def send(self, message: Any) -> None:
+        self.sendMessage(json.dumps(message).encode())
+
+    async def next(self) -> dict[str, Any]:
+        message = await self.messages.get().addTimeout(TIMEOUT, reactor)
+        assert TIMESTAMP.match(message["timestamp"]), message
+        assert message["type"] == message["type"].lower()
+        return message
+
+    async def ask(self, message: Any) -> dict[str, Any]:
+        self.send(message)
+        return await self.next()
+
+    async def wait_closed(self) -> tuple[int | None, str | None]:
+        return await self.closed.addTimeout(TIMEOUT, reactor)
+
+    async def still_open(self) -> None:
+        """A round trip proves the connection works and that all before it arrived."""
+        assert (await self.ask({"type": "PING"}))["type"] == "pong"
+        assert not self.messages.pending
+
+
+class ClientFactory(WebSocketClientFactory):
+    protocol = Client
+
+    def buildProtocol(self, addr: Any) -> Client:
+        self.client = super().buildProtocol(addr)
+        return self.client
+
+
+class RawUpgrade(Protocol):
+    """Sends an upgrade request by hand, to read the HTTP status of a refusal."""
+
+    def __init__(self, request: bytes):
+        self._request = request
+        self.data = b""
+        self.head: Deferred[bytes] = Deferred()
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if b"\r\n\r\n" in self.data and not self.head.called:
+            self.head.callback(self.data)
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Any) -> None:
+        if not self.head.called:
+            self.head.callback(self.data)
+        self.lost.callback(None)
+
+
+@pytest_twisted.async_yield_fixture
+async def serve():
+    started: list[WebHarness] = []
+    clients: list[Client] = []
+
+    async def start(**config: Any) -> WebHarness:
+        web = WebHarness(**config)
+        web.clients = clients
+        await web.service.startService()
+        started.append(web)
+        return web
+
+    yield start
+    for web in started:
+        await web.service.stopService().addTimeout(TIMEOUT, reactor)
+    for client in clients:
+        await client.wait_closed()
+
+
+async def connect(web: WebHarness, path: str = "/ws", headers: dict[str, str] | None = None,
+                  origin: str | None = None) -> Client:
+    factory = ClientFactory(web.ws_url(path), headers=headers, origin=origin, reactor=reactor)
+    connector = reactor.connectTCP("127.0.0.1", web.port, factory)
+    try:
+        await _built(factory)
+        web.clients.append(factory.client)
+        return await factory.client.opened.addTimeout(TIMEOUT, reactor)
+    except Exception:
+        connector.disconnect()
+        raise
+
+
+async def _built(factory: ClientFactory) -> None:
+    # buildProtocol runs once the TCP connection is up; a few reactor turns at most.
+    for _ in range(1000):
+        if hasattr(factory, "client"):
+            return
+        d: Deferred[None] = Deferred()
+        reactor.callLater(0, d.callback, None)
+        await d
+    raise TimeoutError("the client never connected")
+
+
+async def raw_upgrade(web: WebHarness, path: str = "/ws", **headers: str) -> tuple[int, bytes]:
+    extra = "".join(f"{name.replace('_', '-')}: {value}\r\n" for name, value in headers.items())
+    request = UPGRADE.format(path=path, extra=extra).encode()
+    protocol = RawUpgrade(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", web.port), protocol)
+    head = await protocol.head.addTimeout(TIMEOUT, reactor)
+    await protocol.lost.addTimeout(TIMEOUT, reactor)
+    status = int(head.split(b" ", 2)[1])
+    return status, head
+
+
+# -- subscribing ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["SUBSCRIBE", "subscribe", "Subscribe"])
+@pytest_twisted.ensureDeferred
+async def test_subscribe_sends_snapshots_in_order(serve, kind):
+    web = await serve()
+    job = web.jobs.add("one")
+    client = await connect(web)
+    reply = await client.ask({"type": kind, "channels": ["system", "jobs", "device"]})
+    assert reply["type"] == "subscribed"
+    assert reply["channels"] == ["system", "jobs", "device"]
+    system = await client.next()
+    assert system["type"] == "system_status"
+    assert set(system) >= {"status", "uptime", "active_jobs", "queue_length", "memory_usage",
+                           "cpu_usage", "connections", "device"}
+    assert system["status"] == "healthy" and system["queue_length"] == 1
+    assert system["connections"] == 1 and system["device"] == "idle"
+    assert 0 <= system["memory_usage"] <= 1 and 0 <= system["cpu_usage"] <= 1
+    job_list = await client.next()
+    assert job_list["type"] == "job_list" and job_list["jobs"] == [job]
+    device = await client.next()
+    assert device["type"] == "device_status"
+    assert {k: v for k, v in device.items() if k != "timestamp"} == web.device.status()
+    await client.still_open()
+
+
+@pytest.mark.parametrize("channels, expected", [
+    (["all"], ["system", "jobs", "device"]),
+    (["ALL"], ["system", "jobs", "device"]),
+    (["devices"], ["device"]),
+    (["Jobs", "jobs"], ["jobs"]),
+])
+@pytest_twisted.ensureDeferred
+async def test_subscribe_aliases(serve, channels, expected):
+    web = await serve()
+    client = await connect(web)
+    reply = await client.ask({"type": "subscribe", "channels": channels})
+    assert reply["channels"] == expected
+    kinds = [(await client.next())["type"] for _ in expected]
+    snapshot = {"system": "system_status", "jobs": "job_list", "device": "device_status"}
+    assert kinds == [snapshot[c] for c in expected]
+
+
+@pytest_twisted.ensureDeferred
+async def test_unknown_channel_is_an_error_and_the_connection_stays(serve):
+    web = await serve()
+    client = await connect(web)
+    reply = await client.ask({"type": "subscribe", "channels": ["jobs", "weather"]})
+    assert reply["type"] == "error" and reply["error_code"] == "unknown_channel"
+    assert "weather" in reply["error_message"]
+    await client.still_open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_bus_events_reach_subscribers_of_their_channel_only(serve):
+    web = await serve()
+    client = await connect(web)
+    await client.ask({"type": "subscribe", "channels": ["jobs"]})
+    await client.next()  # job_list
+    web.bus.publish("device", {"type": "device_status", "status": "plotting"})
+    web.bus.publish("jobs", {"type": "job_state_change", "job_id": "job-1",
+                             "from_state": "queued", "to_state": "plotting", "reason": None})
+    event = await client.next()
+    assert event["type"] == "job_state_change" and event["to_state"] == "plotting"
+    await client.still_open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unsubscribe_stops_events(serve):
+    web = await serve()
+    client = await connect(web)
+    await client.ask({"type": "subscribe", "channels": ["device"]})
+    await client.next()  # device_status
+    reply = await client.ask({"type": "UNSUBSCRIBE", "channels": ["devices"]})
+    assert reply == {**reply, "type": "unsubscribed", "channels": ["device"]}
+    web.bus.publish("device", {"type": "device_status", "status": "error"})
+    await client.still_open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_system_alerts_are_forwarded(serve):
+    web = await serve()
+    client = await connect(web)
+    await client.ask({"type": "subscribe", "channels": ["system"]})
+    await client.next()
+    web.bus.publish("system", {"type": "system_alert", "severity": "warning",
+                               "title": "Pen", "message": "change the pen"})
+    alert = await client.next()
+    assert alert["type"] == "system_alert" and alert["severity"] == "warning"
+
+
+@pytest_twisted.ensureDeferred
+async def test_job_progress_is_coalesced_to_ten_a_second(serve):
+    web = await serve()
+    client = await connect(web)
+    await client.ask({"type": "subscribe", "channels": ["jobs"]})
+    await client.next()
+    for step in range(1, 6):
+        web.bus.publish("jobs", {"type": "job_progress", "job_id": "job-1",
+                                 "progress": step / 10})
+    web.bus.publish("jobs", {"type": "job_progress", "job_id": "job-2", "progress": 0.5})
+    first = await client.next()
+    assert (first["job_id"], first["progress"]) == ("job-1", 0.1)
+    other = await client.next()
+    assert (other["job_id"], other["progress"]) == ("job-2", 0.5)
+    await client.still_open()  # the rest of job-1 waits for its 100 ms
+    web.clock.advance(0.1)
+    latest = await client.next()
+    assert (latest["job_id"], latest["progress"]) == ("job-1", 0.5)
+    await client.still_open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_waiting_progress_is_sent_before_the_state_change(serve):
+    web = await serve()
+    client = await connect(web)
+    await client.ask({"type": "subscribe", "channels": ["jobs"]})
+    await client.next()
+    web.bus.publish("jobs", {"type": "job_progress", "job_id": "job-1", "progress": 0.9})
+    web.bus.publish("jobs", {"type": "job_progress", "job_id": "job-1", "progress": 1.0})
+    web.bus.publish("jobs", {"type": "job_state_change", "job_id": "job-1",
+                             "from_state": "plotting", "to_state": "completed", "reason": None})
+    kinds = [(m["type"], m.get("progress")) for m in
+             [await client.next(), await client.next(), await client.next()]]
+    assert kinds == [("job_progress", 0.9), ("job_progress", 1.0), ("job_state_change", None)]
+
+
+# -- requests ------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_ping_pong(serve):
+    web = await serve()
+    client = await connect(web)
+    assert (await client.ask({"type": "ping"}))["type"] == "pong"
+    assert (await client.ask({"type": "PING"}))["type"] == "pong"
+
+
+@pytest_twisted.ensureDeferred
+async def test_commands(serve):
+    web = await serve()
+    job = web.jobs.add("one", state=PLOTTING)
+    client = await connect(web)
+    reply = await client.ask({"type": "COMMAND", "command": "pause", "job_id": job["id"]})
+    assert reply["type"] == "command_result" and reply["ok"] is True
+    assert reply["job"]["state"] == PAUSED
+    reply = await client.ask({"type": "command", "command": "pause", "job_id": job["id"]})
+    assert reply["ok"] is False and reply["error_code"] == "invalid_state" and reply["error"]
+    reply = await client.ask({"type": "command", "command": "cancel", "job_id": "nope"})
+    assert reply["ok"] is False and reply["error_code"] == "not_found"
+    reply = await client.ask({"type": "command", "command": "explode", "job_id": job["id"]})
+    assert reply["ok"] is False and "pause" in reply["error"]
+    reply = await client.ask({"type": "command", "command": "resume"})
+    assert reply["ok"] is False and "job_id" in reply["error"]
+    await client.still_open()
+
+
+@pytest.mark.parametrize("payload, code", [
+    (b"{not json", "invalid_json"),
+    (b"[1, 2]", "invalid_message"),
+    (b'{"channels": ["jobs"]}', "invalid_message"),
+    (b'{"type": "dance"}', "unknown_type"),
+    (b'{"type": "subscribe", "channels": 7}', "invalid_message"),
+])
+@pytest_twisted.ensureDeferred
+async def test_bad_messages_get_errors_and_the_connection_stays(serve, payload, code):
+    web = await serve()
+    client = await connect(web)
+    client.sendMessage(payload)
+    reply = await client.next()
+    assert reply["type"] == "error" and reply["error_code"] == code and reply["error_message"]
+    await client.still_open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_binary_frames_get_an_error(serve):
+    web = await serve()
+    client = await connect(web)
+    client.sendMessage(b"\x00\x01\x02", isBinary=True)
+    reply = await client.next()
+    assert reply["type"] == "error" and reply["error_code"] == "binary_not_supported"
+    await client.still_open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_too_large_messages_close_the_connection(serve):
+    web = await serve(max_message_size=1024)
+    client = await connect(web)
+    client.send({"type": "ping", "padding": "x" * 2000})
+    code, _ = await client.wait_closed()
+    assert code == 1009
+
+
+# -- access ----------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_auth_by_header_or_query_at_upgrade(serve):
+    web = await serve(authenticate=True, api_key=KEY)
+    for client in [await connect(web, headers={"X-API-Key": KEY}),
+                   await connect(web, headers={"Authorization": f"Bearer {KEY}"}),
+                   await connect(web, path=f"/ws?api_key={KEY}")]:
+        reply = await client.ask({"type": "subscribe", "channels": ["device"]})
+        assert reply["type"] == "subscribed"
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_key_at_upgrade_is_401(serve):
+    web = await serve(authenticate=True, api_key=KEY)
+    status, head = await raw_upgrade(web, X_API_Key="wrong")
+    assert status == 401
+    status, _ = await raw_upgrade(web, path="/ws?api_key=wrong")
+    assert status == 401
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_message_flow(serve):
+    web = await serve(authenticate=True, api_key=KEY)
+    client = await connect(web)
+    reply = await client.ask({"type": "subscribe", "channels": ["jobs"]})
+    assert reply["type"] == "error" and reply["error_code"] == "auth_required"
+    web.bus.publish("jobs", {"type": "job_state_change", "job_id": "x"})
+    assert (await client.ask({"type": "AUTH", "api_key": KEY}))["type"] == "authenticated"
+    assert (await client.ask({"type": "subscribe", "channels": ["jobs"]}))["type"] == "subscribed"
+    assert (await client.next())["type"] == "job_list"
+    web.clock.advance(AUTH_TIMEOUT + 1)
+    await client.still_open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_auth_message_closes_4401(serve):
+    web = await serve(authenticate=True, api_key=KEY)
+    client = await connect(web)
+    client.send({"type": "auth", "api_key": "wrong"})
+    code, _ = await client.wait_closed()
+    assert code == 4401
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_auth_in_time_closes_4401(serve):
+    web = await serve(authenticate=True, api_key=KEY)
+    client = await connect(web)
+    assert (await client.ask({"type": "PING"}))["error_code"] == "auth_required"
+    web.clock.advance(AUTH_TIMEOUT)
+    code, _ = await client.wait_closed()
+    assert code == 4401
+
+
+@pytest_twisted.ensureDeferred
+async def test_auth_message_without_authentication_configured(serve):
+    web = await serve()
+    client = await connect(web)
+    assert (await client.ask({"type": "AUTH", "api_key": "anything"}))["type"] == "authenticated"
+
+
+@pytest_twisted.ensureDeferred
+async def test_origin_must_be_allowed(serve):
+    web = await serve(allowed_origins=["http://good.example"])
+    status, _ = await raw_upgrade(web, Origin="http://evil.example")
+    assert status == 403
+    client = await connect(web, origin="http://good.example")
+    await client.still_open()
+    no_origin = await connect(web)  # not a browser
+    await no_origin.still_open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections(serve):
+    web = await serve(max_connections=2)
+    first, second = await connect(web), await connect(web)
+    status, head = await raw_upgrade(web)
+    assert status == 503
+    assert b"too_many_connections" in head or b"Retry-After" in head
+    await first.still_open()
+    await second.still_open()
+    await first.ask({"type": "subscribe", "channels": ["system"]})
+    assert (await first.next())["connections"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_plain_http_to_ws_is_426(serve):
+    web = await serve()
+    assert await _http_get(web, "/ws") == 426
+
+
+# -- heartbeat and shutdown ----------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_heartbeat_pings_and_sends_system_status(serve):
+    web = await serve(heartbeat_interval=5)
+    watcher, quiet = await connect(web), await connect(web)
+    await watcher.ask({"type": "subscribe", "channels": ["system"]})
+    await watcher.next()
+    web.clock.advance(5)
+    await watcher.pings.get().addTimeout(TIMEOUT, reactor)
+    await quiet.pings.get().addTimeout(TIMEOUT, reactor)
+    status = await watcher.next()
+    assert status["type"] == "system_status" and status["uptime"] == 5.0
+    await quiet.still_open()  # not subscribed to system: nothing but the ping
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_misses_two_pings_is_dropped(serve):
+    web = await serve(heartbeat_interval=5)
+    lively, silent = await connect(web), await connect(web)
+    silent.answer_pings = False
+    for _ in range(2):
+        web.clock.advance(5)
+        await lively.pings.get().addTimeout(TIMEOUT, reactor)
+        await silent.pings.get().addTimeout(TIMEOUT, reactor)
+        await lively.still_open()  # its pong is in before the next tick
+    web.clock.advance(5)
+    await silent.wait_closed()
+    await lively.pings.get().addTimeout(TIMEOUT, reactor)
+    await lively.still_open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_clients_says_going_away_and_refuses_new_ones(serve):
+    web = await serve()
+    first, second = await connect(web), await connect(web)
+    await web.service.close_clients().addTimeout(TIMEOUT, reactor)
+    assert (await first.wait_closed())[0] == 1001
+    assert (await second.wait_closed())[0] == 1001
+    status, _ = await raw_upgrade(web)
+    assert status == 503
+    health = await _http_get(web, "/health")
+    assert health == 200
+
+
+async def _http_get(web: WebHarness, path: str) -> int:
+    from twisted.web.client import Agent, readBody
+
+    response = await Agent(reactor).request(b"GET", web.url(path)).addTimeout(TIMEOUT, reactor)
+    await readBody(response).addTimeout(TIMEOUT, reactor)
+    return response.code
+
+
+@pytest_twisted.ensureDeferred
+async def test_messages_are_counted_in_metrics(serve):
+    web = await serve()
+    client = await connect(web)
+    await client.ask({"type": "ping"})
+    text = (await web.service.metrics.scrape()).decode()
+    assert "vfab_websocket_messages_sent_total 1.0" in text
+    assert "vfab_websocket_connections 1.0" in text
+
+
+# -- the protocol on a StringTransport ------------------------------------------------------
+
+def _frames(data: bytes) -> list[tuple[int, bytes]]:
+    """Unmasked server frames as (opcode, payload)."""
+    frames, at = [], 0
+    while at < len(data):
+        opcode, length = data[at] & 0x0F, data[at + 1] & 0x7F
+        at += 2
+        if length == 126:
+            length = struct.unpack(">H", data[at:at + 2])[0]
+            at += 2
+        elif length == 127:
+            length = struct.unpack(">Q", data[at:at + 8])[0]
+            at += 8
+        frames.append((opcode, data[at:at + length]))
+        at += length
+    return frames
+
+
+def _open_protocol(**config: Any) -> tuple[Any, StringTransport, Clock, StreamFactory]:
+    clock = Clock()
+    jobs, device = FakeJobs(), FakeDevice()
+    monitor = SystemMonitor(jobs, device, clock)
+    cfg = WebSocketConfig(**config)
+    factory = StreamFactory(cfg, jobs, device, monitor, APIKeyCheck(None, False, clock),
+                            ClockedReactor(clock))
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(UPGRADE.format(path="/ws", extra="").encode())
+    assert transport.value().startswith(b"HTTP/1.1 101"), transport.value()
+    transport.clear()
+    return protocol, transport, clock, factory
+
+
+def test_heartbeat_timing_on_a_clock():
+    protocol, transport, clock, factory = _open_protocol(heartbeat_interval=30)
+    protocol.channels.add("system")
+    factory.heartbeat()
+    frames = _frames(transport.value())
+    assert [opcode for opcode, _ in frames] == [9, 1]  # a ping, then system_status
+    assert json.loads(frames[1][1])["type"] == "system_status"
+    protocol.onPong(b"")
+    factory.heartbeat()
+    factory.heartbeat()
+    assert not transport.disconnecting
+    factory.heartbeat()  # two pings unanswered
+    assert transport.disconnecting
+
+
+def test_a_client_that_reads_too_slowly_is_dropped():
+    protocol, transport, clock, factory = _open_protocol()
+    protocol.channels.add("jobs")
+    protocol.authenticated = True
+    assert transport.producer is not None
+    transport.producer.pauseProducing()  # what the transport does when its buffer is full
+    event = {"type": "system_alert", "message": "x" * 10_000}
+    for _ in range(SLOW_READER_LIMIT // 10_000 + 2):
+        factory.publish("jobs", event)
+    assert transport.disconnecting
+    sent = len(transport.value())
+    factory.publish("jobs", event)
+    assert len(transport.value()) == sent
+
+
+def test_a_reader_that_catches_up_is_kept():
+    protocol, transport, clock, factory = _open_protocol()
+    protocol.channels.add("jobs")
+    protocol.authenticated = True
+    event = {"type": "system_alert", "message": "x" * 10_000}
+    for _ in range(3):
+        transport.producer.pauseProducing()
+        for _ in range(SLOW_READER_LIMIT // 10_000 - 5):
+            factory.publish("jobs", event)
+        transport.producer.resumeProducing()
+    assert not transport.disconnecting

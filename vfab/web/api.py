@@ -1,0 +1,257 @@
+"""The HTTP API under /api and /health (contract section 3).
+
+Every answer is JSON; errors use the shared `{"error": {...}}` shape. Job
+calls return Deferreds, so requests are answered later (NOT_DONE_YET), and a
+client that hangs up meanwhile is simply not answered.
+"""
+
+from __future__ import annotations
+
+import email.policy
+from email.parser import BytesParser
+from pathlib import PurePosixPath
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from vfab.jobs.control import DeviceStatus, JobControl
+from vfab.jobs.states import STATES
+from vfab.web.errors import client_error
+from vfab.web.responses import (
+    error_body,
+    json_body,
+    method_not_allowed,
+    not_found,
+    write_empty,
+    write_error,
+    write_json,
+)
+from vfab.web.system import SystemMonitor
+from vfab.web.timestamps import utc_timestamp
+
+_log = Logger()
+
+JOB_ACTIONS = ("pause", "resume", "cancel")
+
+
+class BadInput(ValueError):
+    """A request parameter the API itself refuses (400 invalid_input)."""
+
+
+def render_later(request: IRequest, work: Callable[[], Deferred[Any]],
+                 answer: Callable[[IRequest, Any], None]) -> int:
+    """Run `work` and answer with `answer(request, result)` once it fires.
+
+    Known errors become their 4xx/5xx response, anything else a logged 500.
+    If the client hangs up first, the result is dropped quietly.
+    """
+    gone: list[Failure] = []
+    request.notifyFinish().addErrback(gone.append)
+
+    def succeeded(result: Any) -> None:
+        if not gone:
+            answer(request, result)
+
+    def failed(failure: Failure) -> None:
+        known = client_error(failure)
+        if known is None:
+            _log.failure("{method} {path} failed", failure,
+                         method=request.method.decode("ascii", "replace"),
+                         path=request.path.decode("utf-8", "replace"))
+            known = (500, "internal_error",
+                     "the daemon failed to handle this request; its log has the details")
+        if not gone:
+            write_error(request, *known)
+
+    def unanswerable(failure: Failure) -> None:
+        _log.failure("could not answer {path}", failure,
+                     path=request.path.decode("utf-8", "replace"))
+
+    maybeDeferred(work).addCallbacks(succeeded, failed).addErrback(unanswerable)
+    return NOT_DONE_YET
+
+
+def _arg(request: IRequest, name: str) -> str | None:
+    values = (request.args or {}).get(name.encode("ascii"))
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _integer(name: str, text: str | None, low: int | None = None) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise BadInput(f"{name}: expected an integer, got {text!r}") from None
+    if low is not None and value < low:
+        raise BadInput(f"{name}: expected an integer >= {low}, got {value}")
+    return value
+
+
+def parse_multipart(content_type: bytes, body: bytes) -> dict[str, tuple[bytes, str | None]]:
+    """The fields of a multipart/form-data body: name -> (content, filename)."""
+    head = b"MIME-Version: 1.0\r\nContent-Type: " + content_type + b"\r\n\r\n"
+    message = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise BadInput("the multipart/form-data body cannot be read")
+    fields: dict[str, tuple[bytes, str | None]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if isinstance(name, str) and name not in fields:
+            payload = part.get_payload(decode=True)
+            fields[name] = (payload if isinstance(payload, bytes) else b"", part.get_filename())
+    return fields
+
+
+class Upload:
+    """What POST /api/jobs asks for: the SVG and the job's name, priority and preset."""
+
+    def __init__(self, request: IRequest):
+        body = request.content.read() if request.content is not None else b""
+        content_type = request.getHeader(b"content-type") or b""
+        fields: dict[str, tuple[bytes, str | None]] = {}
+        filename = None
+        if content_type.split(b";")[0].strip().lower() == b"multipart/form-data":
+            fields = parse_multipart(content_type, body)
+            if "file" not in fields:
+                raise BadInput("the multipart form has no 'file' field with the SVG")
+            body, filename = fields["file"]
+
+        def field(name: str) -> str | None:
+            if name in fields:
+                return fields[name][0].decode("utf-8", "replace").strip()
+            return _arg(request, name)
+
+        self.svg: bytes = body
+        self.name: str = field("name") or _stem(filename) or "untitled"
+        self.priority: int = _integer("priority", field("priority")) or 0
+        self.preset: str | None = field("preset") or None
+
+
+def _stem(filename: str | None) -> str | None:
+    if not filename:
+        return None
+    return PurePosixPath(filename.replace("\\", "/")).stem or None
+
+
+class HealthResource(Resource):
+    """GET /health: never needs the key, so supervisors can probe it."""
+
+    isLeaf = True
+
+    def __init__(self, monitor: SystemMonitor):
+        super().__init__()
+        self._monitor = monitor
+
+    def render(self, request: IRequest) -> bytes:
+        if request.postpath not in ([], [b""]):
+            return not_found(request)
+        if request.method not in (b"GET", b"HEAD"):
+            return method_not_allowed(request, [b"GET"])
+        return json_body(request, 200, self._monitor.health())
+
+
+class APIResource(Resource):
+    """Everything under /api: jobs and the device."""
+
+    isLeaf = True
+
+    def __init__(self, jobs: JobControl, device: DeviceStatus, clock: IReactorTime):
+        super().__init__()
+        self._jobs = jobs
+        self._device = device
+        self._clock = clock
+
+    def render(self, request: IRequest) -> bytes | int:
+        segments = [s.decode("utf-8", "replace") for s in request.postpath]
+        if segments and segments[-1] == "":
+            segments.pop()
+        method = b"GET" if request.method == b"HEAD" else request.method
+        try:
+            return self._route(request, method, segments)
+        except BadInput as error:
+            return error_body(request, 400, "invalid_input", str(error))
+
+    def _route(self, request: IRequest, method: bytes, segments: list[str]) -> bytes | int:
+        match segments:
+            case ["jobs"]:
+                if method == b"GET":
+                    return self._list(request)
+                if method == b"POST":
+                    return self._submit(request)
+                return method_not_allowed(request, [b"GET", b"POST"])
+            case ["jobs", job_id]:
+                if method == b"GET":
+                    return render_later(request, lambda: self._jobs.get(job_id), _job)
+                if method == b"DELETE":
+                    return render_later(request, lambda: self._jobs.delete(job_id), _deleted)
+                return method_not_allowed(request, [b"GET", b"DELETE"])
+            case ["jobs", job_id, action] if action in JOB_ACTIONS:
+                if method != b"POST":
+                    return method_not_allowed(request, [b"POST"])
+                act = getattr(self._jobs, action)
+                return render_later(request, lambda: act(job_id), _job)
+            case ["jobs", job_id, "preview"]:
+                if method != b"GET":
+                    return method_not_allowed(request, [b"GET"])
+                return render_later(request, lambda: self._jobs.preview(job_id), _document)
+            case ["device"]:
+                if method != b"GET":
+                    return method_not_allowed(request, [b"GET"])
+                status = {"timestamp": utc_timestamp(self._clock.seconds()),
+                          **self._device.status(), "type": "device_status"}
+                return json_body(request, 200, status)
+        return not_found(request)
+
+    def _list(self, request: IRequest) -> bytes | int:
+        state = _arg(request, "state")
+        if state is not None:
+            state = state.strip().lower()
+            if state not in STATES:
+                raise BadInput(f"state: expected one of {', '.join(STATES)}, got {state!r}")
+        limit = _integer("limit", _arg(request, "limit"), low=1)
+        return render_later(request, lambda: self._jobs.list(state=state, limit=limit),
+                            _job_list)
+
+    def _submit(self, request: IRequest) -> bytes | int:
+        if getattr(request, "body_too_large", False):
+            return error_body(request, 413, "too_large",
+                              f"the upload is larger than the limit of "
+                              f"{request.max_body_size} bytes (websocket.max_upload_size)")
+        upload = Upload(request)
+        if not upload.svg.strip():
+            return error_body(request, 400, "invalid_svg",
+                              "the request has no SVG: send it as the body "
+                              "(Content-Type: image/svg+xml) or as the multipart field 'file'")
+        return render_later(
+            request,
+            lambda: self._jobs.submit(upload.name, upload.svg, priority=upload.priority,
+                                      preset=upload.preset),
+            _created)
+
+
+def _job(request: IRequest, job: dict[str, Any]) -> None:
+    write_json(request, 200, job)
+
+
+def _document(request: IRequest, document: dict[str, Any]) -> None:
+    write_json(request, 200, document)
+
+
+def _job_list(request: IRequest, jobs: list[dict[str, Any]]) -> None:
+    write_json(request, 200, {"jobs": jobs})
+
+
+def _created(request: IRequest, job: dict[str, Any]) -> None:
+    request.setHeader(b"Location", f"/api/jobs/{job.get('id')}".encode("utf-8"))
+    write_json(request, 201, job)
+
+
+def _deleted(request: IRequest, _: None) -> None:
+    write_empty(request, 204)

@@ -1,0 +1,563 @@
+"""The WebSocket at /ws (contract section 4): live events for dashboards and `vfab watch`.
+
+`WebSocketGate` decides at the HTTP upgrade (Origin, API key, capacity) so
+refusals are ordinary JSON HTTP errors; `StreamFactory` fans the event bus
+out to the clients and runs the heartbeat; `StreamProtocol` is one client.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import Resource
+from zope.interface import implementer
+
+from vfab.config import WebSocketConfig
+from vfab.events import CHANNELS
+from vfab.jobs.control import DeviceStatus, JobControl
+from vfab.web.auth import APIKeyCheck, Verdict, key_from
+from vfab.web.errors import client_error
+from vfab.web.responses import error_body
+from vfab.web.system import SystemMonitor
+from vfab.web.timestamps import utc_timestamp
+
+_log = Logger()
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_UNAUTHORIZED = 4401
+#: Seconds a client that connected without a key has to send AUTH.
+AUTH_TIMEOUT = 10.0
+#: Unanswered server pings after which a client is dropped.
+MAX_MISSED_PONGS = 2
+#: Least seconds between two job_progress messages of one job to one client.
+PROGRESS_INTERVAL = 0.1
+#: Bytes a client may fall behind, beyond the transport's own buffer, before it is dropped.
+SLOW_READER_LIMIT = 1024 * 1024
+#: Seconds close_all waits for clients to answer the close before cutting them off.
+CLOSE_TIMEOUT = 5.0
+
+CHANNEL_ALIASES = {"all": CHANNELS, "devices": ("device",)}
+COMMANDS = ("pause", "resume", "cancel")
+
+
+class MessageError(ValueError):
+    """A client message that cannot be acted on; becomes an `error` message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def channels_of(message: dict[str, Any]) -> list[str]:
+    """The canonical channels a (UN)SUBSCRIBE names; none given means every channel."""
+    requested = message.get("channels")
+    if requested is None:
+        return list(CHANNELS)
+    if isinstance(requested, str):
+        requested = [requested]
+    if not isinstance(requested, list) or not all(isinstance(c, str) for c in requested):
+        raise MessageError("invalid_message", "channels: expected a list of channel names")
+    wanted: set[str] = set()
+    for name in requested:
+        name = name.strip().lower()
+        if name in CHANNELS:
+            wanted.add(name)
+        elif name in CHANNEL_ALIASES:
+            wanted.update(CHANNEL_ALIASES[name])
+        else:
+            raise MessageError("unknown_channel",
+                               f"unknown channel {name!r}; channels are "
+                               f"{', '.join(CHANNELS)} and all")
+    return [channel for channel in CHANNELS if channel in wanted]
+
+
+@implementer(IPushProducer)
+class WriteWatermark:
+    """Registered as the transport's producer, it learns when the socket stops draining.
+
+    The transport pauses it once its own buffer is full; what is sent while
+    paused is counted, and past `limit` bytes the client is too slow to keep.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.paused = False
+        self.backlog = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.backlog = 0
+
+    def stopProducing(self) -> None:
+        self.paused = False
+
+    def admit(self, size: int) -> bool:
+        """Whether `size` more bytes keep the client within the limit."""
+        if self.paused:
+            self.backlog += size
+        return self.backlog <= self.limit
+
+
+class _ProgressSlot:
+    """The job_progress throttle of one job for one client."""
+
+    def __init__(self) -> None:
+        self.last_sent = float("-inf")
+        self.latest: dict[str, Any] | None = None
+        self.call: IDelayedCall | None = None
+
+
+class StreamProtocol(WebSocketServerProtocol):
+    """One WebSocket client: its subscriptions, its authentication, its pace."""
+
+    factory: StreamFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.channels: set[str] = set()
+        self.authenticated = False
+        self.missed_pongs = 0
+        self._auth_timer: IDelayedCall | None = None
+        self._snapshots_pending = 0
+        self._held: list[dict[str, Any]] = []
+        self._progress: dict[Any, _ProgressSlot] = {}
+        self._watermark = WriteWatermark(SLOW_READER_LIMIT)
+        self._gone = False
+        self._gone_waiters: list[Deferred[None]] = []
+
+    # -- connection life -------------------------------------------------
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.factory.clients.add(self)
+        self._watch_write_buffer()
+
+    def _watch_write_buffer(self) -> None:
+        # Before the upgrade the HTTP channel was the transport's producer;
+        # the socket is ours now, so our watermark takes its place.
+        if getattr(self.transport, "producer", None) is not None:
+            self.transport.unregisterProducer()
+        self.transport.registerProducer(self._watermark, True)
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        key = key_from(request.headers.get, (request.params.get("api_key") or [None])[0])
+        verdict = self.factory.auth.verify(key, self._client())
+        if verdict is Verdict.WRONG:
+            raise ConnectionDeny(401, "the API key is wrong")
+        if verdict is Verdict.BLOCKED:
+            raise ConnectionDeny(429, "too many wrong API keys from this address")
+        self.authenticated = verdict is Verdict.ALLOWED
+
+    def onOpen(self) -> None:
+        _log.info("WebSocket client {peer} connected ({count} open)",
+                  peer=self._client(), count=len(self.factory.clients))
+        if not self.authenticated:
+            self._auth_timer = self.factory.reactor.callLater(AUTH_TIMEOUT, self._auth_expired)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        _log.info("WebSocket client {peer} left (code {code})", peer=self._client(), code=code)
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self.factory.clients.discard(self)
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        for slot in self._progress.values():
+            if slot.call is not None and slot.call.active():
+                slot.call.cancel()
+        self._progress.clear()
+        self._gone = True
+        waiters, self._gone_waiters = self._gone_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    def when_gone(self) -> Deferred[None]:
+        """Fires once the connection is closed."""
+        if self._gone:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._gone_waiters.append(waiter)
+        return waiter
+
+    def go_away(self, code: int, reason: str) -> None:
+        """Start closing: a close frame to an open client, a cut to one still in the handshake."""
+        if self.state == self.STATE_OPEN:
+            # sendClose() refuses 1001, which RFC 6455 reserves for exactly
+            # this case (a server going away), so send the frame directly.
+            self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123])
+        elif self.state != self.STATE_CLOSING:
+            self.abort("the server is closing")
+
+    def abort(self, why: str) -> None:
+        """Cut the connection at once, without a closing handshake."""
+        self.wasClean = False
+        self.wasNotCleanReason = why
+        self.dropConnection(abort=True)
+
+    def _auth_expired(self) -> None:
+        self._auth_timer = None
+        if not self.authenticated:
+            _log.info("WebSocket client {peer} sent no AUTH in time", peer=self._client())
+            self.sendClose(code=CLOSE_UNAUTHORIZED, reason="authentication required")
+
+    def _client(self) -> str:
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return getattr(peer, "host", None) or str(peer)
+
+    # -- heartbeat ---------------------------------------------------------
+
+    def heartbeat(self, system_status: dict[str, Any]) -> None:
+        """Ping, drop if the client missed too many pings, and send system_status."""
+        if self.state != self.STATE_OPEN:
+            return
+        if self.missed_pongs >= MAX_MISSED_PONGS:
+            _log.info("dropping WebSocket client {peer}: {missed} pings unanswered",
+                      peer=self._client(), missed=self.missed_pongs)
+            self.abort("the client did not answer pings")
+            return
+        self.missed_pongs += 1
+        self.sendPing()
+        if self.authenticated and "system" in self.channels:
+            self.send_message(system_status)
+
+    def onPong(self, payload: bytes) -> None:
+        self.missed_pongs = 0
+
+    # -- sending -------------------------------------------------------------
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        """Send one JSON text message, stamped, unless the client is gone or too slow."""
+        if self.state != self.STATE_OPEN:
+            return
+        if "timestamp" not in message:
+            message = {**message, "timestamp": self.factory.timestamp()}
+        payload = json.dumps(message, separators=(",", ":"), default=str).encode("utf-8")
+        if not self._watermark.admit(len(payload)):
+            _log.warn("dropping WebSocket client {peer}: it reads too slowly "
+                      "({backlog} bytes waiting)",
+                      peer=self._client(), backlog=self._watermark.backlog)
+            self.abort("the client reads too slowly")
+            return
+        # max_message_size bounds what clients send; autobahn would apply it
+        # to what we send too, and a job_list snapshot may well be larger.
+        limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+        try:
+            self.sendMessage(payload, isBinary=False)
+        finally:
+            self.maxMessagePayloadSize = limit
+        self.factory.messages_sent()
+
+    def send_error(self, code: str, message: str) -> None:
+        self.send_message({"type": "error", "error_code": code, "error_message": message})
+
+    def deliver(self, channel: str, message: dict[str, Any]) -> None:
+        """Forward a bus message if this client subscribed to its channel."""
+        if not self.authenticated or channel not in self.channels:
+            return
+        message = {**message, "type": str(message.get("type", "")).lower()}
+        if self._snapshots_pending:
+            self._held.append(message)
+        else:
+            self._forward(message)
+
+    def _forward(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "job_progress":
+            self._throttle_progress(message)
+            return
+        if kind == "job_state_change":
+            # Progress still waiting must not arrive after the state it led to.
+            self._flush_progress(message.get("job_id"), forget=True)
+        self.send_message(message)
+
+    def _throttle_progress(self, message: dict[str, Any]) -> None:
+        slot = self._progress.setdefault(message.get("job_id"), _ProgressSlot())
+        if slot.call is not None:
+            slot.latest = message
+            return
+        now = self.factory.reactor.seconds()
+        wait = slot.last_sent + PROGRESS_INTERVAL - now
+        if wait <= 0:
+            slot.last_sent = now
+            self.send_message(message)
+        else:
+            slot.latest = message
+            slot.call = self.factory.reactor.callLater(
+                wait, self._flush_progress, message.get("job_id"))
+
+    def _flush_progress(self, job_id: Any, forget: bool = False) -> None:
+        slot = self._progress.get(job_id)
+        if slot is None:
+            return
+        if slot.call is not None and slot.call.active():
+            slot.call.cancel()
+        slot.call = None
+        latest, slot.latest = slot.latest, None
+        if forget:
+            del self._progress[job_id]
+        if latest is not None:
+            slot.last_sent = self.factory.reactor.seconds()
+            self.send_message(latest)
+
+    # -- receiving -----------------------------------------------------------
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            self._handle(self._parse(payload, isBinary))
+        except MessageError as error:
+            self.send_error(error.code, str(error))
+
+    def _parse(self, payload: bytes, is_binary: bool) -> dict[str, Any]:
+        if is_binary:
+            raise MessageError("binary_not_supported",
+                               "binary frames are not understood; send JSON as text frames")
+        try:
+            message = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise MessageError("invalid_json", f"the message is not JSON: {error}") from None
+        if not isinstance(message, dict):
+            raise MessageError("invalid_message", "expected a JSON object with a 'type'")
+        if not isinstance(message.get("type"), str):
+            raise MessageError("invalid_message", "the message has no 'type'")
+        return message
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        kind = message["type"].strip().lower()
+        if kind == "auth":
+            self._auth(message)
+            return
+        if not self.authenticated:
+            raise MessageError("auth_required",
+                               'send {"type": "AUTH", "api_key": "..."} first')
+        handlers: dict[str, Callable[[dict[str, Any]], None]] = {
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "ping": self._ping,
+            "command": self._command,
+        }
+        handler = handlers.get(kind)
+        if handler is None:
+            raise MessageError("unknown_type",
+                               f"unknown message type {message['type']!r}; expected one of "
+                               f"SUBSCRIBE, UNSUBSCRIBE, PING, COMMAND, AUTH")
+        handler(message)
+
+    def _auth(self, message: dict[str, Any]) -> None:
+        key = message.get("api_key")
+        verdict = self.factory.auth.verify(key if isinstance(key, str) else None, self._client())
+        if verdict is Verdict.ALLOWED:
+            if self._auth_timer is not None and self._auth_timer.active():
+                self._auth_timer.cancel()
+            self._auth_timer = None
+            self.authenticated = True
+            self.send_message({"type": "authenticated"})
+            return
+        reason = ("too many wrong API keys" if verdict is Verdict.BLOCKED
+                  else "the API key is wrong")
+        self.sendClose(code=CLOSE_UNAUTHORIZED, reason=reason)
+
+    def _subscribe(self, message: dict[str, Any]) -> None:
+        channels = channels_of(message)
+        self.channels.update(channels)
+        self.send_message({"type": "subscribed", "channels": channels})
+        self._send_snapshots(channels)
+
+    def _unsubscribe(self, message: dict[str, Any]) -> None:
+        channels = channels_of(message)
+        self.channels.difference_update(channels)
+        self.send_message({"type": "unsubscribed", "channels": channels})
+
+    def _ping(self, message: dict[str, Any]) -> None:
+        self.send_message({"type": "pong"})
+
+    def _command(self, message: dict[str, Any]) -> None:
+        command, job_id = message.get("command"), message.get("job_id")
+        result: dict[str, Any] = {"type": "command_result", "command": command,
+                                  "job_id": job_id}
+        if not isinstance(command, str) or command.strip().lower() not in COMMANDS:
+            self.send_message({**result, "ok": False, "error_code": "unknown_command",
+                               "error": f"command: expected one of {', '.join(COMMANDS)}, "
+                                        f"got {command!r}"})
+            return
+        if not isinstance(job_id, str) or not job_id:
+            self.send_message({**result, "ok": False, "error_code": "invalid_message",
+                               "error": "job_id: expected the id of a job"})
+            return
+        command = command.strip().lower()
+        result["command"] = command
+
+        def done(job: dict[str, Any]) -> None:
+            self.send_message({**result, "ok": True, "job": job})
+
+        def failed(failure: Failure) -> None:
+            known = client_error(failure)
+            if known is None:
+                _log.failure("WebSocket command {command} {job_id} failed", failure,
+                             command=command, job_id=job_id)
+                code, text = "internal_error", "the daemon failed; its log has the details"
+            else:
+                code, text = known.code, known.message
+            self.send_message({**result, "ok": False, "error_code": code, "error": text})
+
+        maybeDeferred(getattr(self.factory.jobs, command), job_id).addCallbacks(done, failed)
+
+    # -- snapshots -------------------------------------------------------------
+
+    def _send_snapshots(self, channels: list[str]) -> None:
+        """Send each channel's current state, holding live events until it is out."""
+        self._snapshots_pending += 1
+        snapshots = [self.factory.snapshot(channel) for channel in channels]
+
+        def ready(results: list[tuple[bool, Any]]) -> None:
+            for channel, (ok, value) in zip(channels, results):
+                if ok:
+                    self.send_message(value)
+                else:
+                    _log.failure("the {channel} snapshot failed", value, channel=channel)
+                    self.send_error("snapshot_failed",
+                                    f"the current {channel} state is not available; "
+                                    f"the daemon log has the details")
+
+        def release(_: Any) -> None:
+            self._snapshots_pending -= 1
+            if not self._snapshots_pending:
+                held, self._held = self._held, []
+                for message in held:
+                    self._forward(message)
+
+        DeferredList(snapshots, consumeErrors=True).addCallback(ready).addBoth(release)
+
+
+class StreamFactory(WebSocketServerFactory):
+    """All WebSocket clients: fans bus events out, runs the heartbeat, closes them all."""
+
+    protocol = StreamProtocol
+
+    def __init__(self, config: WebSocketConfig, jobs: JobControl, device: DeviceStatus,
+                 monitor: SystemMonitor, auth: APIKeyCheck, reactor: Any, *,
+                 clients: set[StreamProtocol] | None = None,
+                 messages_sent: Callable[[], None] = lambda: None):
+        super().__init__(server="vfab", reactor=reactor)
+        self.setProtocolOptions(
+            maxFramePayloadSize=config.max_message_size,
+            maxMessagePayloadSize=config.max_message_size,
+            failByDrop=False,  # a too-large message gets a close frame (1009), not a cut
+            webStatus=False,
+        )
+        self.config = config
+        self.jobs = jobs
+        self.device = device
+        self.monitor = monitor
+        self.auth = auth
+        self.clients: set[StreamProtocol] = clients if clients is not None else set()
+        self.messages_sent = messages_sent
+        self.closing = False
+
+    def timestamp(self) -> str:
+        return utc_timestamp(self.reactor.seconds())
+
+    def publish(self, channel: str, message: dict[str, Any]) -> None:
+        """The event bus subscriber: hand the message to every client."""
+        for client in list(self.clients):
+            client.deliver(channel, message)
+
+    def heartbeat(self) -> None:
+        """Every heartbeat_interval: ping every client and send system_status."""
+        if not self.clients:
+            return
+        status = self.monitor.system_status()
+        for client in list(self.clients):
+            client.heartbeat(status)
+
+    def snapshot(self, channel: str) -> Deferred[dict[str, Any]]:
+        """The message that tells a new subscriber where `channel` stands."""
+        if channel == "system":
+            return maybeDeferred(self.monitor.system_status)
+        if channel == "jobs":
+            return maybeDeferred(self.jobs.list).addCallback(
+                lambda jobs: {"type": "job_list", "jobs": jobs})
+        return maybeDeferred(self.device.status).addCallback(
+            lambda status: {**status, "type": "device_status"})
+
+    def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down",
+                  timeout: float = CLOSE_TIMEOUT) -> Deferred[Any]:
+        """Close every client and refuse new ones; fires once all are gone.
+
+        Clients that do not finish the closing handshake within `timeout`
+        seconds are cut off, so this always ends.
+        """
+        self.closing = True
+        clients = list(self.clients)
+        for client in clients:
+            client.go_away(code, reason)
+        all_gone = DeferredList([client.when_gone() for client in clients])
+        if not clients:
+            return all_gone
+
+        def cut_off() -> None:
+            for client in clients:
+                if client in self.clients:
+                    _log.info("WebSocket client did not close in time; cutting it off")
+                    client.abort("the client did not finish closing")
+
+        timer = self.reactor.callLater(timeout, cut_off)
+
+        def finished(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        return all_gone.addBoth(finished)
+
+
+class WebSocketGate(Resource):
+    """/ws: checks Origin, key and capacity at the upgrade, then hands over to autobahn.
+
+    A client without a key is let in to send AUTH (for browsers, which cannot
+    set headers); a wrong key is refused here. An Origin header must be in a
+    non-empty `allowed_origins`; clients that send none (not browsers) pass.
+    """
+
+    isLeaf = True
+
+    def __init__(self, factory: StreamFactory):
+        super().__init__()
+        self._factory = factory
+        self._websocket = WebSocketResource(factory)
+
+    def render(self, request: IRequest) -> bytes | int:
+        config, factory = self._factory.config, self._factory
+        upgrade = request.getHeader(b"upgrade") or b""
+        if upgrade.strip().lower() != b"websocket":
+            request.setHeader(b"Upgrade", b"websocket")
+            return error_body(request, 426, "upgrade_required",
+                              "this is the WebSocket endpoint: connect with a WebSocket client")
+        origin = request.getHeader(b"origin")
+        if config.allowed_origins and origin is not None:
+            if origin.decode("utf-8", "replace") not in config.allowed_origins:
+                return error_body(request, 403, "origin_not_allowed",
+                                  "this Origin is not in websocket.allowed_origins")
+        verdict = factory.auth.verify_request(request)
+        if verdict in (Verdict.WRONG, Verdict.BLOCKED):
+            return factory.auth.refusal(request, verdict)
+        if factory.closing:
+            return error_body(request, 503, "shutting_down",
+                              "the daemon is shutting down and takes no new connections")
+        if len(factory.clients) >= config.max_connections:
+            request.setHeader(b"Retry-After", b"10")
+            return error_body(request, 503, "too_many_connections",
+                              f"{config.max_connections} WebSocket clients are connected "
+                              f"already (websocket.max_connections)")
+        return self._websocket.render(request)
