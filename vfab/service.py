@@ -135,8 +135,7 @@ class VfabService(MultiService):
         if not result:
             raise StartupError("HTTP/WebSocket server: the listening port did not open")
         if isinstance(result[0], Failure):
-            raise StartupError(f"cannot listen on {self.config.websocket.host}:"
-                               f"{self.config.websocket.port}: {result[0].getErrorMessage()}")
+            raise StartupError(result[0].getErrorMessage())
 
     def _install_signal_handlers(self) -> None:
         """A clean stop on SIGTERM or SIGINT exits 0, as the contract says (twistd's own

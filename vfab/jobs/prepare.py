@@ -9,10 +9,9 @@ from __future__ import annotations
 import attr
 
 from vfab.config import DeviceConfig
-from vfab.geometry.svg import Drawing, check_travel, drawing_stats, load_svg
-from vfab.geometry.order import optimize
+from vfab.geometry import Drawing, check_travel, drawing_stats, load_svg, optimize
 from vfab.jobs.errors import InvalidJobInput
-from vfab.motion.planner import MotionPlan, plan_drawing
+from vfab.motion import MotionPlan, plan_drawing
 
 #: Named plot settings a job may ask for: factors on the configured speeds.
 PRESETS: dict[str, dict[str, float]] = {
@@ -62,7 +61,7 @@ def prepare(svg: bytes, device: DeviceConfig, *, use_lm: bool = True) -> Prepare
     fit the model's travel.
     """
     drawing = load_svg(svg, tolerance=device.tolerance)
-    check_travel(drawing, device.travel_mm)
+    check_travel(drawing, device.travel_mm, model=device.model)
     if device.optimize:
         drawing = optimize(drawing, device.merge_tolerance)
     stats = drawing_stats(drawing)

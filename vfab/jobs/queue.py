@@ -24,13 +24,13 @@ from twisted.python.threadpool import ThreadPool
 
 from vfab.config import DeviceConfig
 from vfab.events import EventBus
-from vfab.geometry.svg import load_svg, preview as drawing_preview
+from vfab.geometry import load_svg, preview as drawing_preview
 from vfab.jobs import states
 from vfab.jobs.errors import InvalidJobInput, JobNotFound, NotAccepting
 from vfab.jobs.job import Job, iso8601
 from vfab.jobs.prepare import PreparedJob, device_settings, prepare
 from vfab.jobs.runner import PlotRunner, Position
-from vfab.plotter.errors import DeviceLost, EBBError
+from vfab.plotter.errors import DeviceLost, DeviceTimeout, EBBError
 from vfab.store.jobstore import JobStore
 
 _log = Logger()
@@ -296,7 +296,7 @@ class QueueService(Service):
             # Cancelled while it was being planned: on to the next one.
             self._reactor.callLater(0, self._kick)
             return
-        self._device.set_job(job.id, plotting=True)
+        self._device.set_job(job.id, "plotting")
         runner = PlotRunner(
             job_id=job.id, plan=prepared.plan, plotter=plotter, device=self._device,
             settings=settings, clock=self._reactor,
@@ -318,7 +318,7 @@ class QueueService(Service):
         fields = {"progress": runner.progress, "position": runner.position.to_dict()}
         try:
             if isinstance(outcome, Failure):
-                if outcome.check(DeviceLost):
+                if outcome.check(DeviceLost, DeviceTimeout):
                     reason = f"the device was lost: {outcome.getErrorMessage()}"
                     yield self._change(job_id, states.INTERRUPTED, reason, **fields)
                 elif outcome.check(EBBError):
@@ -341,7 +341,7 @@ class QueueService(Service):
         finally:
             self._runner = None
             self._running = None
-            self._device.set_job(None, plotting=False)
+            self._device.set_job(None)
         if self.running and self._accepting:
             next_job = yield self._store.next_queued()
             if next_job is None and self._device.plotter is not None:
@@ -353,6 +353,11 @@ class QueueService(Service):
     @inlineCallbacks
     def _change(self, job_id: str, to_state: str, reason: str, **fields: Any) -> Deferred[Job]:
         before, after = yield self._store.transition(job_id, to_state, reason, **fields)
+        if self._runner is not None and self._runner.job_id == job_id:
+            if to_state == states.PLOTTING:
+                self._device.set_job(job_id, "plotting")
+            elif to_state in (states.PAUSED, states.AWAITING_PEN):
+                self._device.set_job(job_id, "paused")
         _log.info("job {job_id}: {from_state} -> {to_state} ({reason})", job_id=job_id,
                   from_state=before.state, to_state=to_state, reason=reason)
         self._announce(after, before.state, reason)

@@ -18,13 +18,15 @@ from twisted.logger import Logger
 
 from vfab.config import DeviceConfig
 from vfab.jobs import states
-from vfab.motion.planner import Move, MotionPlan, pen_moves, plan_travel
+from vfab.motion import (Move, MotionPlan, PathPlan, PenMove, pen_moves, plan_travel,
+                         resume_path)
 from vfab.plotter.kinematics import motor_steps_to_mm
 
 _log = Logger()
 
 #: job_progress messages a second, at most, for one job (the contract's bound).
 PROGRESS_RATE = 10.0
+HOME = (0.0, 0.0)
 #: How often the PRG button is polled while a pen change is awaited.
 BUTTON_POLL_SECONDS = 0.5
 
@@ -82,7 +84,6 @@ class PlotRunner:
         self._pen_up, self._pen_down = pen_moves(settings)
         self._here = (0.0, 0.0)
         self._pen_is_down = False
-        self._was_down = False  # the pen's state when the last pause began
         self._requested: str | None = None  # "pause", "cancel" or "stop"
         self._pause_done: Deferred | None = None
         self._wake: Deferred | None = None
@@ -140,6 +141,15 @@ class PlotRunner:
     @inlineCallbacks
     def run(self) -> Deferred[str]:
         """Plot from the start position; fires with COMPLETED, CANCELLED or INTERRUPTED."""
+        try:
+            outcome = yield self._run()
+        finally:
+            # A pause asked for too late to take effect still gets its answer.
+            self._resolve_pause()
+        return outcome
+
+    @inlineCallbacks
+    def _run(self) -> Deferred[str]:
         self._count_done_before(self._start)
         steps = yield self._plotter.query_steps()
         self._here = motor_steps_to_mm(steps[0], steps[1], self._settings.microstepping)
@@ -177,33 +187,72 @@ class PlotRunner:
             for pi in range(first_path, len(layer.paths)):
                 path = layer.paths[pi]
                 mi = start.move if (li, pi) == (start.layer, start.path) else 0
-                if mi < len(path.draw):
+                if mi < len(path.draw) or (mi == 0 and not path.draw):
                     yield self._draw_path(li, pi, mi, path)
                 self._paths_done += 1
                 self._position = Position(li, pi + 1, 0)
 
     @inlineCallbacks
-    def _draw_path(self, li: int, pi: int, mi: int, path: Any) -> Deferred[None]:
-        self._position = Position(li, pi, mi)
-        yield self._checkpoint()
-        target = path.start_mm if mi == 0 else path.draw[mi - 1].end_mm
-        for move in plan_travel(self._here, target, self._settings, use_lm=self._use_lm):
-            yield self._send(move)
-        yield self._set_pen(down=True)
-        while mi < len(path.draw):
+    def _draw_path(self, li: int, pi: int, mi: int, path: PathPlan) -> Deferred[None]:
+        """Draw `path` from its move `mi`; a pause inside re-plans the rest from rest."""
+        if not path.draw:
+            # A dot: too small to move the motors, so lower and raise the pen there.
             yield self._checkpoint()
-            move = path.draw[mi]
-            yield self._send(move)
-            self._done_draw += move.duration_s
-            mi += 1
+            yield self._travel(path.start_mm)
+            yield self._set_pen(down=True)
+        while mi < len(path.draw):
             self._position = Position(li, pi, mi)
-            self._report_progress()
-            self._maybe_save()
+            yield self._checkpoint()
+            target = path.start_mm if mi == 0 else path.draw[mi - 1].end_mm
+            yield self._travel(target)
+            yield self._set_pen(down=True)
+            at_vertex = True
+            for move, reached in self._remaining(path, mi):
+                if at_vertex:
+                    paused = yield self._checkpoint()
+                    if paused:
+                        break
+                yield self._send(move)
+                self._done_draw += move.duration_s
+                at_vertex = reached is not None
+                if at_vertex:
+                    mi = reached
+                    self._position = Position(li, pi, mi)
+                self._report_progress()
+                self._maybe_save()
         yield self._set_pen(down=False)
 
+    def _remaining(self, path: PathPlan, mi: int) -> list[tuple[Move, int | None]]:
+        """The moves that draw `path` from its move `mi` on, starting at rest.
+
+        With each move comes how many of the path's planned moves it completes,
+        or None when it ends between two of them: the runner pauses only where
+        that count is known, so that the saved position is exactly where the
+        carriage stands.
+        """
+        if mi == 0:
+            return [(move, index + 1) for index, move in enumerate(path.draw)]
+        ends = {_point_key(move.end_mm): index + 1
+                for index, move in enumerate(path.draw) if index >= mi}
+        return [(move, ends.get(_point_key(move.end_mm)))
+                for move in resume_path(path, mi, self._settings, use_lm=self._use_lm)]
+
     @inlineCallbacks
-    def _checkpoint(self) -> Deferred[None]:
-        """Between two moves: honour a pause, a cancel or a stop."""
+    def _travel(self, target: tuple[float, float]) -> Deferred[None]:
+        """Pen-up moves from where the carriage is to `target`."""
+        if _point_key(target) == _point_key(self._here):
+            return
+        for move in plan_travel(self._here, target, self._settings, use_lm=self._use_lm):
+            yield self._send(move)
+
+    @inlineCallbacks
+    def _checkpoint(self) -> Deferred[bool]:
+        """Between two moves: honour a pause, a cancel or a stop.
+
+        Fires True when the plot was paused and has been resumed (the pen is
+        then up and the rest of the path must be planned again from rest).
+        """
+        paused = False
         while self._requested is not None:
             request = self._requested
             if request == "cancel":
@@ -222,7 +271,8 @@ class PlotRunner:
             why = yield self._wait()
             if why == "resume":
                 yield self._transition(states.PLOTTING, "resumed")
-                yield self._set_pen(down=True, only_if_was=True)
+                paused = True
+        return paused
 
     def _resolve_pause(self) -> None:
         done, self._pause_done = self._pause_done, None
@@ -232,7 +282,6 @@ class PlotRunner:
     @inlineCallbacks
     def _safe_stop(self) -> Deferred[None]:
         """Let the queued moves finish, then lift the pen: nothing is left half drawn."""
-        self._was_down = self._pen_is_down
         yield self._plotter.wait_idle()
         if self._pen_is_down:
             yield self._send(self._pen_up)
@@ -251,9 +300,7 @@ class PlotRunner:
     def _change_pen(self, index: int, name: str) -> Deferred[None]:
         """Park the carriage, ask for the next pen and wait for resume or the PRG button."""
         yield self._checkpoint()
-        park = self._settings.pen_change_position or (0.0, 0.0)
-        for move in plan_travel(self._here, park, self._settings, use_lm=self._use_lm):
-            yield self._send(move)
+        yield self._travel(self._settings.pen_change_position or HOME)
         yield self._plotter.wait_idle()
         yield self._plotter.button_pressed()  # forget a press from before the prompt
         self._position = Position(index, 0, 0)
@@ -288,9 +335,7 @@ class PlotRunner:
         return why
 
     @inlineCallbacks
-    def _set_pen(self, *, down: bool, only_if_was: bool = False) -> Deferred[None]:
-        if only_if_was and not self._was_down:
-            return
+    def _set_pen(self, *, down: bool) -> Deferred[None]:
         if down == self._pen_is_down:
             return
         yield self._send(self._pen_down if down else self._pen_up)
@@ -298,9 +343,9 @@ class PlotRunner:
         self._device.update_position(self._here[0], self._here[1], pen_down=down)
 
     @inlineCallbacks
-    def _send(self, move: Move) -> Deferred[None]:
+    def _send(self, move: Move | PenMove) -> Deferred[None]:
         yield self._plotter.send_move(move.command)
-        if move.end_mm is not None:
+        if isinstance(move, Move):
             self._here = move.end_mm
             now = self._clock.seconds()
             if now - self._last_position_report >= 1.0 / PROGRESS_RATE:
@@ -314,8 +359,7 @@ class PlotRunner:
         if self._pen_is_down:
             yield self._send(self._pen_up)
             self._pen_is_down = False
-        for move in plan_travel(self._here, (0.0, 0.0), self._settings, use_lm=self._use_lm):
-            yield self._send(move)
+        yield self._travel(HOME)
         yield self._plotter.wait_idle()
         self._device.update_position(self._here[0], self._here[1], pen_down=False)
 
@@ -371,3 +415,8 @@ def _sleep(clock: Any, seconds: float, cut_short: Deferred) -> Deferred[None]:
 
     cut_short.addBoth(early)
     return slept
+
+
+def _point_key(point: tuple[float, float]) -> tuple[float, float]:
+    """A point rounded to a micrometre, to compare planned positions."""
+    return (round(point[0], 3), round(point[1], 3))
