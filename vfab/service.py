@@ -96,14 +96,19 @@ class VfabService(MultiService):
         self._step("database", self._open_database)
         self._step("HTTP/WebSocket server", self._listen)
         self._step("device service", self.device.startService)
+        _log.info("device service started ({type})", type=self.config.device.type)
 
     def startService(self) -> None:
         self.privilegedStartService()
         Service.startService(self)
         self._step("queue service", self.queue.startService)
         self._step("hooks", self.hooks.startService)
+        self._reactor.callWhenRunning(self._ready)
+
+    def _ready(self) -> None:
+        """The reactor runs: from now on requests are served and signals mean a clean stop."""
         if self._handle_signals:
-            self._reactor.callWhenRunning(self._install_signal_handlers)
+            self._install_signal_handlers()
         _log.info("vfab ready: http://{host}:{port}/ (WebSocket at /ws)",
                   host=self.config.websocket.host, port=self.web.port)
 

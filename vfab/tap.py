@@ -12,10 +12,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from vfab.config import (LOG_LEVELS, Config, ConfigError, default_workspace, load_config,
                          with_overrides, workspace_path)
+
+_log = Logger()
 
 
 def _port(value: str) -> int:
@@ -141,6 +144,8 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         raise SystemExit(1) from None
     if log_file is not None:
         reopen_on_sigusr1(log_file, reactor)
+    _log.info("configuration loaded and validated: {source}",
+              source=options["config"] or "default location (or built-in defaults)")
     observer = make_observer(config.logging, log_file)
     return VfabService(config, workspace, reactor, owner=owner, log_observer=observer,
                        handle_signals=True)
@@ -153,7 +158,8 @@ def _startup_errors_in_one_line(previous: Any) -> Any:
 
     def hook(kind: type, error: BaseException, traceback: Any) -> None:
         if isinstance(error, StartupError):
-            sys.stderr.write(f"vfab: cannot start: {error}\n")
+            # twistd has pointed sys.stderr at the log by now: write to the real one.
+            sys.__stderr__.write(f"vfab: cannot start: {error}\n")
         else:
             previous(kind, error, traceback)
 
