@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -122,7 +123,7 @@ class DaemonProcess:
         return status, (json.loads(data) if data else None)
 
     def submit(self, svg: bytes, name: str = "test", **query: Any) -> tuple[int, Any]:
-        params = "&".join(f"{k}={v}" for k, v in {"name": name, **query}.items())
+        params = urllib.parse.urlencode({"name": name, **query})
         return self.request("POST", f"/api/jobs?{params}", svg,
                             {"Content-Type": "image/svg+xml"})
 

@@ -11,7 +11,7 @@ import attr
 from vfab.config import DeviceConfig
 from vfab.geometry import Drawing, check_travel, drawing_stats, load_svg, optimize
 from vfab.jobs.errors import InvalidJobInput
-from vfab.motion import MotionPlan, plan_drawing
+from vfab.motion import MotionPlan, plan_drawing, plan_travel
 
 #: Named plot settings a job may ask for: factors on the configured speeds.
 PRESETS: dict[str, dict[str, float]] = {
@@ -49,9 +49,8 @@ class PreparedJob:
     pen_down_mm: float
     pen_up_mm: float
 
-    @property
-    def estimated_seconds(self) -> float:
-        return self.plan.estimated_seconds
+    #: The plan's time plus the detours to the pen-change position between layers.
+    estimated_seconds: float
 
 
 def prepare(svg: bytes, device: DeviceConfig, *, use_lm: bool = True) -> PreparedJob:
@@ -67,4 +66,28 @@ def prepare(svg: bytes, device: DeviceConfig, *, use_lm: bool = True) -> Prepare
     stats = drawing_stats(drawing)
     plan = plan_drawing(drawing, device, use_lm=use_lm)
     return PreparedJob(drawing=drawing, plan=plan, layers=stats.layers, paths=stats.paths,
-                       pen_down_mm=stats.pen_down_mm, pen_up_mm=stats.pen_up_mm)
+                       pen_down_mm=stats.pen_down_mm, pen_up_mm=stats.pen_up_mm,
+                       estimated_seconds=job_seconds(plan, device, use_lm=use_lm))
+
+
+def job_seconds(plan: MotionPlan, device: DeviceConfig, *, use_lm: bool = True) -> float:
+    """How long the job takes on the plotter, pen changes aside.
+
+    Between two layers the carriage goes to the pen-change position and
+    back instead of straight on to the next layer's first path, as the plan
+    assumes; the operator's time to change the pen is not counted.
+    """
+    park = device.pen_change_position or (0.0, 0.0)
+    total = plan.estimated_seconds
+    drawn = [layer for layer in plan.layers if layer.paths]
+    for before, after in zip(drawn, drawn[1:]):
+        end, start = before.paths[-1].end_mm, after.paths[0].start_mm
+        total += (_travel_seconds(end, park, device, use_lm)
+                  + _travel_seconds(park, start, device, use_lm)
+                  - after.paths[0].travel_s)
+    return total
+
+
+def _travel_seconds(start: tuple[float, float], end: tuple[float, float],
+                    device: DeviceConfig, use_lm: bool) -> float:
+    return sum(move.duration_s for move in plan_travel(start, end, device, use_lm=use_lm))

@@ -391,15 +391,17 @@ class PlotRunner:
         if self._saving is not None or now - self._last_save < self._settings.progress_save_interval:
             return
         self._last_save = now
-        self._saving = self._save_progress(self.progress, self._position.to_dict())
-
-        def saved(result: Any) -> Any:
-            self._saving = None
-            return result
-
-        self._saving.addBoth(saved)
-        self._saving.addErrback(lambda failure: _log.failure(
+        saving = self._save_progress(self.progress, self._position.to_dict())
+        saving.addErrback(lambda failure: _log.failure(
             "could not save the progress of job {job_id}", failure, job_id=self.job_id))
+        if not saving.called:
+            self._saving = saving
+
+            def saved(result: Any) -> Any:
+                self._saving = None
+                return result
+
+            saving.addBoth(saved)
 
 
 def _sleep(clock: Any, seconds: float, cut_short: Deferred) -> Deferred[None]:
