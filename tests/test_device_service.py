@@ -16,7 +16,7 @@ from vfab.plotter.service import DeviceService
 from vfab.simulator import EBBEmulator, LoopbackPort
 
 HANDSHAKE = ["V", "SC,8,8", "SC,4,20641", "SC,5,15248", "SC,11,1618", "SC,12,1079",
-             "SP,1,130", "EM,1,1", "SR,60000"]
+             "SP,1,130", "SR,60000", "QE", "EM,1,1"]
 
 
 class FakePorts:

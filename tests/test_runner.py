@@ -288,3 +288,44 @@ def test_progress_is_saved_every_few_seconds():
     assert len(bench.saved) >= math.floor(bench.board.recording.motion_seconds / 2.0)
     progress = [p for p, _ in bench.saved]
     assert progress == sorted(progress)
+
+
+def reconnect(bench: Bench) -> None:
+    """The cable is plugged back in: a new connection to the same (powered) board."""
+    bench.protocol = EBBProtocol(bench.clock, timeout=30.0)
+    LoopbackPort(bench.protocol, bench.board, bench.clock)
+    bench.settle(bench.protocol.version())
+    bench.plotter = Plotter(bench.protocol, bench.settings)
+
+
+@pytest.mark.parametrize("lost_after", [1.3, 6.1])
+def test_after_a_device_loss_the_plot_continues_exactly(reference, lost_after):
+    from vfab.plotter.errors import DeviceLost
+
+    bench = Bench()
+    runner = bench.runner(ONE_LAYER)
+    running = runner.run()
+    bench.run_for(lost_after)
+    bench.board.drop()  # the cable is pulled; the board keeps power and drains its FIFO
+    with pytest.raises(DeviceLost):
+        bench.settle(running)
+    saved = runner.resume_position
+    bench.run_for(5)
+    reconnect(bench)
+    assert bench.settle(bench.runner(ONE_LAYER, start=saved).run()) == states.COMPLETED
+    assert_same_drawing(bench.strokes, reference)
+
+
+def test_after_the_daemon_was_killed_the_board_position_finds_where_it_got(reference):
+    bench = Bench(settings=attr.evolve(SETTINGS, progress_save_interval=1.0))
+    runner = bench.runner(ONE_LAYER)
+    killed = runner.run()
+    killed.addErrback(lambda failure: None)  # it dies with the connection
+    bench.run_for(5.0)
+    last_saved = Position.from_dict(bench.saved[-1][1])
+    # kill -9: the daemon is gone without a word; the board finishes what it took.
+    bench.protocol.transport.loseConnection()
+    bench.run_for(5)
+    reconnect(bench)
+    assert bench.settle(bench.runner(ONE_LAYER, start=last_saved).run()) == states.COMPLETED
+    assert_same_drawing(bench.strokes, reference)

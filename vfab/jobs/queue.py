@@ -186,6 +186,7 @@ class QueueService(Service):
         if job.state in (states.PAUSED, states.AWAITING_PEN) and runner is not None:
             runner.resume()
         elif job.state == states.INTERRUPTED:
+            # Back in the queue with its saved progress, which puts it first.
             yield self._change(job_id, states.QUEUED,
                                "resume requested; continues from the saved progress")
             self._kick()
@@ -257,8 +258,14 @@ class QueueService(Service):
             self._kick()
 
     def _kick(self) -> None:
-        """Start the next job if the plotter is free and connected."""
+        """Start the next job if the plotter is free and connected.
+
+        While a job is interrupted nothing new starts: its drawing is half on
+        the paper, and a person decides to resume or cancel it first.
+        """
         if self._kicking or self._runner is not None or not self._accepting or not self.running:
+            return
+        if self._counts.get(states.INTERRUPTED, 0):
             return
         plotter = self._device.plotter
         if plotter is None:
@@ -319,8 +326,12 @@ class QueueService(Service):
         try:
             if isinstance(outcome, Failure):
                 if outcome.check(DeviceLost, DeviceTimeout):
-                    reason = f"the device was lost: {outcome.getErrorMessage()}"
-                    yield self._change(job_id, states.INTERRUPTED, reason, **fields)
+                    reason = (f"the device was lost: {outcome.getErrorMessage()}; resume "
+                              f"continues from the saved progress")
+                    yield self._change(job_id, states.INTERRUPTED, reason,
+                                       progress=runner.progress,
+                                       position=runner.resume_position.to_dict())
+                    self._alert_interrupted(job_id, reason)
                 elif outcome.check(EBBError):
                     reason = f"the plotter reported an error: {outcome.getErrorMessage()}"
                     yield self._change(job_id, states.FAILED, reason,
@@ -362,6 +373,12 @@ class QueueService(Service):
                   from_state=before.state, to_state=to_state, reason=reason)
         self._announce(after, before.state, reason)
         return after
+
+    def _alert_interrupted(self, job_id: str, reason: str) -> None:
+        self._bus.publish("system", {
+            "type": "system_alert", "severity": "error", "title": "Plot interrupted",
+            "message": f"Job {job_id} was interrupted ({reason}). The queue waits: resume "
+                       f"the job to finish the drawing, or cancel it."})
 
     def _announce(self, job: Job, from_state: str | None, reason: str) -> None:
         self._counts[job.state] = self._counts.get(job.state, 0) + 1

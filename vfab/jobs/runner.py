@@ -10,6 +10,7 @@ without drawing a stroke twice or skipping one.
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any, Callable
 
 import attr
@@ -20,13 +21,19 @@ from vfab.config import DeviceConfig
 from vfab.jobs import states
 from vfab.motion import (Move, MotionPlan, PathPlan, PenMove, pen_moves, plan_travel,
                          resume_path)
-from vfab.plotter.kinematics import motor_steps_to_mm
+from vfab.plotter.kinematics import mm_to_motor_steps, motor_steps_to_mm
 
 _log = Logger()
 
 #: job_progress messages a second, at most, for one job (the contract's bound).
 PROGRESS_RATE = 10.0
 HOME = (0.0, 0.0)
+#: Commands the board may have acknowledged without executing them: the one
+#: running and the one waiting in its one-deep FIFO.
+UNCONFIRMED_COMMANDS = 2
+#: How many planned points past the saved progress are searched for the
+#: carriage's position (more than a progress-save interval's worth of moves).
+CONFIRM_SEARCH_MOVES = 20000
 #: How often the PRG button is polled while a pen change is awaited.
 BUTTON_POLL_SECONDS = 0.5
 
@@ -93,6 +100,8 @@ class PlotRunner:
         self._paths_done = 0
         self._total_paths = sum(len(layer.paths) for layer in plan.layers)
         self._position = start
+        #: The position after each of the last few acknowledged commands.
+        self._history: deque[Position] = deque(maxlen=UNCONFIRMED_COMMANDS + 1)
         self._started_at = clock.seconds()
         self._last_progress = float("-inf")
         self._last_position_report = float("-inf")
@@ -136,6 +145,17 @@ class PlotRunner:
     def position(self) -> Position:
         return self._position
 
+    @property
+    def resume_position(self) -> Position:
+        """Where a later run must start after the board was lost.
+
+        The board acknowledges a move when it takes it into its FIFO, so the
+        last moves acknowledged (one running, one waiting) may never have been
+        drawn: step back over them. If the board kept power, the next run
+        finds from its step counters how far it really got.
+        """
+        return self._history[0] if self._history else self._start
+
     # -- the plot ----------------------------------------------------------
 
     @inlineCallbacks
@@ -150,9 +170,13 @@ class PlotRunner:
 
     @inlineCallbacks
     def _run(self) -> Deferred[str]:
-        self._count_done_before(self._start)
+        kept = yield self._plotter.ensure_motors_on()
         steps = yield self._plotter.query_steps()
         self._here = motor_steps_to_mm(steps[0], steps[1], self._settings.microstepping)
+        if kept:
+            self._start = self._confirmed_start(self._start, steps)
+        self._position = self._start
+        self._count_done_before(self._start)
         self._report_progress(force=True)
         try:
             yield self._plot()
@@ -165,6 +189,41 @@ class PlotRunner:
         self._done_draw = self._total_draw
         self._report_progress(force=True)
         return states.COMPLETED
+
+    def _confirmed_start(self, start: Position, steps: tuple[int, int]) -> Position:
+        """The saved position can be behind what the board drew: the last moves it
+        acknowledged before a loss, or all it drew since the last save before the
+        daemon was killed. The board kept power, so its step counters say where the
+        carriage stopped: continue after the first planned point they match."""
+        target = (int(steps[0]), int(steps[1]))
+        for position, point in self._points_from(start):
+            if point == target:
+                if position != start:
+                    _log.info("job {job_id}: the plotter had drawn up to {position}, past the "
+                              "saved progress; continuing from there", job_id=self.job_id,
+                              position=position.to_dict())
+                return position
+        return start
+
+    def _points_from(self, start: Position):
+        """(position, motor steps of the carriage there) for the planned points from
+        `start` on, in its layer, as far as a daemon could have got unsaved."""
+        paths = self._plan.layers[start.layer].paths if start.layer < len(self._plan.layers) \
+            else ()
+        budget = CONFIRM_SEARCH_MOVES
+        microstepping = self._settings.microstepping
+        for pi in range(start.path, len(paths)):
+            path = paths[pi]
+            first = start.move if pi == start.path else 0
+            for mi in range(first, len(path.draw) + 1):
+                if mi == 0:
+                    point = mm_to_motor_steps(*path.start_mm, microstepping)
+                else:
+                    point = tuple(path.draw[mi - 1].end_steps)
+                yield Position(start.layer, pi, mi), point
+                budget -= 1
+                if budget <= 0:
+                    return
 
     def _count_done_before(self, start: Position) -> None:
         """Progress already made by an earlier run of this job."""
@@ -344,6 +403,7 @@ class PlotRunner:
 
     @inlineCallbacks
     def _send(self, move: Move | PenMove) -> Deferred[None]:
+        self._history.append(self._position)
         yield self._plotter.send_move(move.command)
         if isinstance(move, Move):
             self._here = move.end_mm

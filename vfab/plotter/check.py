@@ -1,11 +1,14 @@
 """`vfab check device`: is the plotter there, and which firmware does it run?
 
 Blocking and self-contained on purpose (pyserial, one `V` query), so that it
-works while the daemon is stopped and gives a plain answer.
+works while the daemon is stopped and gives a plain answer. The port is
+opened exclusively; run it with the daemon stopped (a running daemon's
+device status is at GET /api/device).
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Callable
 
 import serial
@@ -19,6 +22,7 @@ Say = Callable[[str], object]
 
 
 def check_device(config: DeviceConfig, say: Say, problem: Callable[[str], int]) -> int:
+    """Ask the configured plotter its firmware version; 0 when it answered, else 1."""
     if config.type == "none":
         say("device OK: device.type is none (no plotter configured; jobs wait in the queue)")
         return 0
@@ -40,13 +44,13 @@ def check_device(config: DeviceConfig, say: Say, problem: Callable[[str], int]) 
                            "connected: plug the AxiDraw in and switch it on")
         path = found
     try:
-        with serial.Serial(path, config.baud_rate, timeout=min(config.timeout, 5.0)) as port:
+        with serial.Serial(path, config.baud_rate, timeout=min(config.timeout, 5.0),
+                           exclusive=True) as port:
             port.reset_input_buffer()
             port.write(b"V\r")
             line = port.readline().decode("ascii", "replace").strip()
     except (serial.SerialException, OSError) as error:
-        return problem(f"cannot open the plotter at {path}: {error} (is it plugged in, and "
-                       f"is this user in the dialout group?)")
+        return problem(f"cannot open the plotter at {path}: {_advice(error)} ({error})")
     if not line:
         return problem(f"{path} is open but nothing answered the version query: is it an "
                        f"AxiDraw (EiBotBoard)?")
@@ -57,3 +61,16 @@ def check_device(config: DeviceConfig, say: Say, problem: Callable[[str], int]) 
     shown = ".".join(str(part) for part in version)
     say(f"device OK: AxiDraw at {path}, firmware {shown} ({line})")
     return 0
+
+
+def _advice(error: Exception) -> str:
+    """What an operator can do about a port that would not open."""
+    code = getattr(error, "errno", None)
+    if code == errno.ENOENT:
+        return "no such port: is the AxiDraw plugged in and switched on? (device.port: auto " \
+               "finds it)"
+    if code in (errno.EACCES, errno.EPERM):
+        return "permission denied: add the daemon's user to the dialout group"
+    if code in (errno.EBUSY, errno.EAGAIN) or "lock" in str(error).lower():
+        return "the port is in use: stop the daemon (or another program) first"
+    return "is it plugged in, and is this user in the dialout group?"

@@ -334,6 +334,16 @@ class EBBProtocol(Protocol):
                 raise EBBError("QS", f"unexpected answer {line!r}") from None
         return self._one("QS").addCallback(parsed)
 
+    def query_motors(self) -> defer.Deferred:
+        """QE: fires with each motor's microstepping (16, 8, 4, 2, 1), or 0 when it is off."""
+        def parsed(line: str) -> tuple[int, int]:
+            try:
+                first, second = line.split(",")[:2]
+                return int(first), int(second)
+            except ValueError:
+                raise EBBError("QE", f"unexpected answer {line!r}") from None
+        return self._one("QE").addCallback(parsed)
+
     def clear_steps(self) -> defer.Deferred:
         """CS: zero the global step positions (this becomes home)."""
         return self.command("CS")

@@ -91,6 +91,16 @@ class Plotter:
         """Energise the motors; the board zeroes its counters, so where the carriage is is home."""
         return self.protocol.enable_motors(self.microstepping)
 
+    @defer.inlineCallbacks
+    def ensure_motors_on(self):
+        """Energise the motors unless they already are; fires True when they were, so that
+        the board's step counters (where the carriage is) are still valid."""
+        motors = yield self.protocol.query_motors()
+        if motors == (self.microstepping, self.microstepping):
+            return True
+        yield self.motors_on()
+        return False
+
     def motors_off(self) -> defer.Deferred:
         return self.protocol.disable_motors()
 

@@ -32,6 +32,7 @@ from vfab.config import DeviceConfig
 from vfab.events import EventBus
 from vfab.plotter.ebb import EBBProtocol
 from vfab.plotter.errors import DeviceError, DeviceLost, EBBError, DeviceTimeout
+from vfab.plotter.kinematics import motor_steps_to_mm
 from vfab.plotter.pen import PenServo
 from vfab.plotter.plotter import Plotter
 from vfab.plotter.ports import PortOpener, find_ebb_port, open_serial_port
@@ -95,6 +96,8 @@ class DeviceService(Service):
         self._position_call = None
         self._last_publish = float("-inf")
         self._stopping = False
+        self._connected_before = False
+        self._position_kept = False
 
     # -- status -------------------------------------------------------------
 
@@ -284,9 +287,22 @@ class DeviceService(Service):
                      version=".".join(map(str, version)))
         yield protocol.configure_pen(self.config)
         yield protocol.pen(True, PenServo.from_config(self.config).raise_ms)
-        yield protocol.enable_motors(self.config.microstepping)
         if version >= SR_FIRMWARE:
             yield protocol.servo_timeout(int(self.config.servo_timeout * 1000))
+        # Motors still on at our microstepping mean the board kept power since we
+        # last drove it: its step counters still say where the carriage is, and
+        # enabling the motors again would zero them.
+        motors = yield protocol.query_motors()
+        kept = motors == (self.config.microstepping, self.config.microstepping)
+        self._position_kept = kept
+        if kept:
+            steps = yield protocol.query_steps()
+            self._position = motor_steps_to_mm(steps[0], steps[1], self.config.microstepping)
+            log.info("the plotter kept its position: the carriage is at "
+                     "({x:.1f}, {y:.1f}) mm", x=self._position[0], y=self._position[1])
+        else:
+            yield protocol.enable_motors(self.config.microstepping)
+            self._position = (0.0, 0.0)
         return version
 
     def _connected(self, version: tuple[int, int, int], protocol: EBBProtocol) -> None:
@@ -295,9 +311,14 @@ class DeviceService(Service):
         self._failed_attempts = 0
         self._plotter = Plotter(protocol, self.config)
         status = "idle" if self._job_id is None else "paused"
-        self._set(status=status, firmware=".".join(map(str, version)), pen="up",
-                  position=(0.0, 0.0))
+        self._set(status=status, firmware=".".join(map(str, version)), pen="up")
         log.info("plotter connected on {port}", port=self._port)
+        if self._connected_before and not self._position_kept:
+            self._alert("warning", "Plotter position lost",
+                        f"The plotter on {self._port} was reset or lost power and no longer "
+                        "knows where the carriage is. Move the carriage to the home corner "
+                        "(pen up) before resuming an interrupted job.")
+        self._connected_before = True
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(self._plotter)

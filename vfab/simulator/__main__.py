@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from twisted.internet import reactor
@@ -28,10 +29,23 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="fault: answer command N with an error (repeatable)")
     parser.add_argument("--press-button", action="store_true",
                         help="the PRG button was pressed: the first QB answers 1")
+    parser.epilog = ("While it runs: SIGUSR1 plugs the cable back in after a drop, SIGUSR2 "
+                     "presses the PRG button, SIGHUP resets the board's step counters.")
     args = parser.parse_args(argv)
     if args.speed <= 0:
         parser.error("--speed: expected a positive number")
     return args
+
+
+def _control_by_signals(plotter) -> None:
+    """Faults a test or a person can cause while it runs: SIGUSR1 plugs the cable
+    back in (a new pty at the same link), SIGUSR2 presses the PRG button, SIGHUP
+    resets the board (it forgets its step counters)."""
+    actions = {signal.SIGUSR1: plotter.replug, signal.SIGUSR2: plotter.emulator.press_button,
+               signal.SIGHUP: plotter.emulator.reset_counters}
+    for signum, action in actions.items():
+        signal.signal(signum, lambda number, frame, action=action:
+                      reactor.callFromThread(action))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     plotter = start_virtual_plotter(reactor, speed=args.speed, record_dir=args.record_dir,
                                     link=args.link, faults=faults)
     print(plotter.path, flush=True)
+    _control_by_signals(plotter)
     reactor.addSystemEventTrigger("before", "shutdown", plotter.stop)
     reactor.run()
     return 0

@@ -108,6 +108,7 @@ class EBBEmulator:
         self._buffer = b""
         self._input: deque[tuple[str, str | None]] = deque()
         self._silent = False
+        self._dropped = False
         self._fail_next: str | None = None
         self._running: Motion | None = None
         self._running_since = 0.0
@@ -172,7 +173,10 @@ class EBBEmulator:
                 continue
             self.commands_seen += 1
             number = self.commands_seen
-            if self.faults.drop_after is not None and number > self.faults.drop_after:
+            if self.faults.drop_after is not None and number > self.faults.drop_after \
+                    and not self._dropped:
+                # A cable is pulled once: after a replug the board talks again.
+                self._dropped = True
                 self.drop()
                 return
             if self._silent or (self.faults.silent_after is not None

@@ -7,6 +7,7 @@ and by program.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -111,13 +112,12 @@ class Recording:
     def write(self, directory: str | os.PathLike) -> Path:
         """Write strokes.json, drawing.svg and drawing.png into `directory`; returns it."""
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
-        _replace(path / STROKES_FILE, json.dumps(self.as_dict(), indent=1))
-        _replace(path / SVG_FILE, self.svg())
-        image = self.png()
-        partial = path / (PNG_FILE + ".part")
-        image.save(partial, format="PNG")
-        os.replace(partial, path / PNG_FILE)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _replace(path / STROKES_FILE, json.dumps(self.as_dict(), indent=1).encode("utf-8"))
+        _replace(path / SVG_FILE, self.svg().encode("utf-8"))
+        png = io.BytesIO()
+        self.png().save(png, format="PNG")
+        _replace(path / PNG_FILE, png.getvalue())
         log.info("virtual plotter wrote its drawing to {path}", path=str(path))
         return path
 
@@ -152,8 +152,11 @@ class Recording:
         return image
 
 
-def _replace(path: Path, text: str) -> None:
-    """Write atomically, so a reader never sees half a file."""
+def _replace(path: Path, data: bytes) -> None:
+    """Write atomically, so a reader never sees half a file; 0600, like the rest
+    of the workspace (the drawing is the user's)."""
     partial = path.with_name(path.name + ".part")
-    partial.write_text(text, encoding="utf-8")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
     os.replace(partial, path)

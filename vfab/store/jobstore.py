@@ -161,10 +161,11 @@ class JobStore:
         return self._run(select)
 
     def next_queued(self) -> Deferred[Job | None]:
-        """The job to plot next: highest priority, then oldest."""
+        """The job to plot next: one already begun (its drawing is half done), then
+        the highest priority, then the oldest."""
         def select(cursor: Any) -> Job | None:
-            cursor.execute(f"{_SELECT} WHERE state = ? ORDER BY priority DESC, seq ASC LIMIT 1",
-                           (QUEUED,))
+            cursor.execute(f"{_SELECT} WHERE state = ? ORDER BY position IS NULL, "
+                           f"priority DESC, seq ASC LIMIT 1", (QUEUED,))
             row = cursor.fetchone()
             return _job(row) if row else None
         return self._run(select)
