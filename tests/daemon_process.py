@@ -28,6 +28,7 @@ class DaemonProcess:
 
     def __init__(self, tmp_path: Path, config: dict[str, Any] | None = None, *,
                  twistd: bool = False, extra: list[str] | None = None):
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.workspace = tmp_path / "workspace"
         self.config_path = tmp_path / "config.yaml"
         settings = {"device": {"type": "none"}, "logging": {"level": "info"}}

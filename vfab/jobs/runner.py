@@ -318,6 +318,11 @@ class PlotRunner:
                 raise Cancelled()
             yield self._safe_stop()
             if request == "stop":
+                # Park at home: the motors go off at shutdown and the board zeroes
+                # its counters when they come on again, so home is where to wait.
+                yield self._travel(HOME)
+                yield self._plotter.wait_idle()
+                self._device.update_position(HOME[0], HOME[1], pen_down=False)
                 yield self._transition(states.INTERRUPTED, "the daemon stopped; resume "
                                        "continues from the saved progress",
                                        progress=self.progress,
@@ -374,6 +379,8 @@ class PlotRunner:
         if why == "cancel":
             raise Cancelled()
         if why == "stop":
+            yield self._travel(HOME)
+            yield self._plotter.wait_idle()
             yield self._transition(states.INTERRUPTED, "the daemon stopped during a pen change",
                                    progress=self.progress, position=self._position.to_dict())
             raise Stopped()
