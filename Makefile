@@ -5,7 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR := run
 
-.PHONY: install run test bench clean
+# The browser tests drive Debian's Chromium (playwright never downloads one here).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser run test bench clean
 
 install: $(STAMP)
 
@@ -19,7 +23,11 @@ run: install
 	@mkdir -p $(RUN_DIR)
 	$(BIN)/python -m vfab.demo --workspace $(RUN_DIR)/workspace --config etc/vfab.simulator.yaml
 
-test: install
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+
+test: install browser
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 bench: install
