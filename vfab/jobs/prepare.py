@@ -11,7 +11,8 @@ import attr
 from vfab.config import DeviceConfig
 from vfab.geometry import Drawing, check_travel, drawing_stats, load_svg, optimize
 from vfab.jobs.errors import InvalidJobInput
-from vfab.motion import MotionPlan, plan_drawing, plan_travel
+from vfab.jobs.layers import layer_settings, plotted_layers
+from vfab.motion import MotionPlan, pen_moves, plan_drawing, plan_travel
 
 #: Named plot settings a job may ask for: factors on the configured speeds.
 PRESETS: dict[str, dict[str, float]] = {
@@ -44,6 +45,8 @@ def device_settings(device: DeviceConfig, preset: str | None) -> DeviceConfig:
 class PreparedJob:
     drawing: Drawing
     plan: MotionPlan
+    #: The device settings of each layer (its name may change speed and pen height).
+    layer_settings: tuple[DeviceConfig, ...]
     layers: int
     paths: int
     pen_down_mm: float
@@ -53,38 +56,64 @@ class PreparedJob:
     estimated_seconds: float
 
 
+def prepare_drawing(svg: bytes, device: DeviceConfig) -> Drawing:
+    """The layers and paths to plot, in the order they are plotted."""
+    drawing = plotted_layers(load_svg(svg, tolerance=device.tolerance))
+    check_travel(drawing, device.travel_mm, model=device.model)
+    if device.optimize:
+        drawing = optimize(drawing, device.merge_tolerance)
+    return drawing
+
+
 def prepare(svg: bytes, device: DeviceConfig, *, use_lm: bool = True) -> PreparedJob:
     """Read, check, order and plan a drawing for this device.
 
     Raises SVGError when it is not a drawing and OutOfTravel when it does not
     fit the model's travel.
     """
-    drawing = load_svg(svg, tolerance=device.tolerance)
-    check_travel(drawing, device.travel_mm, model=device.model)
-    if device.optimize:
-        drawing = optimize(drawing, device.merge_tolerance)
+    drawing = prepare_drawing(svg, device)
     stats = drawing_stats(drawing)
-    plan = plan_drawing(drawing, device, use_lm=use_lm)
-    return PreparedJob(drawing=drawing, plan=plan, layers=stats.layers, paths=stats.paths,
+    settings = tuple(layer_settings(layer.name, device) for layer in drawing.layers)
+    plan = plan_layers(drawing, settings, use_lm=use_lm)
+    return PreparedJob(drawing=drawing, plan=plan, layer_settings=settings,
+                       layers=stats.layers, paths=stats.paths,
                        pen_down_mm=stats.pen_down_mm, pen_up_mm=stats.pen_up_mm,
                        estimated_seconds=job_seconds(plan, device, use_lm=use_lm))
+
+
+def plan_layers(drawing: Drawing, settings: tuple[DeviceConfig, ...], *,
+                use_lm: bool = True) -> MotionPlan:
+    """Plan each layer on its own, from home and back, with its own settings: the
+    carriage goes home for the pen change between two layers anyway."""
+    layers, total, home_s = [], 0.0, 0.0
+    for index, (layer, layer_device) in enumerate(zip(drawing.layers, settings)):
+        plan = plan_drawing(attr.evolve(drawing, layers=(layer,)), layer_device, use_lm=use_lm)
+        layers.append(attr.evolve(plan.layers[0], index=index))
+        total += plan.estimated_seconds
+        home_s = plan.home_s
+    up, down = pen_moves(settings[0]) if settings else (None, None)
+    return MotionPlan(layers=tuple(layers), estimated_seconds=total, pen_up=up,
+                      pen_down=down, home_s=home_s)
 
 
 def job_seconds(plan: MotionPlan, device: DeviceConfig, *, use_lm: bool = True) -> float:
     """How long the job takes on the plotter, pen changes aside.
 
-    Between two layers the carriage goes to the pen-change position and
-    back instead of straight on to the next layer's first path, as the plan
-    assumes; the operator's time to change the pen is not counted.
+    The plan goes home between layers; when pen changes happen elsewhere
+    (`pen_change_position`), the detour differs. The operator's time to
+    change the pen is not counted.
     """
-    park = device.pen_change_position or (0.0, 0.0)
+    if device.pen_change_position is None:
+        return plan.estimated_seconds
+    park, home = device.pen_change_position, (0.0, 0.0)
     total = plan.estimated_seconds
     drawn = [layer for layer in plan.layers if layer.paths]
     for before, after in zip(drawn, drawn[1:]):
         end, start = before.paths[-1].end_mm, after.paths[0].start_mm
         total += (_travel_seconds(end, park, device, use_lm)
                   + _travel_seconds(park, start, device, use_lm)
-                  - after.paths[0].travel_s)
+                  - _travel_seconds(end, home, device, use_lm)
+                  - _travel_seconds(home, start, device, use_lm))
     return total
 
 

@@ -24,11 +24,11 @@ from twisted.python.threadpool import ThreadPool
 
 from vfab.config import DeviceConfig
 from vfab.events import EventBus
-from vfab.geometry import load_svg, preview as drawing_preview
+from vfab.geometry import preview as drawing_preview
 from vfab.jobs import states
 from vfab.jobs.errors import InvalidJobInput, JobNotFound, NotAccepting
 from vfab.jobs.job import Job, iso8601
-from vfab.jobs.prepare import PreparedJob, device_settings, prepare
+from vfab.jobs.prepare import PreparedJob, device_settings, prepare, prepare_drawing
 from vfab.jobs.runner import PlotRunner, Position
 from vfab.plotter.errors import DeviceLost, DeviceTimeout, EBBError
 from vfab.store.jobstore import JobStore
@@ -227,8 +227,7 @@ class QueueService(Service):
         settings = device_settings(self._settings, job.preset)
 
         def build() -> dict[str, Any]:
-            drawing = load_svg(svg, tolerance=settings.tolerance)
-            return drawing_preview(drawing, PREVIEW_POINTS)
+            return drawing_preview(prepare_drawing(svg, settings), PREVIEW_POINTS)
 
         result = yield self._in_thread(build)
         self._previews[job_id] = result
@@ -313,7 +312,7 @@ class QueueService(Service):
                 job.id, to_state, reason, **fields),
             save_progress=lambda progress, position: self._store.save_progress(
                 job.id, progress, position),
-            start=start, use_lm=use_lm)
+            start=start, use_lm=use_lm, layer_settings=prepared.layer_settings)
         self._runner = runner
         _log.info("job {job_id} plotting on the device", job_id=job.id)
         self._running = runner.run()

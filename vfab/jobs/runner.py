@@ -76,7 +76,8 @@ class PlotRunner:
     def __init__(self, *, job_id: str, plan: MotionPlan, plotter: Any, device: Any,
                  settings: DeviceConfig, clock: Any, publish: Callable[[dict], None],
                  transition: Transition, save_progress: SaveProgress,
-                 start: Position = Position(), use_lm: bool = True):
+                 start: Position = Position(), use_lm: bool = True,
+                 layer_settings: tuple[DeviceConfig, ...] | None = None):
         self.job_id = job_id
         self._plan = plan
         self._plotter = plotter
@@ -88,13 +89,16 @@ class PlotRunner:
         self._save_progress = save_progress
         self._start = start
         self._use_lm = use_lm
+        self._layer_settings = layer_settings or (settings,) * len(plan.layers)
         self._pen_up, self._pen_down = pen_moves(settings)
         self._here = (0.0, 0.0)
         self._pen_is_down = False
         self._requested: str | None = None  # "pause", "cancel" or "stop"
         self._pause_done: Deferred | None = None
         self._wake: Deferred | None = None
-        self._total_draw = sum(m.duration_s for layer in plan.layers
+        # Progress is the share of the pen-down length drawn, so that a preview
+        # inked up to `progress` of its length shows what is on the paper.
+        self._total_draw = sum(m.distance_mm for layer in plan.layers
                                for path in layer.paths for m in path.draw) or 1.0
         self._done_draw = 0.0
         self._paths_done = 0
@@ -230,10 +234,10 @@ class PlotRunner:
         for li, layer in enumerate(self._plan.layers):
             for pi, path in enumerate(layer.paths):
                 if (li, pi) < (start.layer, start.path):
-                    self._done_draw += sum(m.duration_s for m in path.draw)
+                    self._done_draw += sum(m.distance_mm for m in path.draw)
                     self._paths_done += 1
                 elif (li, pi) == (start.layer, start.path):
-                    self._done_draw += sum(m.duration_s for m in path.draw[:start.move])
+                    self._done_draw += sum(m.distance_mm for m in path.draw[:start.move])
 
     @inlineCallbacks
     def _plot(self) -> Deferred[None]:
@@ -242,6 +246,7 @@ class PlotRunner:
             layer = self._plan.layers[li]
             if li > start.layer:
                 yield self._change_pen(li, layer.name)
+            yield self._use_settings(self._layer_settings[li])
             first_path = start.path if li == start.layer else 0
             for pi in range(first_path, len(layer.paths)):
                 path = layer.paths[pi]
@@ -272,7 +277,7 @@ class PlotRunner:
                     if paused:
                         break
                 yield self._send(move)
-                self._done_draw += move.duration_s
+                self._done_draw += move.distance_mm
                 at_vertex = reached is not None
                 if at_vertex:
                     mi = reached
@@ -280,6 +285,18 @@ class PlotRunner:
                 self._report_progress()
                 self._maybe_save()
         yield self._set_pen(down=False)
+
+    @inlineCallbacks
+    def _use_settings(self, settings: DeviceConfig) -> Deferred[None]:
+        """A layer's own settings (its name may set speed and pen height)."""
+        pen_changed = (settings.pen_pos_down, settings.pen_pos_up, settings.pen_rate_lower,
+                       settings.pen_rate_raise) != (
+            self._settings.pen_pos_down, self._settings.pen_pos_up,
+            self._settings.pen_rate_lower, self._settings.pen_rate_raise)
+        self._settings = settings
+        if pen_changed:
+            yield self._plotter.configure_pen(settings)
+            self._pen_up, self._pen_down = pen_moves(settings)
 
     def _remaining(self, path: PathPlan, mi: int) -> list[tuple[Move, int | None]]:
         """The moves that draw `path` from its move `mi` on, starting at rest.

@@ -64,6 +64,11 @@ class Plotter:
             self.pen_is_up = command_text.split(",")[1].strip() == "1"
         return self.protocol.command(command_text)
 
+    def configure_pen(self, config: DeviceConfig) -> defer.Deferred:
+        """Set the pen servo's heights and rates from `config` (the pen must be up)."""
+        self.servo = PenServo.from_config(config)
+        return self.protocol.configure_pen(config)
+
     def pen_up(self) -> defer.Deferred:
         """Raise the pen; the following moves wait until it is up."""
         self.pen_is_up = True
