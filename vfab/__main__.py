@@ -2,4 +2,6 @@
 
 from vfab.cli import main
 
-main()
+# Guarded: the planning process is spawned and re-imports the main module.
+if __name__ == "__main__":
+    main()

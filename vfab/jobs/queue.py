@@ -24,11 +24,12 @@ from twisted.python.threadpool import ThreadPool
 
 from vfab.config import DeviceConfig
 from vfab.events import EventBus
-from vfab.geometry import preview as drawing_preview
 from vfab.jobs import states
 from vfab.jobs.errors import InvalidJobInput, JobNotFound, NotAccepting
 from vfab.jobs.job import Job, iso8601
-from vfab.jobs.prepare import PreparedJob, device_settings, prepare, prepare_drawing
+from vfab.jobs import planning
+from vfab.jobs.planning import DrawingSummary, PlanningProcess, summarize
+from vfab.jobs.prepare import device_settings, prepare
 from vfab.jobs.runner import PlotRunner, Position
 from vfab.plotter.errors import DeviceLost, DeviceTimeout, EBBError
 from vfab.store.jobstore import JobStore
@@ -72,9 +73,11 @@ class QueueService(Service):
         self._running: Deferred | None = None
         self._kicking = False
         self._previews: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        # Planning gets threads of its own so that a big drawing being prepared
-        # never waits behind (or holds up) the database's thread.
-        self._threads = ThreadPool(minthreads=0, maxthreads=2, name="vfab-planning")
+        # Submissions and previews are read in a child process (they may come
+        # while another job plots); a job about to start is planned in a thread
+        # of its own, when no plot is running to be held up.
+        self._planning = PlanningProcess(reactor)
+        self._threads = ThreadPool(minthreads=0, maxthreads=1, name="vfab-planning")
         self._unsubscribe = None
 
     # -- lifecycle -------------------------------------------------------------
@@ -114,6 +117,7 @@ class QueueService(Service):
                 _log.info("shutdown: job {job_id} paused at a safe point, progress saved",
                           job_id=runner.job_id)
         self._threads.stop()
+        self._planning.stop()
         _log.info("queue service stopped")
 
     # -- JobControl -------------------------------------------------------------
@@ -127,7 +131,7 @@ class QueueService(Service):
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise InvalidJobInput("priority must be an integer")
         settings = device_settings(self._settings, preset)
-        prepared: PreparedJob = yield self._in_thread(prepare, svg, settings)
+        summary: DrawingSummary = yield self._planning.run(summarize, svg, settings)
         job_id = uuid.uuid4().hex[:12]
         svg_file = f"{job_id}.svg"
         path = self._jobs_dir / svg_file
@@ -135,9 +139,9 @@ class QueueService(Service):
         with os.fdopen(fd, "wb") as out:
             out.write(svg)
         job = Job(id=job_id, name=name, state=states.QUEUED, priority=priority, preset=preset,
-                  created_at=iso8601(self._reactor.seconds()), layers=prepared.layers,
-                  paths=prepared.paths, pen_down_mm=prepared.pen_down_mm,
-                  pen_up_mm=prepared.pen_up_mm, estimated_seconds=prepared.estimated_seconds,
+                  created_at=iso8601(self._reactor.seconds()), layers=summary.layers,
+                  paths=summary.paths, pen_down_mm=summary.pen_down_mm,
+                  pen_up_mm=summary.pen_up_mm, estimated_seconds=summary.estimated_seconds,
                   svg_file=svg_file)
         try:
             yield self._store.add(job)
@@ -226,10 +230,7 @@ class QueueService(Service):
         svg = (self._jobs_dir / job.svg_file).read_bytes()
         settings = device_settings(self._settings, job.preset)
 
-        def build() -> dict[str, Any]:
-            return drawing_preview(prepare_drawing(svg, settings), PREVIEW_POINTS)
-
-        result = yield self._in_thread(build)
+        result = yield self._planning.run(planning.preview, svg, settings, PREVIEW_POINTS)
         self._previews[job_id] = result
         while len(self._previews) > _PREVIEW_CACHE:
             self._previews.popitem(last=False)

@@ -252,23 +252,28 @@ class PlotRunner:
                 path = layer.paths[pi]
                 mi = start.move if (li, pi) == (start.layer, start.path) else 0
                 if mi < len(path.draw) or (mi == 0 and not path.draw):
-                    yield self._draw_path(li, pi, mi, path)
+                    # Each layer is planned from home, each path from the one before.
+                    came_from = layer.paths[pi - 1].end_mm if pi else HOME
+                    yield self._draw_path(li, pi, mi, path, came_from)
                 self._paths_done += 1
                 self._position = Position(li, pi + 1, 0)
 
     @inlineCallbacks
-    def _draw_path(self, li: int, pi: int, mi: int, path: PathPlan) -> Deferred[None]:
+    def _draw_path(self, li: int, pi: int, mi: int, path: PathPlan,
+                   came_from: tuple[float, float]) -> Deferred[None]:
         """Draw `path` from its move `mi`; a pause inside re-plans the rest from rest."""
         if not path.draw:
             # A dot: too small to move the motors, so lower and raise the pen there.
             yield self._checkpoint()
-            yield self._travel(path.start_mm)
+            yield self._travel_to_start(path, came_from)
             yield self._set_pen(down=True)
         while mi < len(path.draw):
             self._position = Position(li, pi, mi)
             yield self._checkpoint()
-            target = path.start_mm if mi == 0 else path.draw[mi - 1].end_mm
-            yield self._travel(target)
+            if mi == 0:
+                yield self._travel_to_start(path, came_from)
+            else:
+                yield self._travel(path.draw[mi - 1].end_mm)
             yield self._set_pen(down=True)
             at_vertex = True
             for move, reached in self._remaining(path, mi):
@@ -312,6 +317,17 @@ class PlotRunner:
                 for index, move in enumerate(path.draw) if index >= mi}
         return [(move, ends.get(_point_key(move.end_mm)))
                 for move in resume_path(path, mi, self._settings, use_lm=self._use_lm)]
+
+    @inlineCallbacks
+    def _travel_to_start(self, path: PathPlan, came_from: tuple[float, float]
+                         ) -> Deferred[None]:
+        """To the start of `path`: the planned travel when the carriage is where the
+        plan expects it, else a travel planned now."""
+        if _point_key(self._here) == _point_key(came_from):
+            for move in path.travel:
+                yield self._send(move)
+        else:
+            yield self._travel(path.start_mm)
 
     @inlineCallbacks
     def _travel(self, target: tuple[float, float]) -> Deferred[None]:

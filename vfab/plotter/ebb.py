@@ -92,6 +92,15 @@ def parse_version(line: str) -> tuple[int, int, int]:
     return (int(match.group(1)), int(match.group(2)), int(match.group(3) or 0))
 
 
+@attr.s(auto_attribs=True)
+class SerialCounts:
+    """Commands sent and commands that failed (error line or no answer in time),
+    kept across reconnects for the metrics."""
+
+    commands: int = 0
+    errors: int = 0
+
+
 class EBBProtocol(Protocol):
     """Talks to one EBB: a queue of commands, one in flight, each with a timeout.
 
@@ -100,10 +109,12 @@ class EBBProtocol(Protocol):
     """
 
     def __init__(self, clock: IReactorTime, timeout: float = 30.0,
-                 on_lost: Callable[[Failure], None] | None = None):
+                 on_lost: Callable[[Failure], None] | None = None,
+                 counts: "SerialCounts | None" = None):
         self.clock = clock
         self.timeout = timeout
         self.on_lost = on_lost
+        self.counts = counts if counts is not None else SerialCounts()
         self.firmware_version: tuple[int, int, int] | None = None
         self.version_text: str | None = None
         self._buffer = b""
@@ -184,6 +195,7 @@ class EBBProtocol(Protocol):
             command.timer = self.clock.callLater(self.timeout, self._timed_out, command)
             log.debug("EBB <- {command}", command=command.text)
             self.transport.write(command.text.encode("ascii") + b"\r")
+            self.counts.commands += 1
             if command.name in NO_REPLY and self._current is command:
                 self._complete(command)
 
@@ -194,6 +206,7 @@ class EBBProtocol(Protocol):
         log.warn("the plotter did not answer {command} within {timeout} s",
                  command=command.text, timeout=self.timeout)
         self._current = None
+        self.counts.errors += 1
         self._fail(command, Failure(DeviceTimeout(command.text, self.timeout)))
         self._device_lost(Failure(DeviceTimeout(command.text, self.timeout)))
         if self.transport is not None:
@@ -218,6 +231,7 @@ class EBBProtocol(Protocol):
             return
         if line.startswith("!"):
             self._current = None
+            self.counts.errors += 1
             self._fail(command, Failure(EBBError(command.text, line)))
         elif command.name in ONE_LINE_REPLY:
             command.lines.append(line)

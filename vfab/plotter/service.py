@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from vfab.config import DeviceConfig
 from vfab.events import EventBus
-from vfab.plotter.ebb import EBBProtocol
+from vfab.plotter.ebb import EBBProtocol, SerialCounts
 from vfab.plotter.errors import DeviceError, DeviceLost, EBBError, DeviceTimeout
 from vfab.plotter.kinematics import motor_steps_to_mm
 from vfab.plotter.pen import PenServo
@@ -97,6 +97,8 @@ class DeviceService(Service):
         self._last_publish = float("-inf")
         self._stopping = False
         self._connected_before = False
+        #: Serial commands and failures since start, for the metrics.
+        self.serial_counts = SerialCounts()
         self._position_kept = False
 
     # -- status -------------------------------------------------------------
@@ -265,7 +267,7 @@ class DeviceService(Service):
                                  "disconnected")
             return
         self._set(status="connecting", port=path)
-        protocol = EBBProtocol(self.reactor, self.config.timeout)
+        protocol = EBBProtocol(self.reactor, self.config.timeout, counts=self.serial_counts)
         protocol.on_lost = lambda reason: self._lost(protocol, reason)
         try:
             self._port_opener(protocol, path, self.reactor, self.config.baud_rate)

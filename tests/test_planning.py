@@ -1,0 +1,40 @@
+"""Drawing work in a child process: results, the drawing's errors, a dying child."""
+
+import os
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from vfab.config import DeviceConfig
+from vfab.geometry import OutOfTravel, SVGError
+from vfab.jobs.planning import DrawingSummary, PlanningProcess, summarize
+
+SQUARE = (b'<svg xmlns="http://www.w3.org/2000/svg" width="100mm" height="100mm" '
+          b'viewBox="0 0 100 100"><rect x="10" y="10" width="50" height="50" fill="none" '
+          b'stroke="black"/></svg>')
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_summary_comes_back_from_the_child():
+    summary = yield PlanningProcess(reactor).run(summarize, SQUARE, DeviceConfig())
+    assert isinstance(summary, DrawingSummary)
+    assert (summary.layers, summary.paths) == (1, 1)
+    assert summary.pen_down_mm == pytest.approx(200.0, abs=0.01)
+    assert summary.estimated_seconds > 4
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_drawings_own_errors_come_back_as_they_are():
+    planning = PlanningProcess(reactor)
+    with pytest.raises(SVGError):
+        yield planning.run(summarize, b"<html>not a drawing</html>", DeviceConfig())
+    with pytest.raises(OutOfTravel, match="MiniKit"):
+        yield planning.run(summarize, SQUARE.replace(b'x="10"', b'x="150"'),
+                           DeviceConfig(model="MiniKit"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_child_that_dies_is_a_clear_error_not_a_dead_daemon():
+    with pytest.raises(SVGError, match="could not be read"):
+        yield PlanningProcess(reactor).run(os._exit, 3)

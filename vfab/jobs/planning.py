@@ -1,0 +1,149 @@
+"""Reading and planning drawings away from the reactor.
+
+Reading an SVG and planning its motion is pure Python and numpy that holds
+the interpreter lock for long stretches: in a thread of the daemon it stalls
+the reactor, and with it the feed of the plot that is running. So the work
+that happens while another job may be plotting (a submission's figures, a
+preview) runs in a child process started with `reactor.spawnProcess`, and only
+its small result comes back. A drawing that crashes or exhausts the child
+costs the child, not the daemon; the daemon kills its children when it stops.
+
+The child is this module run as a program: it reads one pickled
+(function, arguments) from stdin and writes the pickled outcome to stdout.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from typing import Any, Callable
+
+import attr
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from vfab.config import DeviceConfig
+from vfab.geometry import SVGError
+
+_log = Logger()
+
+#: How much of a child's stderr is kept for the log when it fails.
+_STDERR_LIMIT = 4096
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DrawingSummary:
+    """What a job records at submission: its figures and its estimated time."""
+
+    layers: int
+    paths: int
+    pen_down_mm: float
+    pen_up_mm: float
+    estimated_seconds: float
+
+
+def summarize(svg: bytes, device: DeviceConfig) -> DrawingSummary:
+    """Read, check and plan a drawing; keep only its figures."""
+    from vfab.jobs.prepare import prepare
+
+    prepared = prepare(svg, device)
+    return DrawingSummary(layers=prepared.layers, paths=prepared.paths,
+                          pen_down_mm=prepared.pen_down_mm, pen_up_mm=prepared.pen_up_mm,
+                          estimated_seconds=prepared.estimated_seconds)
+
+
+def preview(svg: bytes, device: DeviceConfig, max_points: int) -> dict[str, Any]:
+    """The drawing simplified for display, in plotting order."""
+    from vfab.geometry import preview as drawing_preview
+    from vfab.jobs.prepare import prepare_drawing
+
+    return drawing_preview(prepare_drawing(svg, device), max_points)
+
+
+class _Child(ProcessProtocol):
+    """One request to a child process and its answer."""
+
+    def __init__(self, request: bytes):
+        self._request = request
+        self._stdout: list[bytes] = []
+        self._stderr = b""
+        self.ended: Deferred[Any] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self._request)
+        self.transport.closeStdin()
+
+    def outReceived(self, data: bytes) -> None:
+        self._stdout.append(data)
+
+    def errReceived(self, data: bytes) -> None:
+        self._stderr = (self._stderr + data)[-_STDERR_LIMIT:]
+
+    def processEnded(self, reason: Failure) -> None:
+        try:
+            kind, value = pickle.loads(b"".join(self._stdout))
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
+            _log.error("the planning process died ({reason}): {stderr}",
+                       reason=reason.getErrorMessage(),
+                       stderr=self._stderr.decode("utf-8", "replace").strip())
+            self.ended.errback(SVGError(
+                "this drawing could not be read: the process reading it ran out of memory "
+                "or crashed (is it extremely large?)"))
+            return
+        if kind == "ok":
+            self.ended.callback(value)
+        else:
+            self.ended.errback(value)
+
+
+class PlanningProcess:
+    """Runs drawing work in child processes, one per request."""
+
+    def __init__(self, reactor: Any):
+        self._reactor = reactor
+        self._children: set[Any] = set()
+
+    def run(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """`function(*args)` in a child; fires with its result or fails with its exception."""
+        child = _Child(pickle.dumps((function, args)))
+        transport = self._reactor.spawnProcess(
+            child, sys.executable, [sys.executable, "-m", "vfab.jobs.planning"],
+            env=dict(os.environ))
+        self._children.add(transport)
+        child.ended.addBoth(self._forget, transport)
+        return child.ended
+
+    def _forget(self, result: Any, transport: Any) -> Any:
+        self._children.discard(transport)
+        return result
+
+    def stop(self) -> None:
+        """Kill what is still running: the daemon is stopping."""
+        for transport in list(self._children):
+            try:
+                transport.signalProcess("KILL")
+            except ProcessExitedAlready:
+                pass
+
+
+def _serve() -> None:
+    """The child: run one pickled request from stdin, answer on stdout."""
+    function, args = pickle.load(sys.stdin.buffer)
+    try:
+        answer = ("ok", function(*args))
+    except Exception as error:  # every failure goes back to the daemon to report
+        answer = ("error", error)
+    try:
+        data = pickle.dumps(answer)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        data = pickle.dumps(("error", RuntimeError(repr(answer[1]))))
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+if __name__ == "__main__":
+    _serve()
