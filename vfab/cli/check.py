@@ -1,17 +1,19 @@
 """`vfab check config|database|device`: find problems before the daemon does.
 
 Each check prints what it found and returns 0 when all is well, 1 when it
-found a problem (and says which).
+found a problem; every problem is listed (on stderr, one a line) with what to do.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import sys
 from pathlib import Path
 
-from vfab.config import (ConfigError, default_config_path, default_workspace, load_config,
-                         sqlite_path)
+from vfab.config import (Config, ConfigError, default_config_path, default_workspace,
+                         load_config, sqlite_path)
 from vfab.store.migrations import SCHEMA_VERSION, schema_version
 
 
@@ -25,6 +27,7 @@ def _problem(line: str) -> int:
 
 
 def run_check(what: str, *, config_path: str | None, workspace: str | None) -> int:
+    """Run one check; the exit code: 0 all is well, 1 a problem was found."""
     try:
         config = load_config(config_path)
     except ConfigError as error:
@@ -32,25 +35,65 @@ def run_check(what: str, *, config_path: str | None, workspace: str | None) -> i
             _problem(problem)
         return 1
     if what == "config":
-        shown = config_path or default_config_path()
-        where = shown if Path(shown).exists() else "built-in defaults (no file)"
-        _say(f"config OK: {where}")
-        if config.websocket.authenticate and config_path is not None:
-            mode = Path(config_path).stat().st_mode & 0o077
-            if mode:
-                return _problem(f"{config_path} holds the API key but others can read it: "
-                                f"chmod 600 {config_path}")
-        return 0
+        return _check_config(config, config_path)
     space = Path(workspace).expanduser() if workspace else default_workspace()
     if what == "database":
-        return _check_database(sqlite_path(config.database.url, space))
+        try:
+            path = sqlite_path(config.database.url, space)
+        except ConfigError as error:
+            return _problem(error.problems[0])
+        return _check_database(path)
     from vfab.plotter.check import check_device
     return check_device(config.device, _say, _problem)
 
 
+def config_problems(config: Config, config_path: str | None) -> list[str]:
+    """What the schema cannot see: the log format, the database URL, hook
+    commands that cannot run, an API key others can read."""
+    from vfab.logs import check_format
+
+    problems: list[str] = []
+    try:
+        check_format(config.logging.format)
+    except ConfigError as error:
+        problems.extend(error.problems)
+    try:
+        sqlite_path(config.database.url, Path("workspace"))
+    except ConfigError as error:
+        problems.extend(error.problems)
+    for event, actions in sorted(config.hooks.items()):
+        for index, action in enumerate(actions):
+            if action.command is None:
+                continue
+            program = action.command[0]
+            if shutil.which(program) is None:
+                problems.append(f"hooks.{event}[{index}].command: {program!r} is not an "
+                                f"executable file (or not found on PATH)")
+    if config.websocket.authenticate and config_path is not None:
+        if Path(config_path).stat().st_mode & 0o077:
+            problems.append(f"websocket.api_key: {config_path} holds the API key but others "
+                            f"can read it: chmod 600 {config_path}")
+    return problems
+
+
+def _check_config(config: Config, config_path: str | None) -> int:
+    problems = config_problems(config, config_path)
+    for problem in problems:
+        _problem(problem)
+    if problems:
+        return 1
+    shown = config_path or default_config_path()
+    where = shown if Path(shown).exists() else "built-in defaults (no file)"
+    hooks = sum(len(actions) for actions in config.hooks.values())
+    _say(f"config OK: {where} (device {config.device.type}, "
+         f"http://{config.websocket.host}:{config.websocket.port}, {hooks} hook action(s))")
+    return 0
+
+
 def _check_database(path: Path) -> int:
     if not path.exists():
-        return _problem(f"no database at {path} (the daemon creates it when it starts)")
+        return _problem(f"no database at {path} (the daemon creates it when it starts; "
+                        f"is --workspace right?)")
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
@@ -65,9 +108,12 @@ def _check_database(path: Path) -> int:
     if version > SCHEMA_VERSION:
         return _problem(f"database {path} has schema {version}, newer than this vfab "
                         f"({SCHEMA_VERSION}): upgrade vfab")
+    if not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
+        return _problem(f"database {path} (or its folder) is not writable by this user: "
+                        f"run the check as the daemon's user")
     if version < SCHEMA_VERSION:
         _say(f"database OK: {path}, schema {version} (the daemon migrates it to "
              f"{SCHEMA_VERSION} when it starts), {jobs} jobs")
         return 0
-    _say(f"database OK: {path}, schema {version}, {jobs} jobs")
+    _say(f"database OK: {path}, schema {version} (current), {jobs} jobs")
     return 0
