@@ -23,12 +23,15 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
+from vfab.audit import AuditLog
 from vfab.config import Config, sqlite_path
 from vfab.events import EventBus
 from vfab.hooks import HookService
 from vfab.jobs.queue import QueueService
+from vfab.performance import PerformanceLog
 from vfab.plotter.service import DeviceService
 from vfab.store.jobstore import DatabaseError, JobStore
+from vfab.systemd import ActivationError, activation_endpoint, tell_systemd
 from vfab.web.server import WebService
 
 _log = Logger()
@@ -50,8 +53,9 @@ class VfabService(MultiService):
 
     def __init__(self, config: Config, workspace: Path, reactor: Any, *,
                  owner: tuple[int, int] | None = None, log_observer: Any = None,
-                 handle_signals: bool = False):
+                 handle_signals: bool = False, audit: AuditLog | None = None):
         super().__init__()
+        self.audit = audit or AuditLog()
         self.config = config
         self.workspace = workspace
         self._reactor = reactor
@@ -67,8 +71,16 @@ class VfabService(MultiService):
         self.queue = QueueService(store=self.store, device=self.device, bus=self.bus,
                                   settings=config.device, jobs_dir=workspace / "jobs",
                                   reactor=reactor)
+        try:
+            endpoint = activation_endpoint(reactor)
+        except ActivationError as error:
+            raise StartupError(f"socket activation: {error}") from None
         self.web = WebService(config.websocket, self.queue, self.device, self.bus, reactor,
-                              health=self._health, device_type=config.device.type)
+                              health=self._health, device_type=config.device.type,
+                              audit=self.audit, endpoint=endpoint)
+        self.bus.subscribe(self.web.metrics.on_message)
+        self.web.metrics.count_serial(lambda: self.device.serial_counts)
+        self.performance = PerformanceLog(self.bus)
         self.hooks = HookService(config.hooks, self.bus, reactor)
         for child in (self.web, self.device, self.queue, self.hooks):
             child.setServiceParent(self)
@@ -109,8 +121,24 @@ class VfabService(MultiService):
         """The reactor runs: from now on requests are served and signals mean a clean stop."""
         if self._handle_signals:
             self._install_signal_handlers()
+        self._report_identity()
         _log.info("vfab ready: http://{host}:{port}/ (WebSocket at /ws)",
                   host=self.config.websocket.host, port=self.web.port)
+        tell_systemd("READY=1")
+
+    def _report_identity(self) -> None:
+        """Say whom the daemon runs as: twistd has dropped root (if asked) by now."""
+        ids = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+               "egid": os.getegid()}
+        if self._owner is not None:
+            _log.info("privileges dropped: running as uid {uid}, gid {gid}", **ids)
+            self.audit.record("privileges_dropped", None, **ids)
+        elif os.geteuid() == 0:
+            _log.warn("running as root: pass --user and --group (e.g. a dedicated user in "
+                      "the dialout group) so that the daemon drops root after binding")
+        self.audit.record("daemon_started", None, pid=os.getpid(),
+                          host=self.config.websocket.host, port=self.web.port,
+                          authenticate=self.config.websocket.authenticate, **ids)
 
     def _step(self, what: str, action: Any) -> None:
         try:
@@ -157,6 +185,7 @@ class VfabService(MultiService):
     @inlineCallbacks
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
+        tell_systemd("STOPPING=1")
         _log.info("shutdown: stop accepting jobs")
         self.queue.stop_accepting()
         yield self._stop_step("active job", self.queue)
@@ -167,6 +196,8 @@ class VfabService(MultiService):
         yield self._stop_step("device", self.device)
         self.store.close()
         _log.info("shutdown complete")
+        self.audit.record("daemon_stopped", None, pid=os.getpid())
+        self.audit.close()
 
     @inlineCallbacks
     def _stop_step(self, what: str, service: Service) -> Deferred[None]:

@@ -125,6 +125,7 @@ def makeService(options: Options, reactor: Any = None) -> Any:
     """Build the daemon's service tree from parsed options."""
     if reactor is None:
         from twisted.internet import reactor
+    from vfab.audit import open_audit_log
     from vfab.logs import make_observer, open_log_file, reopen_on_sigusr1
     from vfab.service import VfabService, make_private_dir
 
@@ -139,16 +140,33 @@ def makeService(options: Options, reactor: Any = None) -> Any:
         if config.logging.file:
             log_file = open_log_file(workspace_path(config.logging.file, workspace),
                                      config.logging, owner)
+        audit = open_audit_log(config.logging, workspace / "logs", owner, reactor)
     except OSError as error:
         sys.stderr.write(f"vfab: cannot start: {error}\n")
         raise SystemExit(1) from None
-    if log_file is not None:
-        reopen_on_sigusr1(log_file, reactor)
+    # Always handled: SIGUSR1's default action would kill the daemon.
+    reopen_on_sigusr1(reactor, *([log_file] if log_file is not None else []))
     _log.info("configuration loaded and validated: {source}",
               source=options["config"] or "default location (or built-in defaults)")
     observer = make_observer(config.logging, log_file)
+    _warn_if_key_readable(options, audit)
     return VfabService(config, workspace, reactor, owner=owner, log_observer=observer,
-                       handle_signals=True)
+                       handle_signals=True, audit=audit)
+
+
+def _warn_if_key_readable(options: Options, audit: Any) -> None:
+    """A config file holding the API key must be private; say so loudly if it is not.
+    (Logged now, the event is kept until twistd starts the log.)"""
+    from vfab.config import default_config_path
+    path = Path(options["config"]).expanduser() if options["config"] else default_config_path()
+    if not options.config.websocket.api_key or not path.exists():
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        _log.critical(
+            "SECURITY WARNING: {path} holds websocket.api_key but its mode is {mode} "
+            "(readable by group or others): chmod 600 {path}", path=str(path), mode=oct(mode))
+        audit.record("config_readable", None, path=str(path), mode=oct(mode))
 
 
 def _startup_errors_in_one_line(previous: Any) -> Any:

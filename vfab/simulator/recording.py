@@ -14,6 +14,10 @@ import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+# Load Pillow's format plugins now: done lazily, the import may come after the
+# daemon dropped root and can no longer read Python's own files.
+Image.init()
 from twisted.logger import Logger
 
 log = Logger()

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import enum
 import hmac
+import ipaddress
 import math
 from collections import deque
 from typing import Callable
+from urllib.parse import parse_qsl, urlencode
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
+from vfab.audit import AuditLog
 from vfab.web.responses import error_body
 
 _log = Logger()
@@ -57,10 +60,62 @@ def request_key(request: IRequest) -> str | None:
     return key_from(header, query_key)
 
 
+def strip_credentials(request: IRequest) -> None:
+    """Remove the key from a checked request, so nothing downstream can log it.
+
+    Used on the WebSocket upgrade, whose request autobahn re-reads (and, at
+    its debug level, logs) in full.
+    """
+    request.requestHeaders.removeHeader(b"x-api-key")
+    request.requestHeaders.removeHeader(b"authorization")
+    path, _, query = request.uri.partition(b"?")
+    if query:
+        kept = [(k, v) for k, v in parse_qsl(query.decode("utf-8", "replace"),
+                                              keep_blank_values=True) if k != "api_key"]
+        request.uri = path + (b"?" + urlencode(kept).encode("ascii") if kept else b"")
+    if request.args is not None:
+        request.args.pop(b"api_key", None)
+
+
 def client_address(request: IRequest) -> str:
     """The peer's address, the unit the failure limit counts by."""
     address = request.getClientAddress()
     return getattr(address, "host", None) or str(address)
+
+
+def exposure_warning(bound_host: str, authenticate: bool) -> str | None:
+    """The loud warning for a server that anyone on the network may use, or None.
+
+    `bound_host` is the address actually bound; anything but a loopback
+    address (including 0.0.0.0 and ::) reaches beyond this machine.
+    """
+    if authenticate:
+        return None
+    try:
+        if ipaddress.ip_address(bound_host.split("%")[0]).is_loopback:
+            return None
+    except ValueError:
+        if bound_host == "localhost":
+            return None
+    return (f"SECURITY WARNING: listening on {bound_host}, which other machines can reach, "
+            "with websocket.authenticate off: anyone who can reach this port can submit, "
+            "cancel and delete jobs and move the plotter. Set websocket.authenticate: true "
+            "and websocket.api_key, or bind --host 127.0.0.1")
+
+
+def limit_unit(client: str) -> str:
+    """What the failure limit counts by: the address, or its /64 for IPv6, since
+    one IPv6 client commonly holds a whole /64 and could otherwise rotate
+    through it to escape the limit."""
+    try:
+        address = ipaddress.ip_address(client)
+    except ValueError:
+        return client
+    if isinstance(address, ipaddress.IPv4Address):
+        return client
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{address}/64", strict=False))
 
 
 class APIKeyCheck:
@@ -70,7 +125,8 @@ class APIKeyCheck:
     _SWEEP_AT = 4096
 
     def __init__(self, api_key: str | None, required: bool, clock: IReactorTime, *,
-                 max_failures: int = 10, window: float = 60.0):
+                 max_failures: int = 10, window: float = 60.0,
+                 audit: AuditLog | None = None):
         if required and not api_key:
             raise ValueError("an API key is required when authentication is on")
         self.required = required
@@ -79,12 +135,20 @@ class APIKeyCheck:
         self._max_failures = max_failures
         self._window = window
         self._failures: dict[str, deque[float]] = {}
+        #: When each blocked address was last written to the audit log, so that
+        #: an attacker who keeps trying fills no disk: one record a window.
+        self._block_reported: dict[str, float] = {}
+        self.audit = audit or AuditLog()
 
-    def verify(self, key: str | None, client: str) -> Verdict:
-        """Check `key` from `client`; a wrong key counts towards the limit."""
+    def verify(self, key: str | None, client: str, via: str = "http") -> Verdict:
+        """Check `key` from `client`; a wrong key counts towards the limit.
+
+        `via` (http, websocket, websocket AUTH) goes into the audit record.
+        """
         if not self.required:
             return Verdict.ALLOWED
         if self._blocked(client):
+            self._report_block(client, via)
             return Verdict.BLOCKED
         if key is None:
             return Verdict.MISSING
@@ -92,14 +156,29 @@ class APIKeyCheck:
             return Verdict.ALLOWED
         self._record_failure(client)
         _log.warn("wrong API key from {client}", client=client)
+        self.audit.record("auth_failed", client, via=via, reason="wrong API key",
+                          failures=len(self._failures.get(limit_unit(client), ())))
         return Verdict.WRONG
 
-    def verify_request(self, request: IRequest) -> Verdict:
-        return self.verify(request_key(request), client_address(request))
+    def verify_request(self, request: IRequest, via: str = "http") -> Verdict:
+        return self.verify(request_key(request), client_address(request), via)
+
+    def _report_block(self, client: str, via: str) -> None:
+        now = self._clock.seconds()
+        unit = limit_unit(client)
+        if now - self._block_reported.get(unit, -math.inf) < self._window:
+            return
+        if len(self._block_reported) >= self._SWEEP_AT:
+            self._block_reported = {address: at for address, at in self._block_reported.items()
+                                    if now - at < self._window}
+        self._block_reported[unit] = now
+        _log.warn("too many wrong API keys from {client}: refusing it for {wait} s",
+                  client=client, wait=self.retry_after(client))
+        self.audit.record("rate_limited", client, via=via, retry_after=self.retry_after(client))
 
     def retry_after(self, client: str) -> int:
         """Seconds until `client` may try again."""
-        failures = self._failures.get(client)
+        failures = self._failures.get(limit_unit(client))
         if not failures:
             return 0
         return max(1, math.ceil(failures[0] + self._window - self._clock.seconds()))
@@ -119,6 +198,7 @@ class APIKeyCheck:
         return error_body(request, 401, "unauthorized", message)
 
     def _recent(self, client: str) -> deque[float] | None:
+        client = limit_unit(client)
         failures = self._failures.get(client)
         if failures is None:
             return None
@@ -138,4 +218,4 @@ class APIKeyCheck:
         if len(self._failures) >= self._SWEEP_AT:
             for address in list(self._failures):
                 self._recent(address)
-        self._failures.setdefault(client, deque()).append(self._clock.seconds())
+        self._failures.setdefault(limit_unit(client), deque()).append(self._clock.seconds())

@@ -25,11 +25,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 from twisted.web.static import File
 
+from vfab.audit import AuditLog
 from vfab.config import WebSocketConfig
 from vfab.events import EventBus
 from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.web.api import APIResource, HealthResource
-from vfab.web.auth import APIKeyCheck, Verdict, client_address
+from vfab.web.auth import APIKeyCheck, Verdict, client_address, exposure_warning
 from vfab.web.metrics import MetricsResource, WebMetrics
 from vfab.web.responses import NotFound, error_body, method_not_allowed
 from vfab.web.system import SystemMonitor
@@ -165,7 +166,8 @@ class WebService(Service):
     def __init__(self, config: WebSocketConfig, jobs: JobControl, device: DeviceStatus,
                  bus: EventBus, reactor: Any, *,
                  health: Callable[[], bool | dict[str, Any]] | None = None,
-                 endpoint: str | None = None, device_type: str | None = None):
+                 endpoint: str | None = None, device_type: str | None = None,
+                 audit: AuditLog | None = None):
         self.config = config
         self._jobs = jobs
         self._device = device
@@ -176,7 +178,7 @@ class WebService(Service):
         self.monitor = SystemMonitor(jobs, device, reactor, connections=self._count_clients,
                                      health=health, device_type=device_type)
         self.metrics = WebMetrics(jobs, self.monitor, connections=self._count_clients)
-        self.auth = APIKeyCheck(config.api_key, config.authenticate, reactor)
+        self.auth = APIKeyCheck(config.api_key, config.authenticate, reactor, audit=audit)
         self.factory: StreamFactory | None = None
         self.port: int | None = None
         self._listening: IListeningPort | None = None
@@ -218,6 +220,10 @@ class WebService(Service):
         host = self.config.host
         shown = f"[{host}]" if ":" in host else host
         _log.info("listening on http://{host}:{port}", host=shown, port=self.port)
+        warning = exposure_warning(getattr(port.getHost(), "host", host), self.config.authenticate)
+        if warning is not None:
+            _log.critical("{warning}", warning=warning)
+            self.auth.audit.record("exposed_without_auth", None, host=host, port=self.port)
         assert self.factory is not None
         self._unsubscribe = self._bus.subscribe(self.factory.publish)
         self._heartbeat = LoopingCall(self.factory.heartbeat)

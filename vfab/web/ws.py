@@ -24,7 +24,7 @@ from zope.interface import implementer
 from vfab.config import WebSocketConfig
 from vfab.events import CHANNELS
 from vfab.jobs.control import DeviceStatus, JobControl
-from vfab.web.auth import APIKeyCheck, Verdict, key_from
+from vfab.web.auth import APIKeyCheck, Verdict, client_address, key_from, strip_credentials
 from vfab.web.errors import client_error
 from vfab.web.responses import error_body
 from vfab.web.system import SystemMonitor
@@ -152,8 +152,11 @@ class StreamProtocol(WebSocketServerProtocol):
         self.transport.registerProducer(self._watermark, True)
 
     def onConnect(self, request: ConnectionRequest) -> None:
-        key = key_from(request.headers.get, (request.params.get("api_key") or [None])[0])
-        verdict = self.factory.auth.verify(key, self._client())
+        verdict = self.factory.upgrade_verdict
+        if verdict is None:
+            # Not through WebSocketGate (which checked the key and removed it).
+            key = key_from(request.headers.get, (request.params.get("api_key") or [None])[0])
+            verdict = self.factory.auth.verify(key, self._client(), "websocket")
         if verdict is Verdict.WRONG:
             raise ConnectionDeny(401, "the API key is wrong")
         if verdict is Verdict.BLOCKED:
@@ -161,13 +164,13 @@ class StreamProtocol(WebSocketServerProtocol):
         self.authenticated = verdict is Verdict.ALLOWED
 
     def onOpen(self) -> None:
-        _log.info("WebSocket client {peer} connected ({count} open)",
+        _log.info("websocket client {peer} connected ({count} open)",
                   peer=self._client(), count=len(self.factory.clients))
         if not self.authenticated:
             self._auth_timer = self.factory.reactor.callLater(AUTH_TIMEOUT, self._auth_expired)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        _log.info("WebSocket client {peer} left (code {code})", peer=self._client(), code=code)
+        _log.info("websocket client {peer} left (code {code})", peer=self._client(), code=code)
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -209,7 +212,9 @@ class StreamProtocol(WebSocketServerProtocol):
     def _auth_expired(self) -> None:
         self._auth_timer = None
         if not self.authenticated:
-            _log.info("WebSocket client {peer} sent no AUTH in time", peer=self._client())
+            _log.info("websocket client {peer} sent no AUTH in time", peer=self._client())
+            self.factory.auth.audit.record("auth_timeout", self._client(),
+                                           seconds=AUTH_TIMEOUT)
             self.sendClose(code=CLOSE_UNAUTHORIZED, reason="authentication required")
 
     def _client(self) -> str:
@@ -223,8 +228,10 @@ class StreamProtocol(WebSocketServerProtocol):
         if self.state != self.STATE_OPEN:
             return
         if self.missed_pongs >= MAX_MISSED_PONGS:
-            _log.info("dropping WebSocket client {peer}: {missed} pings unanswered",
+            _log.info("dropping WebSocket client {peer}: {missed} websocket pings unanswered",
                       peer=self._client(), missed=self.missed_pongs)
+            self.factory.auth.audit.record("unresponsive_client_dropped", self._client(),
+                                           missed_pings=self.missed_pongs)
             self.abort("the client did not answer pings")
             return
         self.missed_pongs += 1
@@ -246,8 +253,11 @@ class StreamProtocol(WebSocketServerProtocol):
         payload = json.dumps(message, separators=(",", ":"), default=str).encode("utf-8")
         if not self._watermark.admit(len(payload)):
             _log.warn("dropping WebSocket client {peer}: it reads too slowly "
-                      "({backlog} bytes waiting)",
+                      "({backlog} bytes waiting in its websocket buffer)",
                       peer=self._client(), backlog=self._watermark.backlog)
+            self.factory.auth.audit.record("slow_client_dropped", self._client(),
+                                           backlog_bytes=self._watermark.backlog,
+                                           limit_bytes=self._watermark.limit)
             self.abort("the client reads too slowly")
             return
         # max_message_size bounds what clients send; autobahn would apply it
@@ -327,6 +337,8 @@ class StreamProtocol(WebSocketServerProtocol):
             message = json.loads(payload.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as error:
             raise MessageError("invalid_json", f"the message is not JSON: {error}") from None
+        except RecursionError:
+            raise MessageError("invalid_json", "the message nests JSON too deeply") from None
         if not isinstance(message, dict):
             raise MessageError("invalid_message", "expected a JSON object with a 'type'")
         if not isinstance(message.get("type"), str):
@@ -356,7 +368,8 @@ class StreamProtocol(WebSocketServerProtocol):
 
     def _auth(self, message: dict[str, Any]) -> None:
         key = message.get("api_key")
-        verdict = self.factory.auth.verify(key if isinstance(key, str) else None, self._client())
+        verdict = self.factory.auth.verify(key if isinstance(key, str) else None, self._client(),
+                                           "websocket AUTH")
         if verdict is Verdict.ALLOWED:
             if self._auth_timer is not None and self._auth_timer.active():
                 self._auth_timer.cancel()
@@ -404,7 +417,7 @@ class StreamProtocol(WebSocketServerProtocol):
         def failed(failure: Failure) -> None:
             known = client_error(failure)
             if known is None:
-                _log.failure("WebSocket command {command} {job_id} failed", failure,
+                _log.failure("websocket command {command} {job_id} failed", failure,
                              command=command, job_id=job_id)
                 code, text = "internal_error", "the daemon failed; its log has the details"
             else:
@@ -425,7 +438,8 @@ class StreamProtocol(WebSocketServerProtocol):
                 if ok:
                     self.send_message(value)
                 else:
-                    _log.failure("the {channel} snapshot failed", value, channel=channel)
+                    _log.failure("websocket: the {channel} snapshot failed", value,
+                                 channel=channel)
                     self.send_error("snapshot_failed",
                                     f"the current {channel} state is not available; "
                                     f"the daemon log has the details")
@@ -464,6 +478,9 @@ class StreamFactory(WebSocketServerFactory):
         self.clients: set[StreamProtocol] = clients if clients is not None else set()
         self.messages_sent = messages_sent
         self.closing = False
+        #: The gate's verdict on the upgrade being handed to autobahn, which
+        #: calls onConnect before WebSocketResource.render returns.
+        self.upgrade_verdict: Verdict | None = None
 
     def timestamp(self) -> str:
         return utc_timestamp(self.reactor.seconds())
@@ -509,7 +526,7 @@ class StreamFactory(WebSocketServerFactory):
         def cut_off() -> None:
             for client in clients:
                 if client in self.clients:
-                    _log.info("WebSocket client did not close in time; cutting it off")
+                    _log.info("websocket client did not close in time; cutting it off")
                     client.abort("the client did not finish closing")
 
         timer = self.reactor.callLater(timeout, cut_off)
@@ -544,20 +561,30 @@ class WebSocketGate(Resource):
             request.setHeader(b"Upgrade", b"websocket")
             return error_body(request, 426, "upgrade_required",
                               "this is the WebSocket endpoint: connect with a WebSocket client")
+        audit = factory.auth.audit
         origin = request.getHeader(b"origin")
         if config.allowed_origins and origin is not None:
             if origin.decode("utf-8", "replace") not in config.allowed_origins:
+                audit.record("origin_refused", client_address(request),
+                             origin=origin.decode("utf-8", "replace"))
                 return error_body(request, 403, "origin_not_allowed",
                                   "this Origin is not in websocket.allowed_origins")
-        verdict = factory.auth.verify_request(request)
+        verdict = factory.auth.verify_request(request, "websocket")
         if verdict in (Verdict.WRONG, Verdict.BLOCKED):
             return factory.auth.refusal(request, verdict)
         if factory.closing:
             return error_body(request, 503, "shutting_down",
                               "the daemon is shutting down and takes no new connections")
         if len(factory.clients) >= config.max_connections:
+            audit.record("connection_limit", client_address(request),
+                         max_connections=config.max_connections)
             request.setHeader(b"Retry-After", b"10")
             return error_body(request, 503, "too_many_connections",
                               f"{config.max_connections} WebSocket clients are connected "
                               f"already (websocket.max_connections)")
-        return self._websocket.render(request)
+        strip_credentials(request)
+        factory.upgrade_verdict = verdict
+        try:
+            return self._websocket.render(request)
+        finally:
+            factory.upgrade_verdict = None
