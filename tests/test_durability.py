@@ -25,6 +25,20 @@ from tests.test_runner import ONE_LAYER, TWO_LAYERS, assert_same_drawing
 SPEED = 10
 
 
+_running: list["SimulatorProcess"] = []
+
+
+@pytest.fixture(autouse=True)
+def no_simulator_left_behind():
+    """A failing test still stops the simulators it started."""
+    yield
+    while _running:
+        process = _running.pop().process
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
 class SimulatorProcess:
     """The virtual plotter on a pty, as its own process, with a stable link path."""
 
@@ -35,6 +49,7 @@ class SimulatorProcess:
             [sys.executable, "-m", "vfab.simulator", "--link", str(self.link),
              "--speed", str(SPEED), "--record-dir", str(self.record_dir), *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        _running.append(self)
         deadline = time.monotonic() + 20
         while not self.link.is_symlink():
             assert time.monotonic() < deadline, "the simulator did not start"

@@ -58,7 +58,7 @@ class Bench:
         self.settings = settings
         self.board = EBBEmulator(self.clock, firmware_version=firmware)
         self.protocol = EBBProtocol(self.clock, timeout=30.0)
-        LoopbackPort(self.protocol, self.board, self.clock)
+        self.port = LoopbackPort(self.protocol, self.board, self.clock)
         self.settle(self.protocol.version())
         self.settle(self.protocol.enable_motors(16))
         self.plotter = Plotter(self.protocol, settings)
@@ -101,7 +101,8 @@ class Bench:
         return PlotRunner(job_id="job", plan=prepared.plan, plotter=self.plotter,
                           device=self.device, settings=self.settings, clock=self.clock,
                           publish=self.messages.append, transition=transition,
-                          save_progress=save, start=start, use_lm=use_lm)
+                          save_progress=save, start=start, use_lm=use_lm,
+                          layer_settings=prepared.layer_settings)
 
     @property
     def strokes(self) -> list[np.ndarray]:
@@ -329,3 +330,42 @@ def test_after_the_daemon_was_killed_the_board_position_finds_where_it_got(refer
     reconnect(bench)
     assert bench.settle(bench.runner(ONE_LAYER, start=last_saved).run()) == states.COMPLETED
     assert_same_drawing(bench.strokes, reference)
+
+
+LAYER_CODES = b"""<svg xmlns="http://www.w3.org/2000/svg"
+ xmlns:inkscape="http://www.inkscape.org/namespaces/inkscape"
+ width="200mm" height="150mm" viewBox="0 0 200 150">
+  <g inkscape:groupmode="layer" inkscape:label="% notes"><line x1="0" y1="0" x2="190" y2="140"
+   stroke="black"/></g>
+  <g inkscape:groupmode="layer" inkscape:label="1 slow +S10 +H20"><line x1="10" y1="10"
+   x2="110" y2="10" stroke="black"/></g>
+  <g inkscape:groupmode="layer" inkscape:label="2 fast"><line x1="10" y1="30" x2="110" y2="30"
+   stroke="red"/></g>
+</svg>"""
+
+
+def test_layer_names_set_speed_and_pen_height_and_skip_documentation():
+    bench = Bench()
+    runner = bench.runner(LAYER_CODES)
+    assert [layer.name for layer in bench.prepared.plan.layers] == ["1 slow +S10 +H20",
+                                                                  "2 fast"]
+    slow, fast = bench.prepared.layer_settings
+    assert slow.speed_pen_down == pytest.approx(22.09, abs=0.01) and slow.pen_pos_down == 20
+    assert fast == SETTINGS
+    running = runner.run()
+    for _ in range(4000):
+        bench.run_for(0.01)
+        if bench.transitions and bench.transitions[-1][0] == states.AWAITING_PEN:
+            break
+    runner.resume()
+    assert bench.settle(running) == states.COMPLETED
+    assert len(bench.strokes) == 2  # the "%" layer was not plotted
+    # The slow layer's 100 mm took about 100 / 22 s; the fast one about 100 / 50 s.
+    slow_draw = sum(m.duration_s for m in bench.prepared.plan.layers[0].paths[0].draw)
+    fast_draw = sum(m.duration_s for m in bench.prepared.plan.layers[1].paths[0].draw)
+    assert slow_draw > 4.4 and fast_draw < 2.5
+    # The slow layer's pen height was set on the board, and the default again after it.
+    pen_settings = [line for line in b"".join(bench.port.written).decode().split("\r")
+                    if line.startswith("SC,4,")]
+    assert len(set(pen_settings)) == 2 and pen_settings[-1] == pen_settings[0] or \
+        len(pen_settings) >= 2

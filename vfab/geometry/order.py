@@ -2,10 +2,13 @@
 
 Per layer, paths are taken greedily: from the current pen position (home for
 the first layer, the end of the previous layer after that) the nearest path
-end is drawn next, reversed when its far end is the nearer one. When that end
-lies within `merge_tolerance` of where the pen is, the path is appended to the
-current one so the pen stays down (a gap of up to the tolerance is bridged by
-a short stroke). A KD-tree over path ends keeps this fast for 100k paths.
+end is drawn next, reversed when its far end is the nearer one. A closed path
+(its last point is its first) may be entered at any of its vertices: it is
+drawn from the nearest one all the way round, which draws the same segments.
+When the entry lies within `merge_tolerance` of where the pen is, the path is
+appended to the current one so the pen stays down (a gap of up to the
+tolerance is bridged by a short stroke). A KD-tree over the entries keeps
+this fast for 100k paths.
 """
 
 from __future__ import annotations
@@ -30,42 +33,63 @@ def optimize(drawing: Drawing, merge_tolerance: float) -> Drawing:
     return Drawing(layers=tuple(layers), width_mm=drawing.width_mm, height_mm=drawing.height_mm)
 
 
-class _EndIndex:
-    """Nearest unused path end; the tree is rebuilt once half its ends are used."""
+class _EntryIndex:
+    """Nearest entry of an unused path; the tree is rebuilt once most of its entries are used.
 
-    def __init__(self, starts: np.ndarray, ends: np.ndarray):
-        self.count = len(starts)
-        self.points = np.concatenate([starts, ends])
-        self.unused = np.ones(self.count, dtype=bool)
-        self.left = self.count
-        self._build(np.arange(2 * self.count))
+    Entries are points where a path may start: both ends of an open path,
+    every vertex of a closed one. `vertex` is where the path is entered.
+    """
+
+    def __init__(self, paths: tuple[np.ndarray, ...]):
+        sizes = np.array([len(path) for path in paths])
+        closed = np.array([len(path) > 3 and bool(np.all(path[0] == path[-1])) for path in paths])
+        # Open paths: entries at the first and last point. Closed: every vertex but the repeat.
+        counts = self.counts = np.where(closed, sizes - 1, 2)
+        self.owner = np.repeat(np.arange(len(paths)), counts)
+        first = np.cumsum(counts) - counts
+        rank = np.arange(len(self.owner)) - np.repeat(first, counts)
+        self.vertex = np.where(closed[self.owner], rank, rank * (sizes[self.owner] - 1))
+        self.points = np.concatenate(
+            [path[:-1] if shut else path[[0, -1]] for path, shut in zip(paths, closed)])
+        self.unused = np.ones(len(paths), dtype=bool)
+        self.last_count = 0
+        self._build(np.arange(len(self.owner)))
 
     def _build(self, ids: np.ndarray) -> None:
         self.ids = ids
+        self.live = len(ids)
         self.tree = cKDTree(self.points[ids])
 
-    def take_nearest(self, position: np.ndarray) -> tuple[int, bool, float]:
-        """(path index, reversed?, distance) of the unused end nearest to `position`."""
-        k = 4
+    def take_nearest(self, position: np.ndarray) -> tuple[int, int, float]:
+        """(path index, vertex to enter at, distance) of the unused entry nearest `position`."""
+        # The pen stands on the path just taken: look past its entries at once.
+        k = 4 + self.last_count
         while True:
             k = min(k, len(self.ids))
             distances, found = self.tree.query(position, k=k)
-            distances, found = np.atleast_1d(distances), np.atleast_1d(found)
-            for distance, spot in zip(distances.tolist(), found.tolist()):
-                end = int(self.ids[spot])
-                if self.unused[end % self.count]:
-                    break
-            else:
-                k *= 4
-                continue
-            break
-        path = end % self.count
+            entries = self.ids[np.atleast_1d(found)]
+            usable = np.flatnonzero(self.unused[self.owner[entries]])
+            if len(usable):
+                entry = int(entries[usable[0]])
+                distance = float(np.atleast_1d(distances)[usable[0]])
+                break
+            k *= 4
+        path = int(self.owner[entry])
         self.unused[path] = False
-        self.left -= 1
-        if self.left and 2 * self.left < len(self.ids) // 2:
-            keep = self.unused[self.ids % self.count]
-            self._build(self.ids[keep])
-        return path, end >= self.count, distance
+        self.last_count = int(self.counts[path])
+        self.live -= self.last_count
+        if self.live and 4 * self.live < len(self.ids):
+            self._build(self.ids[self.unused[self.owner[self.ids]]])
+        return path, int(self.vertex[entry]), distance
+
+
+def _entered_at(path: np.ndarray, vertex: int) -> np.ndarray:
+    """`path` drawn from its `vertex`: reversed for an open path's last point, rotated if closed."""
+    if vertex == 0:
+        return path
+    if np.all(path[0] == path[-1]) and len(path) > 3:
+        return np.concatenate([path[vertex:], path[1:vertex + 1]])
+    return path[::-1]
 
 
 def order_paths(paths: tuple[np.ndarray, ...], start: np.ndarray,
@@ -74,12 +98,12 @@ def order_paths(paths: tuple[np.ndarray, ...], start: np.ndarray,
     position = np.asarray(start, dtype=np.float64)
     if not paths:
         return (), position
-    index = _EndIndex(np.array([path[0] for path in paths]), np.array([path[-1] for path in paths]))
+    index = _EntryIndex(paths)
     ordered: list[np.ndarray] = []
     current: list[np.ndarray] = []
     for _ in range(len(paths)):
-        number, flip, distance = index.take_nearest(position)
-        path = paths[number][::-1] if flip else paths[number]
+        number, vertex, distance = index.take_nearest(position)
+        path = _entered_at(paths[number], vertex)
         if current and distance <= merge_tolerance:
             if distance == 0.0:
                 path = path[1:]

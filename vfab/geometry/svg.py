@@ -40,7 +40,14 @@ GIGANTIC_MM = 10_000.0
 
 #: Upper bound on the elements a document may expand to through <use>
 #: references, so that nested <use> elements cannot multiply into billions.
-MAX_EXPANDED_ELEMENTS = 1_000_000
+#: Reading costs about half a millisecond an element; drawings are read in a
+#: child process (vfab.jobs.planning), so a big one holds up no plot.
+MAX_EXPANDED_ELEMENTS = 500_000
+#: Upper bound on the numbers in path data and point lists (after <use>
+#: expansion): each costs memory and time in the SVG libraries (about 0.8 kB
+#: and 30 µs a segment), so tens of millions of tiny segments are refused up
+#: front; a drawing of two million segments still fits.
+MAX_PATH_NUMBERS = 5_000_000
 #: Deeper nesting than this is not a drawing (and would exhaust the stack).
 MAX_DEPTH = 200
 
@@ -49,6 +56,12 @@ MAX_DEPTH = 200
 MAX_FLATTENED_POINTS = 10_000_000
 
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
+INKSCAPE_NAMESPACE = "http://www.inkscape.org/namespaces/inkscape"
+#: Prefixes kept when a document is written back out (vpype reads layer
+#: names from inkscape:label).
+_PREFIXES = {"": SVG_NAMESPACE, "inkscape": INKSCAPE_NAMESPACE,
+             "sodipodi": "http://sodipodi.sourceforge.net/DTD/sodipodi-0.dtd",
+             "xlink": "http://www.w3.org/1999/xlink"}
 
 _XML_DECLARATION = re.compile(rb"""^\s*<\?xml[^>]*?encoding\s*=\s*["']([A-Za-z0-9._-]+)["']""")
 _TEXT_DECLARATION = re.compile(r"^\s*<\?xml[^>]*\?>")
@@ -77,16 +90,43 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
     _check_root(root)
     _check_numbers(root)
     _check_expansion(root)
+    text = _without_documentation_layers(text, root)
     quantization_px = tolerance * PX_PER_MM
-    _check_geometry(text, quantization_px)
+    if _has_curves(root):
+        _check_geometry(text, quantization_px)
     try:
         document = vpype.read_multilayer_svg(
             io.StringIO(text), quantization=quantization_px, crop=False, simplify=True
         )
     except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, RecursionError,
-            ElementTree.ParseError) as error:
-        raise SVGError(f"the SVG could not be read: {error}") from None
+            AttributeError, ElementTree.ParseError) as error:
+        # AttributeError: vpype meets an element svgelements left out (as for a
+        # root hidden by a stylesheet); the upload is at fault, not the daemon.
+        raise SVGError(f"the SVG could not be read: {error or 'malformed path data'}") from None
     return _to_drawing(document)
+
+
+def _layer_label(group: ElementTree.Element) -> str:
+    return group.get(f"{{{INKSCAPE_NAMESPACE}}}label") or group.get("id") or ""
+
+
+def _without_documentation_layers(text: str, root: ElementTree.Element) -> str:
+    """The document without its "%" layers (notes, registration marks), which the
+    AxiDraw convention does not plot.
+
+    They go before vpype reads the text: it numbers unnumbered layers itself
+    and would merge such a layer into a numbered one.
+    """
+    notes = [child for child in root
+             if child.tag == f"{{{SVG_NAMESPACE}}}g" and _layer_label(child).lstrip()
+             .startswith("%")]
+    if not notes:
+        return text
+    for child in notes:
+        root.remove(child)
+    for prefix, uri in _PREFIXES.items():
+        ElementTree.register_namespace(prefix, uri)
+    return ElementTree.tostring(root, encoding="unicode")
 
 
 def _decode(data: bytes) -> str:
@@ -152,13 +192,35 @@ def _check_root(root: ElementTree.Element) -> None:
                        "not <svg>")
     if namespace not in ("", SVG_NAMESPACE):
         raise SVGError(f"the <svg> root is in namespace {namespace!r}, not {SVG_NAMESPACE!r}")
+    # SVG libraries drop a hidden root altogether (and vpype then fails).
+    style = re.sub(r"\s+", "", root.get("style") or "").lower()
+    if (root.get("display") or "").strip().lower() == "none" or "display:none" in style:
+        raise SVGError("the SVG has nothing to plot: its <svg> element is hidden "
+                       "(display:none)")
 
 
 _XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
 
 
+_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def _count_numbers(element: ElementTree.Element) -> int:
+    """The numbers in an element's path data or point list, counted up to just past the limit."""
+    count = 0
+    for name in ("d", "points"):
+        value = element.get(name)
+        if value:
+            for _ in _NUMBER.finditer(value):
+                count += 1
+                if count > MAX_PATH_NUMBERS:
+                    return count
+    return count
+
+
 def _check_expansion(root: ElementTree.Element) -> None:
-    """Refuse <use> cycles, <use> bombs and absurd nesting before any SVG library expands them."""
+    """Refuse <use> cycles, <use> bombs, absurd nesting and path data too large to
+    read, before any SVG library expands or parses them."""
     depth = {root: 0}
     ids = {}
     for parent in root.iter():
@@ -168,28 +230,37 @@ def _check_expansion(root: ElementTree.Element) -> None:
             depth[child] = depth[parent] + 1
             if depth[child] > MAX_DEPTH:
                 raise SVGError(f"the SVG nests elements more than {MAX_DEPTH} levels deep")
-    sizes: dict[int, int] = {}
+    sizes: dict[int, tuple[int, int]] = {}
     active: set[int] = set()
 
-    def expanded(element: ElementTree.Element) -> int:
+    def expanded(element: ElementTree.Element) -> tuple[int, int]:
+        """(elements, path numbers) the element stands for once <use> is expanded."""
         key = id(element)
         if key in sizes:
             return sizes[key]
         if key in active:
             raise SVGError("the SVG has a <use> element that refers to itself")
         active.add(key)
-        total = 1 + sum(expanded(child) for child in element)
+        elements, numbers = 1, _count_numbers(element)
+        parts = [expanded(child) for child in element]
         href = element.get("href") or element.get(_XLINK_HREF) or ""
         if isinstance(element.tag, str) and element.tag.endswith("use") and href.startswith("#"):
             target = ids.get(href[1:])
             if target is not None:
-                total += expanded(target)
+                parts.append(expanded(target))
+        elements += sum(part[0] for part in parts)
+        numbers += sum(part[1] for part in parts)
         active.discard(key)
-        sizes[key] = total
-        if total > MAX_EXPANDED_ELEMENTS:
-            raise SVGError(f"the SVG's <use> references expand to more than "
-                           f"{MAX_EXPANDED_ELEMENTS:,} elements")
-        return total
+        sizes[key] = (elements, numbers)
+        if elements > MAX_EXPANDED_ELEMENTS:
+            raise SVGError(f"the SVG (with its <use> references) would expand to more than "
+                           f"{MAX_EXPANDED_ELEMENTS:,} elements; simplify it or split it "
+                           "into several jobs")
+        if numbers > MAX_PATH_NUMBERS:
+            raise SVGError(f"the SVG's paths hold more than {MAX_PATH_NUMBERS:,} coordinates "
+                           "(counting <use> copies); simplify it (e.g. vpype linesimplify) "
+                           "or split it into several jobs")
+        return elements, numbers
 
     try:
         expanded(root)
@@ -240,6 +311,28 @@ def _segment_bound(segment: svgelements.PathSegment) -> tuple[list[complex], flo
     return points, sum(abs(b - a) for a, b in zip(points, points[1:])), True
 
 
+_CURVE_COMMANDS = re.compile(r"[AaCcQqSsTt]")
+
+
+def _has_curves(root: ElementTree.Element) -> bool:
+    """Whether anything in the document is flattened into new points.
+
+    Only curves are: circles, ellipses, rounded rectangles, and paths with
+    arcs or Bézier segments. Without them vpype creates no points beyond those
+    written in the file (bounded by the upload size), so the costly parse in
+    _check_geometry is not needed; _to_drawing still refuses non-finite and
+    gigantic coordinates.
+    """
+    for element in root.iter():
+        tag = element.tag.rpartition("}")[2] if isinstance(element.tag, str) else ""
+        if tag in ("circle", "ellipse") or (tag == "rect" and (
+                element.get("rx") or element.get("ry") or "r" in (element.get("style") or ""))):
+            return True
+        if tag == "path" and _CURVE_COMMANDS.search(element.get("d") or ""):
+            return True
+    return False
+
+
 def _check_geometry(text: str, quantization_px: float) -> None:
     """Refuse NaN/inf and gigantic coordinates, and curves that would flatten to too many points.
 
@@ -248,9 +341,22 @@ def _check_geometry(text: str, quantization_px: float) -> None:
     """
     try:
         svg = svgelements.SVG.parse(io.StringIO(text))
-    except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, RecursionError,
-            ElementTree.ParseError) as error:
-        raise SVGError(f"the SVG could not be read: {error}") from None
+        if svg is None:
+            # svgelements drops a hidden root (display:none) altogether.
+            raise SVGError("the SVG has nothing to plot: its <svg> element is hidden "
+                           "(display:none)")
+        _measure_geometry(svg, quantization_px)
+    except SVGError:
+        raise
+    # svgelements parses path data lazily and fails on malformed data (a curve
+    # command without numbers, a relative move with no current point) with
+    # these; the upload is at fault.
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, ZeroDivisionError,
+            RecursionError, ElementTree.ParseError) as error:
+        raise SVGError(f"the SVG could not be read: {error or 'malformed path data'}") from None
+
+
+def _measure_geometry(svg: svgelements.SVG, quantization_px: float) -> None:
     limit_px = GIGANTIC_MM * PX_PER_MM
     points_needed = 0
     for element in svg.elements():

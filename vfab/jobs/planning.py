@@ -20,7 +20,7 @@ import sys
 from typing import Any, Callable
 
 import attr
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -31,6 +31,8 @@ from vfab.geometry import SVGError
 
 _log = Logger()
 
+#: Children reading drawings at once; more requests wait (the machine has few cores).
+CONCURRENT_CHILDREN = 2
 #: How much of a child's stderr is kept for the log when it fails.
 _STDERR_LIMIT = 4096
 
@@ -101,14 +103,22 @@ class _Child(ProcessProtocol):
 
 
 class PlanningProcess:
-    """Runs drawing work in child processes, one per request."""
+    """Runs drawing work in child processes, one per request, a few at a time."""
 
-    def __init__(self, reactor: Any):
+    def __init__(self, reactor: Any, concurrency: int = CONCURRENT_CHILDREN):
         self._reactor = reactor
         self._children: set[Any] = set()
+        self._slots = DeferredSemaphore(concurrency)
 
     def run(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """`function(*args)` in a child; fires with its result or fails with its exception."""
+        """`function(*args)` in a child; fires with its result or fails with its exception.
+
+        Requests beyond the concurrency wait their turn, so a flood of uploads
+        cannot start a flood of processes.
+        """
+        return self._slots.run(self._spawn, function, *args)
+
+    def _spawn(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
         child = _Child(pickle.dumps((function, args)))
         transport = self._reactor.spawnProcess(
             child, sys.executable, [sys.executable, "-m", "vfab.jobs.planning"],

@@ -36,7 +36,8 @@ class PathPlan:
 
     `draw` is empty for a path too small to move the motors (a dot: lower
     and raise the pen). `travel_s` is the pen-up travel to `start_mm` from
-    where the previous path ended (home for the first), as plan_travel plans it.
+    where the previous path ended (home for the first), as plan_travel plans it;
+    `travel` are those moves.
     """
 
     index: int
@@ -45,6 +46,7 @@ class PathPlan:
     draw: tuple[Move, ...]
     length_mm: float
     travel_s: float = 0.0
+    travel: tuple[Move, ...] = ()
 
     @property
     def draw_s(self) -> float:

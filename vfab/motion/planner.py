@@ -177,14 +177,14 @@ def plan_travel(from_mm: tuple[float, float], to_mm: tuple[float, float], config
     return moves[0]
 
 
-def _travel_seconds(starts: np.ndarray, ends: np.ndarray, config: DeviceConfig,
-                    use_lm: bool) -> np.ndarray:
-    """The time of plan_travel for each (start, end), planned together."""
+def _travels(starts: np.ndarray, ends: np.ndarray, config: DeviceConfig,
+             use_lm: bool) -> list[tuple[Move, ...]]:
+    """plan_travel for each (start, end), planned together."""
     if len(starts) == 0:
-        return np.zeros(0)
-    paths = [np.array([a, b]) for a, b in zip(starts, ends)]
+        return []
+    paths = list(np.stack([starts, ends], axis=1))
     moves, _ = plan_moves(paths, pen_up_limits(config), use_lm=use_lm, tolerance=0.0)
-    return np.array([sum(move.duration_s for move in group) for group in moves])
+    return moves
 
 
 def plan_drawing(drawing: Drawing, config: DeviceConfig, *, use_lm: bool = True) -> MotionPlan:
@@ -198,9 +198,8 @@ def plan_drawing(drawing: Drawing, config: DeviceConfig, *, use_lm: bool = True)
     starts = pieces.path_start
     ends = pieces.path_end
     previous = np.vstack([np.array([HOME]), ends[:-1]]) if len(paths) else np.zeros((0, 2))
-    travel = _travel_seconds(previous, starts, config, use_lm)
-    home = _travel_seconds(ends[-1:], np.array([HOME]), config, use_lm) if len(paths) \
-        else np.zeros(1)
+    travel = _travels(previous, starts, config, use_lm)
+    home = _travels(ends[-1:], np.array([HOME]), config, use_lm)
     up, down = pen_moves(config)
 
     per_layer: list[list[PathPlan]] = [[] for _ in drawing.layers]
@@ -211,12 +210,13 @@ def plan_drawing(drawing: Drawing, config: DeviceConfig, *, use_lm: bool = True)
             end_mm=(float(ends[number, 0]), float(ends[number, 1])),
             draw=draws[number],
             length_mm=float(pieces.path_length[number]),
-            travel_s=float(travel[number]),
+            travel_s=sum(move.duration_s for move in travel[number]),
+            travel=travel[number],
         ))
     layers = tuple(LayerPlan(index=index, name=layer.name, paths=tuple(per_layer[index]))
                    for index, layer in enumerate(drawing.layers))
     plan = MotionPlan(layers=layers, estimated_seconds=0.0, pen_up=up, pen_down=down,
-                      home_s=float(home[0]) if len(home) else 0.0)
+                      home_s=sum(move.duration_s for move in home[0]) if home else 0.0)
     return MotionPlan(layers=layers, estimated_seconds=estimate_seconds(plan), pen_up=up,
                       pen_down=down, home_s=plan.home_s)
 
