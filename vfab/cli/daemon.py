@@ -11,6 +11,7 @@ import grp
 import os
 import pwd
 import sys
+from typing import Any
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,6 +42,14 @@ def _usage_error(message: str) -> None:
     raise SystemExit(2)
 
 
+def _check_account(option: str, kind: str, value: str, by_name: Any, by_id: Any) -> None:
+    """A user or group given by name or number must exist."""
+    try:
+        by_id(int(value)) if value.isdigit() else by_name(value)
+    except KeyError:
+        _usage_error(f"{option}: no such {kind} {value!r}")
+
+
 def twistd_argv(args: argparse.Namespace) -> list[str]:
     """The twistd command line for these options."""
     argv = [f"--pidfile={os.path.abspath(args.pid_file) if args.pid_file else ''}"]
@@ -51,16 +60,10 @@ def twistd_argv(args: argparse.Namespace) -> list[str]:
             _usage_error("--user and --group need root: the daemon already runs as "
                          f"{pwd.getpwuid(os.geteuid()).pw_name}")
     if args.user is not None:
-        try:
-            pwd.getpwnam(args.user) if not args.user.isdigit() else pwd.getpwuid(int(args.user))
-        except KeyError:
-            _usage_error(f"--user: no such user {args.user!r}")
+        _check_account("--user", "user", args.user, pwd.getpwnam, pwd.getpwuid)
         argv.append(f"--uid={args.user}")
     if args.group is not None:
-        try:
-            grp.getgrnam(args.group) if not args.group.isdigit() else grp.getgrgid(int(args.group))
-        except KeyError:
-            _usage_error(f"--group: no such group {args.group!r}")
+        _check_account("--group", "group", args.group, grp.getgrnam, grp.getgrgid)
         argv.append(f"--gid={args.group}")
     argv.append("vfab")
     for option in ("host", "port", "workspace", "log_level", "config", "nice"):

@@ -340,23 +340,21 @@ class EBBProtocol(Protocol):
 
     def query_steps(self) -> defer.Deferred:
         """QS: fires with the global (motor1, motor2) step positions."""
-        def parsed(line: str) -> tuple[int, int]:
-            try:
-                first, second = line.split(",")[:2]
-                return int(first), int(second)
-            except ValueError:
-                raise EBBError("QS", f"unexpected answer {line!r}") from None
-        return self._one("QS").addCallback(parsed)
+        return self._query_pair("QS")
 
     def query_motors(self) -> defer.Deferred:
         """QE: fires with each motor's microstepping (16, 8, 4, 2, 1), or 0 when it is off."""
+        return self._query_pair("QE")
+
+    def _query_pair(self, name: str) -> defer.Deferred:
+        """A query answered with a value line of two integers, then OK."""
         def parsed(line: str) -> tuple[int, int]:
             try:
                 first, second = line.split(",")[:2]
                 return int(first), int(second)
             except ValueError:
-                raise EBBError("QE", f"unexpected answer {line!r}") from None
-        return self._one("QE").addCallback(parsed)
+                raise EBBError(name, f"unexpected answer {line!r}") from None
+        return self._one(name).addCallback(parsed)
 
     def clear_steps(self) -> defer.Deferred:
         """CS: zero the global step positions (this becomes home)."""
