@@ -1,0 +1,77 @@
+"""The `vfab` client commands against a real daemon on the virtual plotter."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.daemon_process import DaemonProcess, run_vfab
+from tests.test_runner import ONE_LAYER
+
+
+def test_add_list_status_watch_and_cancel(tmp_path):
+    drawing = tmp_path / "squares.svg"
+    drawing.write_bytes(ONE_LAYER)
+    daemon = DaemonProcess(tmp_path, {"device": {"type": "simulator", "model": "V3/A4",
+                                                 "simulator_speed": 10}}).start()
+    url = ["--url", daemon.url]
+    try:
+        added = run_vfab("add", "job", "squares", str(drawing), "--priority", "3", *url)
+        assert added.returncode == 0, added.stderr
+        job_id = added.stdout.strip()
+        assert len(job_id) == 12 and "about" in added.stderr
+        watched = run_vfab("watch", job_id, *url, timeout=120)
+        assert watched.returncode == 0, watched.stderr
+        listed = run_vfab("list", "jobs", *url)
+        assert listed.returncode == 0 and job_id in listed.stdout
+        assert "completed" in listed.stdout
+        as_json = json.loads(run_vfab("list", "jobs", "--json", *url).stdout)
+        assert as_json["jobs"][0]["id"] == job_id
+        status = json.loads(run_vfab("status", job_id, "--json", *url).stdout)
+        assert status["state"] == "completed" and status["priority"] == 3
+        overall = run_vfab("status", *url)
+        assert overall.returncode == 0 and "daemon" in overall.stdout
+
+        second = run_vfab("add", "job", "again", str(drawing), *url).stdout.strip()
+        daemon.wait_for_job(second, {"plotting"})
+        # `vfab watch` with no id follows every active job until it ends.
+        watcher = subprocess.Popen([sys.executable, "-m", "vfab", "watch", *url],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        daemon.wait_for_log(r"websocket client .* connected")
+        cancelled = run_vfab("cancel", second, *url)
+        assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+        _, stderr = watcher.communicate(timeout=60)
+        assert watcher.returncode == 1  # the job it watched did not complete
+        assert "cancelled" in stderr
+        refused = run_vfab("cancel", second, *url)
+        assert refused.returncode == 1 and "cancelled" in refused.stderr
+        missing = run_vfab("status", "nosuchjob", *url)
+        assert missing.returncode == 1 and "nosuchjob" in missing.stderr
+    finally:
+        assert daemon.stop() == 0, daemon.log
+
+
+def test_a_bad_drawing_is_refused_in_words(tmp_path):
+    junk = tmp_path / "junk.svg"
+    junk.write_text("<html>not a drawing</html>")
+    daemon = DaemonProcess(tmp_path).start()
+    try:
+        result = run_vfab("add", "job", "junk", str(junk), "--url", daemon.url)
+        assert result.returncode == 1 and result.stdout == ""
+        assert "vfab:" in result.stderr and "svg" in result.stderr.lower()
+        missing = run_vfab("add", "job", "x", str(tmp_path / "missing.svg"), "--url",
+                           daemon.url)
+        assert missing.returncode == 2 and "cannot read" in missing.stderr
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_twistd_and_vfab_know_the_plugin():
+    twistd = Path(sys.executable).parent / "twistd"
+    listing = subprocess.run([str(twistd), "--help"], capture_output=True, text=True,
+                             timeout=60)
+    assert listing.returncode == 0 and "vfab" in listing.stdout
+    assert run_vfab("--help").returncode == 0
+    assert run_vfab("--version").stdout.startswith("vfab ")
