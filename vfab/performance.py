@@ -32,11 +32,17 @@ def plot_seconds(job: dict[str, Any]) -> float | None:
     return max(0.0, (end - begin).total_seconds())
 
 
-def performance_line(job: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The log format and fields for an ended job, or None when it never plotted."""
+def performance_line(job: dict[str, Any], time_factor: float = 1.0
+                     ) -> tuple[str, dict[str, Any]] | None:
+    """The log format and fields for an ended job, or None when it never plotted.
+
+    `time_factor` is how much faster than real the plotter runs (the virtual
+    plotter's speed), so that its plots compare with the estimate too.
+    """
     seconds = plot_seconds(job)
     if seconds is None:
         return None
+    seconds *= time_factor
     estimate = job.get("estimated_seconds")
     if estimate:
         versus = f"estimate {estimate:.1f} s, {(seconds - estimate) / estimate * 100.0:+.0f}%"
@@ -56,7 +62,8 @@ def performance_line(job: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
 class PerformanceLog:
     """Logs a `performance:` line when a job that plotted ends."""
 
-    def __init__(self, bus: EventBus):
+    def __init__(self, bus: EventBus, time_factor: float = 1.0):
+        self._time_factor = time_factor
         self._unsubscribe: Callable[[], None] | None = bus.subscribe(self._on_message)
 
     def _on_message(self, channel: str, message: dict[str, Any]) -> None:
@@ -64,7 +71,7 @@ class PerformanceLog:
             return
         if message.get("to_state") not in _ENDED:
             return
-        line = performance_line(message.get("job") or {})
+        line = performance_line(message.get("job") or {}, self._time_factor)
         if line is not None:
             _log.info(line[0], **line[1])
 

@@ -80,7 +80,8 @@ class VfabService(MultiService):
                               audit=self.audit, endpoint=endpoint)
         self.bus.subscribe(self.web.metrics.on_message)
         self.web.metrics.count_serial(lambda: self.device.serial_counts)
-        self.performance = PerformanceLog(self.bus)
+        self.performance = PerformanceLog(
+            self.bus, config.device.simulator_speed if config.device.type == "simulator" else 1.0)
         self.hooks = HookService(config.hooks, self.bus, reactor)
         for child in (self.web, self.device, self.queue, self.hooks):
             child.setServiceParent(self)
