@@ -27,8 +27,8 @@ from vfab.events import EventBus
 from vfab.jobs import states
 from vfab.jobs.errors import InvalidJobInput, JobNotFound, NotAccepting
 from vfab.jobs.job import Job, iso8601
-from vfab.jobs import planning
 from vfab.jobs.planning import DrawingSummary, PlanningProcess, summarize
+from vfab.jobs.planning import preview as read_preview
 from vfab.jobs.prepare import device_settings, prepare
 from vfab.jobs.runner import PlotRunner, Position
 from vfab.plotter.errors import DeviceLost, DeviceTimeout, EBBError
@@ -108,9 +108,7 @@ class QueueService(Service):
             _log.info("shutdown: letting job {job_id} plot on for up to {grace} s",
                       job_id=runner.job_id, grace=grace)
             timer = self._reactor.callLater(grace, runner.stop)
-            finished: Deferred = Deferred()
-            running.addBoth(lambda result: (finished.callback(None), result)[1])
-            yield finished
+            yield running  # the job's end is recorded by then (see _job_ended)
             if timer.active():
                 timer.cancel()
             else:
@@ -229,8 +227,7 @@ class QueueService(Service):
         job = yield self._store.get(job_id)
         svg = (self._jobs_dir / job.svg_file).read_bytes()
         settings = device_settings(self._settings, job.preset)
-
-        result = yield self._planning.run(planning.preview, svg, settings, PREVIEW_POINTS)
+        result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS)
         self._previews[job_id] = result
         while len(self._previews) > _PREVIEW_CACHE:
             self._previews.popitem(last=False)
@@ -290,10 +287,10 @@ class QueueService(Service):
         use_lm = plotter.supports_lm
         try:
             prepared = yield self._in_thread(prepare, svg, settings, use_lm=use_lm)
-        except Exception as error:
+        except Exception as error:  # whatever stops planning fails this job, not the queue
             yield self._change(job.id, states.FAILED, f"could not plan the job: {error}",
                                error=str(error))
-            self._kick()
+            self._reactor.callLater(0, self._kick)
             return
         start = Position.from_dict(job.position)
         try:
@@ -341,6 +338,7 @@ class QueueService(Service):
                     _log.failure("job {job_id} failed", outcome, job_id=job_id)
                     yield self._change(job_id, states.FAILED, outcome.getErrorMessage(),
                                        error=outcome.getErrorMessage(), **fields)
+                    yield self._device.park()
             elif outcome == states.COMPLETED:
                 yield self._change(job_id, states.COMPLETED, "plot finished",
                                    progress=1.0, position=None)
