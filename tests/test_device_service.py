@@ -277,3 +277,34 @@ def test_stop_while_retrying_cancels_the_retry(harness):
 
 def test_park_when_disconnected_is_safe(harness):
     assert fired(harness.service.park()) is None
+
+
+def test_firmware_without_qe_is_enabled_without_asking(harness):
+    board = harness.ports.plug("/dev/ttyACM0")
+    board.firmware_version = "2.6.5"
+    harness.service.startService()
+    harness.run(2.0)
+    assert harness.service.status()["status"] == "idle"
+    commands = harness.ports.commands()
+    assert "QE" not in commands and "EM,1,1" in commands
+
+
+def test_a_board_that_refuses_qe_is_enabled_anyway(harness):
+    board = harness.ports.plug("/dev/ttyACM0")
+    board.motors = (1, 1)  # on at 16x: a QE answer would say the position was kept
+    board._cmd_QE = lambda args: b"!8 Err: Unknown command 'QE:'\r\n"
+    harness.service.startService()
+    harness.run(2.0)
+    assert harness.service.status()["status"] == "idle"
+    assert "EM,1,1" in harness.ports.commands()
+
+
+def test_a_board_that_kept_power_keeps_its_position(harness):
+    board = harness.ports.plug("/dev/ttyACM0")
+    board.motors = (1, 1)
+    board.steps = (800, 0)  # 5 mm right, 5 mm down of home
+    harness.service.startService()
+    harness.run(2.0)
+    status = harness.service.status()
+    assert status["status"] == "idle" and status["position_mm"] == [5.0, 5.0]
+    assert "EM,1,1" not in harness.ports.commands()

@@ -10,6 +10,7 @@ from twisted.internet import defer
 
 from vfab.config import DeviceConfig
 from vfab.plotter.ebb import EBBProtocol, command_name
+from vfab.plotter.errors import EBBError
 from vfab.plotter.kinematics import steps_per_mm
 from vfab.plotter.pen import PenServo
 
@@ -17,6 +18,8 @@ from vfab.plotter.pen import PenServo
 LM_FIRMWARE = (2, 7, 0)
 #: Firmware that has HM (home move).
 HM_FIRMWARE = (2, 6, 2)
+#: Firmware that answers QE (motor enables and microstepping).
+QE_FIRMWARE = (2, 8, 0)
 #: Commands a plan may stream through `send_move`.
 PLAN_COMMANDS = frozenset({"LM", "LT", "SM", "XM", "HM", "SP"})
 #: SM limits: steps per command and step rates (steps per second).
@@ -100,11 +103,10 @@ class Plotter:
     def ensure_motors_on(self):
         """Energise the motors unless they already are; fires True when they were, so that
         the board's step counters (where the carriage is) are still valid."""
-        motors = yield self.protocol.query_motors()
-        if motors == (self.microstepping, self.microstepping):
-            return True
-        yield self.motors_on()
-        return False
+        kept = yield motors_kept(self.protocol, self.microstepping)
+        if not kept:
+            yield self.motors_on()
+        return kept
 
     def motors_off(self) -> defer.Deferred:
         return self.protocol.disable_motors()
@@ -123,6 +125,19 @@ class Plotter:
             for line in _sm_moves_back(steps, frequency):
                 yield self.protocol.move(line)
         yield self.protocol.wait_idle()
+
+
+@defer.inlineCallbacks
+def motors_kept(protocol: EBBProtocol, microstepping: int):
+    """Fires True when the motors are on at `microstepping`: the board kept power and
+    its step counters. Firmware before QE (2.8.0) cannot say, so that is False."""
+    if protocol.firmware_version is None or protocol.firmware_version < QE_FIRMWARE:
+        return False
+    try:
+        motors = yield protocol.query_motors()
+    except EBBError:
+        return False
+    return motors == (microstepping, microstepping)
 
 
 def _sm_moves_back(steps: tuple[int, int], frequency: float) -> list[str]:

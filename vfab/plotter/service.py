@@ -34,7 +34,7 @@ from vfab.plotter.ebb import EBBProtocol, SerialCounts
 from vfab.plotter.errors import DeviceError, DeviceLost, EBBError, DeviceTimeout
 from vfab.plotter.kinematics import motor_steps_to_mm
 from vfab.plotter.pen import PenServo
-from vfab.plotter.plotter import Plotter
+from vfab.plotter.plotter import Plotter, motors_kept
 from vfab.plotter.ports import PortOpener, find_ebb_port, open_serial_port
 
 if TYPE_CHECKING:
@@ -294,8 +294,7 @@ class DeviceService(Service):
         # Motors still on at our microstepping mean the board kept power since we
         # last drove it: its step counters still say where the carriage is, and
         # enabling the motors again would zero them.
-        motors = yield protocol.query_motors()
-        kept = motors == (self.config.microstepping, self.config.microstepping)
+        kept = yield motors_kept(protocol, self.config.microstepping)
         self._position_kept = kept
         if kept:
             steps = yield protocol.query_steps()
