@@ -370,3 +370,31 @@ def test_planning_many_segments_is_practical():
     elapsed = time.perf_counter() - started
     assert plan.path_count == 1000
     assert elapsed < 10
+
+
+def test_moves_are_immutable_and_keep_their_fields():
+    moves = plan_path(np.array([[0.0, 0.0], [10.0, 5.0], [20.0, 0.0]]), CONFIG)
+    move = moves[0]
+    assert (move.command, move.duration_s, move.end_steps, move.end_mm, move.distance_mm) \
+        == tuple(move)
+    assert isinstance(move.end_steps[0], int) and isinstance(move.duration_s, float)
+    with pytest.raises(AttributeError):
+        move.command = "SM,1,0,0"
+
+
+def test_prepare_leaves_the_garbage_collector_as_it_was():
+    import gc
+
+    from vfab.jobs.prepare import prepare
+
+    svg = (b'<svg xmlns="http://www.w3.org/2000/svg" width="100mm" height="100mm" '
+           b'viewBox="0 0 100 100"><path d="M10 10 L50 50 L90 10"/></svg>')
+    assert gc.isenabled()
+    prepare(svg, CONFIG)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        prepare(svg, CONFIG)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()

@@ -48,13 +48,11 @@ class Drawing:
 
     def bounds(self) -> tuple[float, float, float, float] | None:
         """(min_x, min_y, max_x, max_y) in mm of every drawn point, None if empty."""
-        lows, highs = [], []
-        for layer in self.layers:
-            for path in layer.paths:
-                lows.append(path.min(axis=0))
-                highs.append(path.max(axis=0))
-        if not lows:
+        paths = [path for layer in self.layers for path in layer.paths]
+        if not paths:
             return None
-        low = np.min(lows, axis=0)
-        high = np.max(highs, axis=0)
+        # The min and max of all points are those of the paths' mins and maxes.
+        points = np.concatenate(paths)
+        low = points.min(axis=0)
+        high = points.max(axis=0)
         return float(low[0]), float(low[1]), float(high[0]), float(high[1])

@@ -41,22 +41,30 @@ class _EntryIndex:
     """
 
     def __init__(self, paths: tuple[np.ndarray, ...]):
-        sizes = np.array([len(path) for path in paths])
-        closed = np.array([len(path) > 3 and bool(np.all(path[0] == path[-1])) for path in paths])
+        sizes = np.fromiter(map(len, paths), dtype=np.int64, count=len(paths))
+        joined = np.concatenate(paths)
+        offsets = np.cumsum(sizes) - sizes
+        closed = (sizes > 3) & np.all(joined[offsets] == joined[offsets + sizes - 1], axis=1)
+        self.closed = closed.tolist()
         # Open paths: entries at the first and last point. Closed: every vertex but the repeat.
         counts = self.counts = np.where(closed, sizes - 1, 2)
         self.owner = np.repeat(np.arange(len(paths)), counts)
         first = np.cumsum(counts) - counts
         rank = np.arange(len(self.owner)) - np.repeat(first, counts)
         self.vertex = np.where(closed[self.owner], rank, rank * (sizes[self.owner] - 1))
-        self.points = np.concatenate(
-            [path[:-1] if shut else path[[0, -1]] for path, shut in zip(paths, closed)])
+        self.points = joined[offsets[self.owner] + self.vertex]
         self.unused = np.ones(len(paths), dtype=bool)
+        # Python lists of the same, for the per-path loop (numpy is slow on scalars).
+        self.unused_list = [True] * len(paths)
+        self.owner_list = self.owner.tolist()
+        self.vertex_list = self.vertex.tolist()
+        self.counts_list = counts.tolist()
         self.last_count = 0
         self._build(np.arange(len(self.owner)))
 
     def _build(self, ids: np.ndarray) -> None:
         self.ids = ids
+        self.ids_list = ids.tolist()
         self.live = len(ids)
         self.tree = cKDTree(self.points[ids])
 
@@ -67,27 +75,38 @@ class _EntryIndex:
         while True:
             k = min(k, len(self.ids))
             distances, found = self.tree.query(position, k=k)
-            entries = self.ids[np.atleast_1d(found)]
-            usable = np.flatnonzero(self.unused[self.owner[entries]])
-            if len(usable):
-                entry = int(entries[usable[0]])
-                distance = float(np.atleast_1d(distances)[usable[0]])
-                break
-            k *= 4
-        path = int(self.owner[entry])
+            if k == 1:
+                distances, found = [distances], [found]
+            else:
+                distances, found = distances.tolist(), found.tolist()
+            owners = self.owner_list
+            unused = self.unused_list
+            for distance, index in zip(distances, found):
+                entry = self.ids_list[index]
+                if unused[owners[entry]]:
+                    break
+            else:
+                k *= 4
+                continue
+            distance = float(distance)
+            break
+        path = self.owner_list[entry]
         self.unused[path] = False
-        self.last_count = int(self.counts[path])
+        self.unused_list[path] = False
+        self.last_count = self.counts_list[path]
         self.live -= self.last_count
         if self.live and 4 * self.live < len(self.ids):
             self._build(self.ids[self.unused[self.owner[self.ids]]])
-        return path, int(self.vertex[entry]), distance
+        return path, self.vertex_list[entry], distance
 
 
-def _entered_at(path: np.ndarray, vertex: int) -> np.ndarray:
+def _entered_at(path: np.ndarray, vertex: int, closed: bool | None = None) -> np.ndarray:
     """`path` drawn from its `vertex`: reversed for an open path's last point, rotated if closed."""
     if vertex == 0:
         return path
-    if np.all(path[0] == path[-1]) and len(path) > 3:
+    if closed is None:
+        closed = bool(np.all(path[0] == path[-1])) and len(path) > 3
+    if closed:
         return np.concatenate([path[vertex:], path[1:vertex + 1]])
     return path[::-1]
 
@@ -103,7 +122,7 @@ def order_paths(paths: tuple[np.ndarray, ...], start: np.ndarray,
     current: list[np.ndarray] = []
     for _ in range(len(paths)):
         number, vertex, distance = index.take_nearest(position)
-        path = _entered_at(paths[number], vertex)
+        path = _entered_at(paths[number], vertex, index.closed[number])
         if current and distance <= merge_tolerance:
             if distance == 0.0:
                 path = path[1:]

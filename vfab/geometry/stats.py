@@ -28,16 +28,28 @@ def path_length(path: np.ndarray) -> float:
 
 def drawing_stats(drawing: Drawing) -> DrawingStats:
     """Counts and distances of the drawing plotted in its current order."""
+    paths_list = [path for layer in drawing.layers for path in layer.paths]
+    paths = len(paths_list)
     pen_down = 0.0
     pen_up = 0.0
-    position = HOME
-    paths = 0
-    for layer in drawing.layers:
-        for path in layer.paths:
-            pen_down += path_length(path)
-            pen_up += float(np.hypot(*(path[0] - position)))
-            position = path[-1]
-            paths += 1
+    if paths:
+        # The same numbers as path_length and np.hypot path by path, in the same
+        # order of addition, computed for all paths at once.
+        sizes = np.fromiter(map(len, paths_list), dtype=np.int64, count=paths)
+        points = np.concatenate(paths_list)
+        step = np.diff(points, axis=0)
+        segment = np.hypot(step[:, 0], step[:, 1])
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        for first, last in zip(starts.tolist(), ends.tolist()):
+            pen_down += float(segment[first:last - 1].sum())
+        previous = np.vstack([HOME, points[ends[:-1] - 1]])
+        gap = points[starts] - previous
+        for length in np.hypot(gap[:, 0], gap[:, 1]).tolist():
+            pen_up += length
+        position = points[-1]
+    else:
+        position = HOME
     pen_up += float(np.hypot(*(HOME - position)))
     return DrawingStats(layers=len(drawing.layers), paths=paths,
                         pen_down_mm=pen_down, pen_up_mm=pen_up)

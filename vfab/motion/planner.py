@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import attr
 import numpy as np
 
 from vfab.config import DeviceConfig
@@ -26,7 +27,7 @@ from vfab.plotter.kinematics import steps_per_mm
 
 from . import ebb
 from .pen import pen_moves
-from .plan import LayerPlan, Move, MotionPlan, PathPlan
+from .plan import LayerPlan, Move, MotionPlan, PathPlan, new_move
 from .profile import Limits, Pieces, plan_pieces
 
 HOME = (0.0, 0.0)
@@ -84,9 +85,9 @@ def _lm_commands(pieces: Pieces, per_mm: float):
     rate1, accel1 = ebb.lm_axis_parameters(delta[:, 0], ticks, start_fraction)
     rate2, accel2 = ebb.lm_axis_parameters(delta[:, 1], ticks, start_fraction)
     actual = ebb.lm_ticks(rate1, delta[:, 0], accel1, rate2, delta[:, 1], accel2)
-    commands = [f"LM,{r1},{s1},{a1},{r2},{s2},{a2}" for r1, s1, a1, r2, s2, a2 in zip(
+    commands = list(map("LM,%d,%d,%d,%d,%d,%d".__mod__, zip(
         rate1.tolist(), delta[:, 0].tolist(), accel1.tolist(),
-        rate2.tolist(), delta[:, 1].tolist(), accel2.tolist())]
+        rate2.tolist(), delta[:, 1].tolist(), accel2.tolist())))
     return path, commands, actual / ebb.TICKS_PER_S, end_steps, end_mm, distance
 
 
@@ -124,25 +125,34 @@ def _sm_commands(pieces: Pieces, per_mm: float):
     previous_along[1:] = along[:-1]
     previous_along[k == 1] = 0.0
     distance = along - previous_along
-    commands = [f"SM,{d},{s1},{s2}" for d, s1, s2 in zip(
-        ms.tolist(), delta[:, 0].tolist(), delta[:, 1].tolist())]
+    commands = list(map("SM,%d,%d,%d".__mod__, zip(
+        ms.tolist(), delta[:, 0].tolist(), delta[:, 1].tolist())))
     return path, commands, ms / 1000.0, end_steps, end_mm, distance
+
+
+def _planned(paths: list[np.ndarray], limits: Limits, *, use_lm: bool, tolerance: float
+             ) -> tuple[list[Move], list[int], list[float], Pieces]:
+    """Every path's moves in one list, where each path's moves begin (and the end),
+    the moves' durations and the pieces."""
+    pieces = plan_pieces(paths, limits, tolerance)
+    per_mm = limits.steps_per_mm
+    path, commands, durations, end_steps, end_mm, distance = (
+        _lm_commands(pieces, per_mm) if use_lm else _sm_commands(pieces, per_mm))
+    durations = durations.tolist()
+    moves = list(map(new_move, zip(
+        commands, durations,
+        zip(end_steps[:, 0].tolist(), end_steps[:, 1].tolist()),
+        zip(end_mm[:, 0].tolist(), end_mm[:, 1].tolist()),
+        distance.tolist())))
+    bounds = np.searchsorted(path, np.arange(len(paths) + 1)).tolist()
+    return moves, bounds, durations, pieces
 
 
 def plan_moves(paths: list[np.ndarray], limits: Limits, *, use_lm: bool,
                tolerance: float) -> tuple[list[tuple[Move, ...]], Pieces]:
     """Moves for each polyline, from rest to rest, all planned together."""
-    pieces = plan_pieces(paths, limits, tolerance)
-    per_mm = limits.steps_per_mm
-    path, commands, durations, end_steps, end_mm, distance = (
-        _lm_commands(pieces, per_mm) if use_lm else _sm_commands(pieces, per_mm))
-    moves = [Move(command, duration, (m1, m2), (x, y), length)
-             for command, duration, m1, m2, x, y, length in zip(
-                 commands, durations.tolist(), end_steps[:, 0].tolist(),
-                 end_steps[:, 1].tolist(), end_mm[:, 0].tolist(), end_mm[:, 1].tolist(),
-                 distance.tolist())]
-    bounds = np.searchsorted(path, np.arange(len(paths) + 1))
-    grouped = [tuple(moves[bounds[i]:bounds[i + 1]]) for i in range(len(paths))]
+    moves, bounds, _, pieces = _planned(paths, limits, use_lm=use_lm, tolerance=tolerance)
+    grouped = [tuple(moves[start:end]) for start, end in zip(bounds, bounds[1:])]
     return grouped, pieces
 
 
@@ -177,48 +187,54 @@ def plan_travel(from_mm: tuple[float, float], to_mm: tuple[float, float], config
     return moves[0]
 
 
-def _travels(starts: np.ndarray, ends: np.ndarray, config: DeviceConfig,
-             use_lm: bool) -> list[tuple[Move, ...]]:
-    """plan_travel for each (start, end), planned together."""
+def _travels(starts: np.ndarray, ends: np.ndarray, config: DeviceConfig, use_lm: bool
+             ) -> tuple[list[Move], list[int], list[float]]:
+    """plan_travel for each (start, end), planned together: as _planned gives them."""
     if len(starts) == 0:
-        return []
-    paths = list(np.stack([starts, ends], axis=1))
-    moves, _ = plan_moves(paths, pen_up_limits(config), use_lm=use_lm, tolerance=0.0)
-    return moves
+        return [], [0], []
+    moves, bounds, durations, _ = _planned(list(np.stack([starts, ends], axis=1)),
+                                           pen_up_limits(config), use_lm=use_lm, tolerance=0.0)
+    return moves, bounds, durations
 
 
 def plan_drawing(drawing: Drawing, config: DeviceConfig, *, use_lm: bool = True) -> MotionPlan:
     """The whole plot: per layer and path, the pen-down moves and the travel times."""
-    everything = [(layer_index, path_index, path)
-                  for layer_index, layer in enumerate(drawing.layers)
-                  for path_index, path in enumerate(layer.paths)]
-    paths = [path for _, _, path in everything]
-    draws, pieces = plan_moves(paths, pen_down_limits(config), use_lm=use_lm,
-                               tolerance=chord_tolerance(config))
+    paths = [path for layer in drawing.layers for path in layer.paths]
+    draws, draw_bounds, _, pieces = _planned(paths, pen_down_limits(config), use_lm=use_lm,
+                                             tolerance=chord_tolerance(config))
     starts = pieces.path_start
     ends = pieces.path_end
+    # Pen-up travel (as plan_travel plans it) to each path from the end of the one
+    # before (home for the first), all planned together; then from the last home.
     previous = np.vstack([np.array([HOME]), ends[:-1]]) if len(paths) else np.zeros((0, 2))
-    travel = _travels(previous, starts, config, use_lm)
-    home = _travels(ends[-1:], np.array([HOME]), config, use_lm)
+    travels, travel_bounds, travel_durations = _travels(previous, starts, config, use_lm)
+    _, _, home_durations = _travels(ends[-1:], np.array([HOME]), config, use_lm)
     up, down = pen_moves(config)
 
-    per_layer: list[list[PathPlan]] = [[] for _ in drawing.layers]
-    for number, (layer_index, path_index, _) in enumerate(everything):
-        per_layer[layer_index].append(PathPlan(
-            index=path_index,
-            start_mm=(float(starts[number, 0]), float(starts[number, 1])),
-            end_mm=(float(ends[number, 0]), float(ends[number, 1])),
-            draw=draws[number],
-            length_mm=float(pieces.path_length[number]),
-            travel_s=sum(move.duration_s for move in travel[number]),
-            travel=travel[number],
-        ))
-    layers = tuple(LayerPlan(index=index, name=layer.name, paths=tuple(per_layer[index]))
-                   for index, layer in enumerate(drawing.layers))
-    plan = MotionPlan(layers=layers, estimated_seconds=0.0, pen_up=up, pen_down=down,
-                      home_s=sum(move.duration_s for move in home[0]) if home else 0.0)
-    return MotionPlan(layers=layers, estimated_seconds=estimate_seconds(plan), pen_up=up,
-                      pen_down=down, home_s=plan.home_s)
+    start_list, end_list = starts.tolist(), ends.tolist()
+    lengths = pieces.path_length.tolist()
+    layers, number = [], 0
+    for layer_index, layer in enumerate(drawing.layers):
+        plans = []
+        for path_index in range(len(layer.paths)):
+            travel_from, travel_to = travel_bounds[number], travel_bounds[number + 1]
+            start_x, start_y = start_list[number]
+            end_x, end_y = end_list[number]
+            plans.append(PathPlan(
+                index=path_index,
+                start_mm=(start_x, start_y),
+                end_mm=(end_x, end_y),
+                draw=tuple(draws[draw_bounds[number]:draw_bounds[number + 1]]),
+                length_mm=lengths[number],
+                travel_s=sum(travel_durations[travel_from:travel_to]),
+                travel=tuple(travels[travel_from:travel_to]),
+            ))
+            number += 1
+        layers.append(LayerPlan(index=layer_index, name=layer.name, paths=tuple(plans)))
+    home_s = sum(home_durations) if paths else 0.0
+    plan = MotionPlan(layers=tuple(layers), estimated_seconds=0.0, pen_up=up, pen_down=down,
+                      home_s=home_s)
+    return attr.evolve(plan, estimated_seconds=estimate_seconds(plan))
 
 
 def estimate_seconds(plan: MotionPlan) -> float:
