@@ -5,11 +5,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RUN_DIR := run
 
-# The browser tests drive Debian's Chromium (playwright never downloads one here).
-CHROMIUM := /usr/bin/chromium
+# Debian packages the suite uses: Chromium for the browser tests (playwright
+# never downloads a browser here), logrotate and systemd-analyze to check the
+# files in etc/. Installed only when their command is missing.
+SYSTEM_PACKAGES := /usr/bin/chromium:chromium /usr/sbin/logrotate:logrotate \
+	/usr/bin/systemd-analyze:systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser run test bench clean
+.PHONY: install system-packages run test bench clean
 
 install: $(STAMP)
 
@@ -23,11 +26,15 @@ run: install
 	@mkdir -p $(RUN_DIR)
 	$(BIN)/python -m vfab.demo --workspace $(RUN_DIR)/workspace --config etc/vfab.simulator.yaml
 
-browser:
-	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -q && \
-		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+system-packages:
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+		test -x "$${entry%%:*}" || missing="$$missing $${entry##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; fi
 
-test: install browser
+test: install system-packages
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 bench: install
