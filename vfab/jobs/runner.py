@@ -185,11 +185,11 @@ class PlotRunner:
         try:
             yield self._plot()
         except Cancelled:
-            yield self._finish_at_home()
+            yield self._go_home()
             return states.CANCELLED
         except Stopped:
             return states.INTERRUPTED
-        yield self._finish_at_home()
+        yield self._go_home()
         self._done_draw = self._total_draw
         self._report_progress(force=True)
         return states.COMPLETED
@@ -353,9 +353,7 @@ class PlotRunner:
             if request == "stop":
                 # Park at home: the motors go off at shutdown and the board zeroes
                 # its counters when they come on again, so home is where to wait.
-                yield self._travel(HOME)
-                yield self._plotter.wait_idle()
-                self._device.update_position(HOME[0], HOME[1], pen_down=False)
+                yield self._go_home()
                 yield self._transition(states.INTERRUPTED, "the daemon stopped; resume "
                                        "continues from the saved progress",
                                        progress=self.progress,
@@ -412,8 +410,7 @@ class PlotRunner:
         if why == "cancel":
             raise Cancelled()
         if why == "stop":
-            yield self._travel(HOME)
-            yield self._plotter.wait_idle()
+            yield self._go_home()
             yield self._transition(states.INTERRUPTED, "the daemon stopped during a pen change",
                                    progress=self.progress, position=self._position.to_dict())
             raise Stopped()
@@ -454,14 +451,12 @@ class PlotRunner:
                                              pen_down=self._pen_is_down)
 
     @inlineCallbacks
-    def _finish_at_home(self) -> Deferred[None]:
-        yield self._plotter.wait_idle()
-        if self._pen_is_down:
-            yield self._send(self._pen_up)
-            self._pen_is_down = False
+    def _go_home(self) -> Deferred[None]:
+        """Pen up, then to home, and wait until the carriage is there."""
+        yield self._safe_stop()
         yield self._travel(HOME)
         yield self._plotter.wait_idle()
-        self._device.update_position(self._here[0], self._here[1], pen_down=False)
+        self._device.update_position(HOME[0], HOME[1], pen_down=False)
 
     # -- telling the world ---------------------------------------------------
 
