@@ -88,6 +88,12 @@ def _collector_paused():
         with _collector_lock:
             _collector_holders -= 1
             if _collector_holders == 0 and _collector_was_enabled:
+                # The plan's millions of objects live as long as the plot: moved to
+                # the permanent generation, no collection ever walks them again (a
+                # full collection over them would stall the reactor feeding the
+                # plot for hundreds of milliseconds). They are still freed by
+                # reference counting when the plan goes.
+                gc.freeze()
                 gc.enable()
 
 

@@ -17,6 +17,8 @@ Planning is pure (no reactor, no I/O), so it may run in a thread.
 from __future__ import annotations
 
 import math
+from operator import itemgetter
+from typing import Any, Callable
 
 import attr
 import numpy as np
@@ -72,6 +74,22 @@ def _from_previous(end_steps: np.ndarray, path: np.ndarray,
     return start
 
 
+#: Rows per bulk conversion: each runs as one C call holding the interpreter lock,
+#: so chunks of a few milliseconds let the reactor thread in between them.
+BULK_CHUNK = 16384
+
+
+def _bulk(make: Callable[[tuple], Any], *columns: Any) -> list[Any]:
+    """`[make(row) for row in zip(*columns)]`, built in C a chunk at a time; numpy
+    columns become Python numbers (as `tolist` gives them)."""
+    rows: list[Any] = []
+    for start in range(0, len(columns[0]), BULK_CHUNK):
+        chunk = [column[start:start + BULK_CHUNK] for column in columns]
+        chunk = [part.tolist() if isinstance(part, np.ndarray) else part for part in chunk]
+        rows.extend(map(make, zip(*chunk)))
+    return rows
+
+
 def _lm_commands(pieces: Pieces, per_mm: float):
     end_steps = _to_steps(pieces.end_mm, per_mm)
     start_steps = _from_previous(end_steps, pieces.path, _to_steps(pieces.path_start, per_mm))
@@ -85,9 +103,8 @@ def _lm_commands(pieces: Pieces, per_mm: float):
     rate1, accel1 = ebb.lm_axis_parameters(delta[:, 0], ticks, start_fraction)
     rate2, accel2 = ebb.lm_axis_parameters(delta[:, 1], ticks, start_fraction)
     actual = ebb.lm_ticks(rate1, delta[:, 0], accel1, rate2, delta[:, 1], accel2)
-    commands = list(map("LM,%d,%d,%d,%d,%d,%d".__mod__, zip(
-        rate1.tolist(), delta[:, 0].tolist(), accel1.tolist(),
-        rate2.tolist(), delta[:, 1].tolist(), accel2.tolist())))
+    commands = _bulk("LM,%d,%d,%d,%d,%d,%d".__mod__, rate1, delta[:, 0], accel1,
+                     rate2, delta[:, 1], accel2)
     return path, commands, actual / ebb.TICKS_PER_S, end_steps, end_mm, distance
 
 
@@ -125,8 +142,7 @@ def _sm_commands(pieces: Pieces, per_mm: float):
     previous_along[1:] = along[:-1]
     previous_along[k == 1] = 0.0
     distance = along - previous_along
-    commands = list(map("SM,%d,%d,%d".__mod__, zip(
-        ms.tolist(), delta[:, 0].tolist(), delta[:, 1].tolist())))
+    commands = _bulk("SM,%d,%d,%d".__mod__, ms, delta[:, 0], delta[:, 1])
     return path, commands, ms / 1000.0, end_steps, end_mm, distance
 
 
@@ -138,12 +154,10 @@ def _planned(paths: list[np.ndarray], limits: Limits, *, use_lm: bool, tolerance
     per_mm = limits.steps_per_mm
     path, commands, durations, end_steps, end_mm, distance = (
         _lm_commands(pieces, per_mm) if use_lm else _sm_commands(pieces, per_mm))
-    durations = durations.tolist()
-    moves = list(map(new_move, zip(
-        commands, durations,
-        zip(end_steps[:, 0].tolist(), end_steps[:, 1].tolist()),
-        zip(end_mm[:, 0].tolist(), end_mm[:, 1].tolist()),
-        distance.tolist())))
+    durations = _bulk(itemgetter(0), durations)
+    steps = _bulk(tuple, end_steps[:, 0], end_steps[:, 1])
+    points = _bulk(tuple, end_mm[:, 0], end_mm[:, 1])
+    moves = _bulk(new_move, commands, durations, steps, points, distance)
     bounds = np.searchsorted(path, np.arange(len(paths) + 1)).tolist()
     return moves, bounds, durations, pieces
 
