@@ -33,6 +33,8 @@ _log = Logger()
 
 #: Children reading drawings at once; more requests wait (the machine has few cores).
 CONCURRENT_CHILDREN = 2
+#: How much lower the children's priority is than the daemon's.
+CHILD_NICENESS = 10
 #: How much of a child's stderr is kept for the log when it fails.
 _STDERR_LIMIT = 4096
 
@@ -141,7 +143,12 @@ class PlanningProcess:
 
 
 def _serve() -> None:
-    """The child: run one pickled request from stdin, answer on stdout."""
+    """The child: run one pickled request from stdin, answer on stdout.
+
+    It runs at a lower priority than the daemon, so that on a machine with
+    few cores the reactor feeding the plotter always gets the CPU first.
+    """
+    os.nice(CHILD_NICENESS)
     function, args = pickle.load(sys.stdin.buffer)
     try:
         answer = ("ok", function(*args))
