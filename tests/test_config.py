@@ -126,3 +126,10 @@ def test_workspace_relative_paths(tmp_path):
     assert sqlite_path("sqlite:////srv/vfab.db", tmp_path) == Path("/srv/vfab.db")
     with pytest.raises(ConfigError, match="database.url"):
         sqlite_path("postgresql://db/vfab", tmp_path)
+
+
+def test_the_pen_change_position_must_be_within_the_travel():
+    assert problems_of({"device": {"model": "V3/A4", "pen_change_position": [310, 10]}}) == [
+        "device.pen_change_position: [310, 10] is outside the V3/A4 travel (300 x 218 mm)"]
+    config = config_from_dict({"device": {"pen_change_position": [100, 0]}})
+    assert config.device.pen_change_position == (100.0, 0.0)

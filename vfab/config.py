@@ -369,6 +369,12 @@ def config_from_dict(data: Any) -> Config:
     ws = sections.get("websocket")
     if ws is not None and ws.authenticate and not ws.api_key:
         problems.append("websocket.api_key: required when websocket.authenticate is true")
+    device = sections.get("device")
+    if device is not None and device.pen_change_position is not None:
+        (x, y), (width, height) = device.pen_change_position, device.travel_mm
+        if x > width or y > height:
+            problems.append(f"device.pen_change_position: [{x:g}, {y:g}] is outside the "
+                            f"{device.model} travel ({width:g} x {height:g} mm)")
     if problems:
         raise ConfigError(problems)
     return Config(hooks=hooks, **sections)
