@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import vfab.geometry.svg as svg_module
 from vfab.geometry import (
     Drawing,
     Layer,
@@ -95,8 +96,11 @@ def test_curves_flattened_within_tolerance(tolerance):
     middles = (circle[1:] + circle[:-1]) / 2
     sagitta = 30 - np.hypot(*(middles - 50).T)
     assert sagitta.max() <= tolerance * 1.5
-    assert sagitta.max() > tolerance / 10  # simplified, not one point per 0.01 mm
-    assert len(circle) < 2 * math.pi * 30 / tolerance
+    if svg_module._VPYPE_SIMPLIFIES:
+        # Simplified, not one point per 0.01 mm. (vpype 1.14, the last for Python
+        # 3.10, cannot simplify with Shapely 2: there curves keep every chord.)
+        assert sagitta.max() > tolerance / 10
+        assert len(circle) < 2 * math.pi * 30 / tolerance
 
 
 def test_cubic_bezier_close_to_curve():

@@ -55,6 +55,11 @@ MAX_DEPTH = 200
 #: coordinates. Past it the drawing is refused before vpype allocates them.
 MAX_FLATTENED_POINTS = 10_000_000
 
+#: vpype before 1.15 (the last release for Python 3.10) breaks on its own curve
+#: simplification with Shapely 2; without it curves are flattened into chords of
+#: at most the tolerance, which strays less but makes more points.
+_VPYPE_SIMPLIFIES = tuple(int(part) for part in vpype.__version__.split(".")[:2]) >= (1, 15)
+
 SVG_NAMESPACE = "http://www.w3.org/2000/svg"
 INKSCAPE_NAMESPACE = "http://www.inkscape.org/namespaces/inkscape"
 #: Prefixes kept when a document is written back out (vpype reads layer
@@ -96,7 +101,8 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
         _check_geometry(text, quantization_px)
     try:
         document = vpype.read_multilayer_svg(
-            io.StringIO(text), quantization=quantization_px, crop=False, simplify=True
+            io.StringIO(text), quantization=quantization_px, crop=False,
+            simplify=_VPYPE_SIMPLIFIES
         )
     except (ValueError, TypeError, IndexError, KeyError, ZeroDivisionError, RecursionError,
             AttributeError, ElementTree.ParseError) as error:
