@@ -2,7 +2,7 @@
 
 from vfab.jobs.states import InvalidTransition
 
-__all__ = ["InvalidTransition", "JobNotFound", "NotAccepting", "InvalidJobInput"]
+__all__ = ["InvalidTransition", "JobNotFound", "NotAccepting", "InvalidJobInput", "DiskFull"]
 
 
 class JobNotFound(KeyError):
@@ -25,3 +25,14 @@ class NotAccepting(RuntimeError):
 
 class InvalidJobInput(ValueError):
     """A job field (name, priority, preset) is not acceptable (HTTP 400)."""
+
+
+class DiskFull(OSError):
+    """The workspace's disk cannot hold what a job needs (HTTP 507); nothing was left behind."""
+
+    def __init__(self, what: str):
+        self.what = what
+        super().__init__(what)
+
+    def __str__(self) -> str:
+        return f"the disk is full: could not write {self.what}; free some space and try again"

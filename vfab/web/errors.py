@@ -7,7 +7,8 @@ from typing import NamedTuple
 from twisted.python.failure import Failure
 
 from vfab.geometry.errors import OutOfTravel, SVGError
-from vfab.jobs.errors import InvalidJobInput, InvalidTransition, JobNotFound, NotAccepting
+from vfab.jobs.errors import (DiskFull, InvalidJobInput, InvalidTransition, JobNotFound,
+                              NotAccepting)
 
 
 class ClientError(NamedTuple):
@@ -23,6 +24,7 @@ _KNOWN: tuple[tuple[type[Exception], int, str], ...] = (
     (NotAccepting, 503, "not_accepting"),
     (JobNotFound, 404, "not_found"),
     (InvalidTransition, 409, "invalid_state"),
+    (DiskFull, 507, "insufficient_storage"),
 )
 
 
