@@ -73,15 +73,27 @@ def check_format(format: str) -> None:
 
 @implementer(ILogObserver)
 class LineObserver:
-    """Writes each event as one formatted line (plus a traceback, if any)."""
+    """Writes each event as one formatted line (plus a traceback, if any).
+
+    A destination that breaks (stdout piped to `head` that has exited, a
+    terminal that went away) is given up alone: an observer that raised would
+    be dropped by Twisted's log publisher with every other destination in it,
+    and the log file would stop with it.
+    """
 
     def __init__(self, stream: IO[str] | LogFile, format: str):
         self._stream = stream
         self._formatter = line_formatter(format)
+        self.broken = False
 
     def __call__(self, event: dict[str, Any]) -> None:
-        self._stream.write(self._formatter.format(_record(event)) + "\n")
-        self._stream.flush()
+        if self.broken:
+            return
+        try:
+            self._stream.write(self._formatter.format(_record(event)) + "\n")
+            self._stream.flush()
+        except (OSError, ValueError):  # EPIPE, EIO, a closed stream
+            self.broken = True
 
 
 def open_log_file(path: Path, config: LoggingConfig, owner: tuple[int, int] | None = None

@@ -33,6 +33,7 @@ from vfab.plotter.service import DeviceService
 from vfab.store.jobstore import DatabaseError, JobStore
 from vfab.systemd import ActivationError, activation_endpoint, tell_systemd
 from vfab.web.server import WebService
+from vfab.workspace_lock import WorkspaceInUse, WorkspaceLock
 
 _log = Logger()
 
@@ -62,7 +63,9 @@ class VfabService(MultiService):
         self._owner = owner
         self._log_observer = log_observer
         self._handle_signals = handle_signals
+        self._stop_requested = False
         self._privileged_started = False
+        self._lock = WorkspaceLock(workspace)
         self.bus = EventBus()
         self.store = JobStore(sqlite_path(config.database.url, workspace), reactor=reactor,
                               pool_size=config.database.pool_size)
@@ -151,6 +154,12 @@ class VfabService(MultiService):
 
     def _open_database(self) -> None:
         make_private_dir(self.workspace, self._owner)
+        try:
+            self._lock.acquire()
+        except WorkspaceInUse as error:
+            raise StartupError(str(error)) from None
+        if self._owner is not None and os.geteuid() == 0:
+            os.chown(self._lock.path, *self._owner)
         self.store.open()
         if self._owner is not None and os.geteuid() == 0:
             for suffix in ("", "-wal", "-shm"):
@@ -175,7 +184,12 @@ class VfabService(MultiService):
         """A clean stop on SIGTERM or SIGINT exits 0, as the contract says (twistd's own
         handlers make the process die of the signal instead)."""
         def stop(signum: int, frame: Any) -> None:
-            _log.info("received {signal}, shutting down", signal=signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if self._stop_requested:
+                _log.info("received {signal} again: already shutting down", signal=name)
+                return
+            self._stop_requested = True
+            _log.info("received {signal}, shutting down", signal=name)
             self._reactor.callFromThread(self._reactor.stop)
 
         signal.signal(signal.SIGTERM, stop)
@@ -196,6 +210,7 @@ class VfabService(MultiService):
         _log.info("shutdown: parking the device (pen up, motors off)")
         yield self._stop_step("device", self.device)
         self.store.close()
+        self._lock.release()
         _log.info("shutdown complete")
         self.audit.record("daemon_stopped", None, pid=os.getpid())
         self.audit.close()
