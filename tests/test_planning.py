@@ -5,6 +5,7 @@ import os
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from vfab.config import DeviceConfig
 from vfab.geometry import OutOfTravel, SVGError
@@ -38,3 +39,17 @@ def test_the_drawings_own_errors_come_back_as_they_are():
 def test_a_child_that_dies_is_a_clear_error_not_a_dead_daemon():
     with pytest.raises(SVGError, match="could not be read"):
         yield PlanningProcess(reactor).run(os._exit, 3)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_child_killed_because_the_daemon_stops_is_a_shutdown_not_a_bad_drawing():
+    import time
+
+    from vfab.jobs.errors import NotAccepting
+
+    planning = PlanningProcess(reactor)
+    running = planning.run(time.sleep, 30)
+    yield deferLater(reactor, 0.5, lambda: None)  # the child is up
+    planning.stop()
+    with pytest.raises(NotAccepting):
+        yield running

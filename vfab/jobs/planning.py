@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 
 from vfab.config import DeviceConfig
 from vfab.geometry import SVGError
+from vfab.jobs.errors import NotAccepting
 
 _log = Logger()
 
@@ -76,6 +77,8 @@ class _Child(ProcessProtocol):
         self._stdout: list[bytes] = []
         self._stderr = b""
         self.ended: Deferred[Any] = Deferred()
+        #: Killed because the daemon stops, not because of the drawing.
+        self.stopped = False
 
     def connectionMade(self) -> None:
         self.transport.write(self._request)
@@ -91,6 +94,9 @@ class _Child(ProcessProtocol):
         try:
             kind, value = pickle.loads(b"".join(self._stdout))
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
+            if self.stopped:
+                self.ended.errback(NotAccepting())
+                return
             _log.error("the planning process died ({reason}): {stderr}",
                        reason=reason.getErrorMessage(),
                        stderr=self._stderr.decode("utf-8", "replace").strip())
@@ -109,7 +115,7 @@ class PlanningProcess:
 
     def __init__(self, reactor: Any, concurrency: int = CONCURRENT_CHILDREN):
         self._reactor = reactor
-        self._children: set[Any] = set()
+        self._children: dict[Any, _Child] = {}
         self._slots = DeferredSemaphore(concurrency)
 
     def run(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
@@ -125,17 +131,18 @@ class PlanningProcess:
         transport = self._reactor.spawnProcess(
             child, sys.executable, [sys.executable, "-m", "vfab.jobs.planning"],
             env=dict(os.environ))
-        self._children.add(transport)
+        self._children[transport] = child
         child.ended.addBoth(self._forget, transport)
         return child.ended
 
     def _forget(self, result: Any, transport: Any) -> Any:
-        self._children.discard(transport)
+        self._children.pop(transport, None)
         return result
 
     def stop(self) -> None:
         """Kill what is still running: the daemon is stopping."""
-        for transport in list(self._children):
+        for transport, child in list(self._children.items()):
+            child.stopped = True
             try:
                 transport.signalProcess("KILL")
             except ProcessExitedAlready:
