@@ -20,7 +20,7 @@ from vfab.motion import (
     plan_travel,
     resume_path,
 )
-from vfab.motion.planner import pen_down_limits
+from vfab.motion.planner import MAX_MOVE_S, pen_down_limits
 from vfab.motion.profile import plan_pieces
 from vfab.plotter.kinematics import mm_to_motor_steps
 
@@ -140,10 +140,16 @@ def test_long_line_reaches_the_speed_limit_and_stops():
     assert speeds[-1][1] < 0.05 * CONFIG.speed_pen_down * K  # ends near rest
     top = max(max(start, end) for start, end in speeds)
     assert top == pytest.approx(CONFIG.speed_pen_down * K, rel=0.01)
-    # Accelerating, cruising, decelerating: three commands.
-    assert len(moves) == 3
+    # Accelerating, cruising, decelerating, each cut into moves of at most
+    # MAX_MOVE_S so that a pause is never long in coming.
     accel_time = CONFIG.speed_pen_down / CONFIG.accel_pen_down
-    assert moves[0].duration_s == pytest.approx(accel_time, rel=0.01)
+    assert max(m.duration_s for m in moves) <= MAX_MOVE_S + 1e-4
+    cruise = 200 / CONFIG.speed_pen_down - accel_time
+    assert len(moves) == 2 * math.ceil(accel_time / MAX_MOVE_S - 1e-9) \
+        + math.ceil(cruise / MAX_MOVE_S - 1e-9)
+    speeds_mm = [(a / K, b / K) for a, b in speeds]
+    for (_, end), (start, _) in zip(speeds_mm, speeds_mm[1:]):
+        assert start == pytest.approx(end, abs=1.0)  # one speed ramp, no jumps
     assert sum(m.duration_s for m in moves) == pytest.approx(
         200 / CONFIG.speed_pen_down + accel_time, rel=0.01)
     check_moves_exact(moves, (10.0, 10.0), (210.0, 10.0))
@@ -289,10 +295,28 @@ def test_resume_mid_path_replans_from_rest_to_the_same_end():
                       width_mm=200, height_mm=200)
     path = plan_drawing(drawing, CONFIG).layers[0].paths[0]
     rest = resume_path(path, 2, CONFIG)
-    check_moves_exact(rest, path.draw[1].end_mm, path.end_mm)
-    assert lm_axis_speeds(rest[0].command)[0][0] < K
-    assert resume_path(path, 0, CONFIG) == path.draw
-    assert resume_path(path, len(path.draw), CONFIG) == ()
+    moves = [move for move, _ in rest]
+    check_moves_exact(moves, path.draw[1].end_mm, path.end_mm)
+    assert lm_axis_speeds(moves[0].command)[0][0] < K
+    # Every planned end after the second is reached once, in order, by a new move.
+    reached = [(done, move.end_steps) for move, done in rest if done is not None]
+    assert reached == [(index + 1, path.draw[index].end_steps)
+                       for index in range(2, len(path.draw))]
+    assert resume_path(path, 0, CONFIG) == [(move, i + 1) for i, move in enumerate(path.draw)]
+    assert resume_path(path, len(path.draw), CONFIG) == []
+
+
+def test_resume_counts_a_path_that_passes_the_same_point_again():
+    """Hatching merged into one path goes back and forth through its own vertices:
+    the count of planned moves done must follow the path, not a point lookup."""
+    points = np.array([[10, 10], [60, 10], [10, 10], [60, 10], [10, 10], [60, 10]], float)
+    drawing = Drawing(layers=(Layer("a", [points]),), width_mm=200, height_mm=200)
+    path = plan_drawing(drawing, CONFIG).layers[0].paths[0]
+    for done in range(1, len(path.draw)):
+        rest = resume_path(path, done, CONFIG)
+        counts = [count for _, count in rest if count is not None]
+        assert counts == list(range(done + 1, len(path.draw) + 1))
+        assert rest[-1][0].end_steps == path.draw[-1].end_steps
 
 
 # --- whole plans and the estimate ------------------------------------------------------------------

@@ -30,7 +30,7 @@ from vfab.plotter.kinematics import steps_per_mm
 from . import ebb
 from .pen import pen_moves
 from .plan import LayerPlan, Move, MotionPlan, PathPlan, new_move
-from .profile import Limits, Pieces, plan_pieces
+from .profile import Limits, Pieces, cut_long_pieces, plan_pieces
 
 HOME = (0.0, 0.0)
 #: SM slices: accelerating pieces are cut this fine (ms) ...
@@ -39,6 +39,9 @@ SM_ACCEL_SLICE_MS = 10
 SM_STEADY_SLICE_MS = 500
 #: The shortest SM command (ms).
 SM_MIN_MS = 4
+#: The longest move: the runner pauses between moves, so a pause takes effect
+#: within about two of these (the one running and the one queued behind it).
+MAX_MOVE_S = 0.25
 
 
 def pen_down_limits(config: DeviceConfig) -> Limits:
@@ -150,7 +153,7 @@ def _planned(paths: list[np.ndarray], limits: Limits, *, use_lm: bool, tolerance
              ) -> tuple[list[Move], list[int], list[float], Pieces]:
     """Every path's moves in one list, where each path's moves begin (and the end),
     the moves' durations and the pieces."""
-    pieces = plan_pieces(paths, limits, tolerance)
+    pieces = cut_long_pieces(plan_pieces(paths, limits, tolerance), MAX_MOVE_S)
     per_mm = limits.steps_per_mm
     path, commands, durations, end_steps, end_mm, distance = (
         _lm_commands(pieces, per_mm) if use_lm else _sm_commands(pieces, per_mm))
@@ -178,19 +181,38 @@ def plan_path(points: np.ndarray, config: DeviceConfig, *, use_lm: bool = True) 
 
 
 def resume_path(path: PathPlan, moves_done: int, config: DeviceConfig, *,
-                use_lm: bool = True) -> tuple[Move, ...]:
+                use_lm: bool = True, start_mm: tuple[float, float] | None = None
+                ) -> list[tuple[Move, int | None]]:
     """The rest of a path after `moves_done` of its moves, planned again from rest.
 
     The remaining moves of the original plan start at speed; after a pause
     the carriage is at rest, so the remainder is re-planned through the same
-    points (where each remaining move ended).
+    points (where each remaining move ended), without simplifying them away.
+    With each new move comes how many of the path's planned moves are done
+    once it is, or None when it ends between two planned points. The count is
+    found by walking both in order, never by looking a point up: a path may
+    pass through the same point many times. `start_mm` is where the carriage
+    stands when that is inside the next move rather than at its start.
     """
-    if moves_done <= 0:
-        return path.draw
     if moves_done >= len(path.draw):
-        return ()
-    points = [path.draw[moves_done - 1].end_mm] + [move.end_mm for move in path.draw[moves_done:]]
-    return plan_path(np.array(points), config, use_lm=use_lm)
+        return []
+    if moves_done <= 0 and start_mm is None:
+        return [(move, index + 1) for index, move in enumerate(path.draw)]
+    planned = path.draw[moves_done:]
+    first = start_mm if start_mm is not None else path.draw[moves_done - 1].end_mm
+    points = np.array([first] + [move.end_mm for move in planned])
+    moves, _ = plan_moves([points], pen_down_limits(config), use_lm=use_lm, tolerance=0.0)
+    result: list[tuple[Move, int | None]] = []
+    done = moves_done
+    for move in moves[0]:
+        # Consecutive planned moves end on different steps, so the next planned
+        # end is reached exactly when a new move ends on its steps.
+        if done < len(path.draw) and move.end_steps == path.draw[done].end_steps:
+            done += 1
+            result.append((move, done))
+        else:
+            result.append((move, None))
+    return result
 
 
 def plan_travel(from_mm: tuple[float, float], to_mm: tuple[float, float], config: DeviceConfig,

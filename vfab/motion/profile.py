@@ -225,3 +225,39 @@ def plan_pieces(paths: list[np.ndarray], limits: Limits, chord_tolerance: float)
     return Pieces(path=owner[seg[piece_seg]], start_mm=start, end_mm=end, start_speed=u_from,
                   end_speed=u_to, length=piece_length, duration=duration,
                   path_start=path_start, path_end=path_end, path_length=path_length)
+
+
+def cut_long_pieces(pieces: Pieces, max_seconds: float) -> Pieces:
+    """Cut pieces longer than `max_seconds` into equal-time parts on the same speed ramp,
+    so that a pause, which waits for the move under way, is never long in coming."""
+    parts = np.maximum(np.ceil(pieces.duration / max_seconds - 1e-9), 1).astype(np.int64)
+    if not len(parts) or parts.max() == 1:
+        return pieces
+    piece = np.repeat(np.arange(len(parts)), parts)
+    k = np.arange(len(piece)) - np.repeat(np.cumsum(parts) - parts, parts)
+    n = parts[piece]
+    u0, u1, total = pieces.start_speed[piece], pieces.end_speed[piece], pieces.duration[piece]
+    length = pieces.length[piece]
+    start_speed = u0 + (u1 - u0) * k / n
+    end_speed = u0 + (u1 - u0) * (k + 1) / n
+
+    def along(fraction: np.ndarray) -> np.ndarray:
+        """Distance covered after `fraction` of the piece's time."""
+        t = fraction * total
+        return u0 * t + (u1 - u0) * t * t / (2.0 * total)
+
+    s_from, s_to = along(k / n), along((k + 1) / n)
+    last = k == n - 1
+    s_to[last] = length[last]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        share_from = np.where(length > 0, s_from / length, 0.0)
+        share_to = np.where(length > 0, s_to / length, 1.0)
+    a, b = pieces.start_mm[piece], pieces.end_mm[piece]
+    start_mm = a + (b - a) * share_from[:, None]
+    end_mm = a + (b - a) * share_to[:, None]
+    start_mm[k == 0] = a[k == 0]
+    end_mm[last] = b[last]
+    return Pieces(path=pieces.path[piece], start_mm=start_mm, end_mm=end_mm,
+                  start_speed=start_speed, end_speed=end_speed, length=s_to - s_from,
+                  duration=total / n, path_start=pieces.path_start,
+                  path_end=pieces.path_end, path_length=pieces.path_length)
