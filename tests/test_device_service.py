@@ -248,11 +248,31 @@ def test_stop_parks_the_plotter_and_closes_the_port(harness):
     stopped = harness.service.stopService()
     harness.run(1.0)
     assert fired(stopped) is None
-    assert harness.ports.commands()[-2:] == ["SP,1,130", "EM,0,0"]
+    commands = harness.ports.commands()
+    parking = commands[commands.index("SP,1,130"):]
+    assert parking[-2:] == ["QS", "EM,0,0"]  # the carriage is home: no move
+    assert not [command for command in parking if command.startswith("HM")]
     assert harness.ports.ports[-1].connected is False
     assert harness.service.status()["status"] == "disconnected"
     assert harness.service.status()["pen"] == "up"
     assert harness.clock.getDelayedCalls() == []
+
+
+def test_stop_takes_the_carriage_home_before_the_motors_go_off(harness):
+    """The counters zero where the motors come on again: away from home, every
+    later drawing would be shifted."""
+    board = harness.ports.plug("/dev/ttyACM0")
+    harness.service.startService()
+    harness.run(1.0)
+    board.data_received(b"SM,500,800,400\r")  # another program moved it
+    harness.run(1.0)
+    stopped = harness.service.stopService()
+    harness.run(5.0)
+    assert fired(stopped) is None
+    commands = harness.ports.commands()
+    home = [i for i, command in enumerate(commands) if command.startswith("HM")]
+    assert home and home[-1] < commands.index("EM,0,0")
+    assert board.steps == (0, 0)
 
 
 def test_stop_is_bounded_when_the_board_does_not_answer(harness):

@@ -144,6 +144,12 @@ class DeviceService(Service):
         """The connected plotter, or None while there is none."""
         return self._plotter
 
+    @property
+    def position_kept(self) -> bool:
+        """The board kept power since it was last driven: its step counters, found
+        running on this connection, still say where the carriage stopped."""
+        return self._plotter is not None and self._position_kept
+
     def when_connected(self) -> Deferred:
         """Fires with the Plotter once connected (at once if it is); fails if the service stops."""
         if self._plotter is not None:
@@ -190,13 +196,23 @@ class DeviceService(Service):
 
     @defer.inlineCallbacks
     def park(self):
-        """Raise the pen and switch the motors off; does nothing when disconnected, never fails."""
+        """Raise the pen, go home and switch the motors off; does nothing when
+        disconnected, never fails.
+
+        Home first: the board zeroes its step counters when the motors come on
+        again, so a carriage left elsewhere would shift every later drawing.
+        """
         plotter = self._plotter
         if plotter is None:
             return None
         try:
             yield plotter.pen_up()
             self._set(pen="up")
+            yield plotter.wait_idle()
+            steps = yield plotter.query_steps()
+            if tuple(steps) != (0, 0):
+                yield plotter.home(self.config.speed_pen_up)
+                self.update_position(0.0, 0.0, pen_down=False)
             yield plotter.motors_off()
         except DeviceError as error:
             log.warn("could not park the plotter: {error}", error=str(error))
