@@ -57,12 +57,22 @@ def test_jobs_run_by_priority_then_age_and_list_newest_first(store):
     yield store.add(make_job("a", priority=0))
     yield store.add(make_job("b", priority=5))
     yield store.add(make_job("c", priority=5))
-    nxt = yield store.next_queued()
-    assert nxt.id == "b"
+    nxt, held_by = yield store.next_to_plot()
+    assert nxt.id == "b" and held_by is None
     listed = yield store.list()
     assert [job.id for job in listed] == ["c", "b", "a"]
     limited = yield store.list(limit=1)
     assert [job.id for job in limited] == ["c"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_interrupted_job_holds_the_queue(store):
+    yield store.add(make_job("a", priority=9))
+    yield store.add(make_job("b"))
+    yield store.transition("b", "plotting", "started")
+    yield store.transition("b", "interrupted", "the daemon stopped")
+    nxt, held_by = yield store.next_to_plot()
+    assert nxt is None and held_by.id == "b"
 
 
 @pytest_twisted.inlineCallbacks

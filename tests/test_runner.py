@@ -85,7 +85,8 @@ class Bench:
         for _ in range(int(round(seconds / 0.005))):
             self.clock.advance(0.005)
 
-    def runner(self, svg: bytes, start: Position = Position()) -> PlotRunner:
+    def runner(self, svg: bytes, start: Position | None = None,
+               position_kept: bool = False) -> PlotRunner:
         use_lm = self.plotter.supports_lm
         prepared = prepare(svg, self.settings, use_lm=use_lm)
         self.prepared = prepared
@@ -101,7 +102,8 @@ class Bench:
         return PlotRunner(job_id="job", plan=prepared.plan, plotter=self.plotter,
                           device=self.device, settings=self.settings, clock=self.clock,
                           publish=self.messages.append, transition=transition,
-                          save_progress=save, start=start, use_lm=use_lm,
+                          save_progress=save, start=start, position_kept=position_kept,
+                          use_lm=use_lm,
                           layer_settings=prepared.layer_settings)
 
     @property
@@ -313,7 +315,8 @@ def test_after_a_device_loss_the_plot_continues_exactly(reference, lost_after):
     saved = runner.resume_position
     bench.run_for(5)
     reconnect(bench)
-    assert bench.settle(bench.runner(ONE_LAYER, start=saved).run()) == states.COMPLETED
+    assert bench.settle(bench.runner(ONE_LAYER, start=saved, position_kept=True).run()) \
+        == states.COMPLETED
     assert_same_drawing(bench.strokes, reference)
 
 
@@ -328,7 +331,8 @@ def test_after_the_daemon_was_killed_the_board_position_finds_where_it_got(refer
     bench.protocol.transport.loseConnection()
     bench.run_for(5)
     reconnect(bench)
-    assert bench.settle(bench.runner(ONE_LAYER, start=last_saved).run()) == states.COMPLETED
+    assert bench.settle(bench.runner(ONE_LAYER, start=last_saved, position_kept=True).run()) \
+        == states.COMPLETED
     assert_same_drawing(bench.strokes, reference)
 
 

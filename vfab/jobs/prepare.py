@@ -162,3 +162,10 @@ def job_seconds(plan: MotionPlan, device: DeviceConfig, *, use_lm: bool = True) 
 def _travel_seconds(start: tuple[float, float], end: tuple[float, float],
                     device: DeviceConfig, use_lm: bool) -> float:
     return sum(move.duration_s for move in plan_travel(start, end, device, use_lm=use_lm))
+
+
+def forget_frozen() -> None:
+    """A plot has ended and its plan is gone: hand back to the collector what
+    `gc.freeze()` held with it, so that cycles frozen alongside the plan are
+    freed rather than kept for the daemon's life (the next plan is frozen anew)."""
+    gc.unfreeze()

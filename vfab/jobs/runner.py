@@ -1,26 +1,38 @@
-"""Walks one job's motion plan on the plotter.
+"""Walks one job's motion plan on the plotter, as an explicit state machine.
 
-The runner keeps exactly one command in flight: the board acknowledges a move
-when it enters its one-deep motion FIFO, so sending the next move on each
-acknowledgement keeps the carriage fed without ever getting far ahead of it.
-Every pause, pen change, cancel and stop happens between two moves, at a
-position (layer, path, move) that is saved and from which the plot continues
-without drawing a stroke twice or skipping one.
+The runner sends one move at a time and the next once the plotter has taken
+it, so the carriage is fed without getting far ahead of it. Every pause, pen
+change, cancel and stop happens between two moves, at a position (layer,
+path, move) that is saved and from which the plot continues without drawing
+a stroke twice or skipping one.
+
+The requests from outside (pause, resume, cancel, stop) and the loss of the
+device are inputs of one transition table (`_REQUESTS`): each names the
+states where it is legal and the state it leads to; anything else is refused
+at once with InvalidTransition (HTTP 409). The plot itself is a coroutine
+that looks at the state at every safe point, so an interleaving nobody
+thought of shows up as a refused request, never as a request that is
+swallowed and a caller that waits for ever.
 """
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from typing import Any, Callable
 
 import attr
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from vfab.config import DeviceConfig
 from vfab.jobs import states
+from vfab.jobs.carriage import Trail, locate
+from vfab.jobs.position import Position
 from vfab.motion import (Move, MotionPlan, PathPlan, PenMove, pen_moves, plan_travel,
                          resume_path)
+from vfab.plotter.errors import DeviceLost
 from vfab.plotter.kinematics import mm_to_motor_steps, motor_steps_to_mm
 
 _log = Logger()
@@ -28,32 +40,53 @@ _log = Logger()
 #: job_progress messages a second, at most, for one job (the contract's bound).
 PROGRESS_RATE = 10.0
 HOME = (0.0, 0.0)
-#: Commands the board may have acknowledged without executing them: the one
-#: running and the one waiting in its one-deep FIFO.
-UNCONFIRMED_COMMANDS = 2
-#: How many planned points past the saved progress are searched for the
-#: carriage's position (more than a progress-save interval's worth of moves).
-CONFIRM_SEARCH_MOVES = 20000
 #: How often the PRG button is polled while a pen change is awaited.
 BUTTON_POLL_SECONDS = 0.5
 
 
-@attr.s(frozen=True, auto_attribs=True)
-class Position:
-    """Where a plot stands: the next move to send is `move` of path `path` of `layer`."""
+class RunnerState(enum.Enum):
+    STARTING = "starting"          # motors, position, pen up
+    PLOTTING = "plotting"          # moves are being sent
+    PAUSING = "pausing"            # a pause was asked for: stop at the next move boundary
+    PAUSED = "paused"              # stopped, pen up, progress saved
+    PARKING = "parking"            # to the pen-change position between two layers
+    PARKING_TO_PAUSE = "parking to pause"  # a pause was asked for on the way there
+    PAUSED_FOR_PEN = "paused for the pen"  # paused there; resume asks for the pen
+    AWAITING_PEN = "awaiting the pen"
+    CANCELLING = "cancelling"
+    STOPPING = "stopping"          # the daemon stops: pause at a safe point and end
+    FINISHING = "finishing"        # the last stroke is drawn; going home
+    LOST = "lost"                  # the device went away
+    DONE = "done"
 
-    layer: int = 0
-    path: int = 0
-    move: int = 0
 
-    def to_dict(self) -> dict[str, int]:
-        return {"layer": self.layer, "path": self.path, "move": self.move}
+S = RunnerState
 
-    @classmethod
-    def from_dict(cls, data: dict[str, int] | None) -> "Position":
-        if not data:
-            return cls()
-        return cls(int(data["layer"]), int(data["path"]), int(data["move"]))
+#: request -> {state it is legal in: state it leads to}. Not listed: refused.
+_REQUESTS: dict[str, dict[RunnerState, RunnerState]] = {
+    "pause": {S.STARTING: S.PAUSING, S.PLOTTING: S.PAUSING, S.PAUSING: S.PAUSING,
+              S.PARKING: S.PARKING_TO_PAUSE, S.PARKING_TO_PAUSE: S.PARKING_TO_PAUSE},
+    "resume": {S.PAUSED: S.PLOTTING, S.AWAITING_PEN: S.PLOTTING,
+               S.PAUSED_FOR_PEN: S.AWAITING_PEN},
+    "cancel": {state: S.CANCELLING for state in S
+               if state not in (S.FINISHING, S.LOST, S.DONE, S.STOPPING)},
+    # The daemon stopping is never refused: finishing runs to its end, an
+    # ending run simply ends.
+    "stop": {**{state: S.STOPPING for state in S}, S.FINISHING: S.FINISHING,
+             S.CANCELLING: S.CANCELLING, S.LOST: S.LOST, S.DONE: S.DONE},
+    "lost": {**{state: S.LOST for state in S}, S.DONE: S.DONE},
+}
+
+#: The job state a runner state shows as (what a refused request names).
+JOB_STATE = {S.STARTING: states.PLOTTING, S.PLOTTING: states.PLOTTING,
+             S.PAUSING: states.PLOTTING, S.PAUSED: states.PAUSED, S.PARKING: states.PLOTTING,
+             S.PARKING_TO_PAUSE: states.PLOTTING, S.PAUSED_FOR_PEN: states.PAUSED,
+             S.AWAITING_PEN: states.AWAITING_PEN, S.CANCELLING: states.PLOTTING,
+             S.STOPPING: states.PLOTTING, S.FINISHING: states.PLOTTING,
+             S.LOST: states.INTERRUPTED, S.DONE: states.COMPLETED}
+#: The job state a request asks for (for the refusal's wording).
+_REQUEST_TARGET = {"pause": states.PAUSED, "resume": states.PLOTTING,
+                   "cancel": states.CANCELLED}
 
 
 class Cancelled(Exception):
@@ -71,13 +104,27 @@ SaveProgress = Callable[[float, dict[str, int]], Deferred]
 
 
 class PlotRunner:
-    """Plots one job; `run()` fires with the final state or fails with the device's error."""
+    """Plots one job; `run()` fires with the final job state or fails with the device's error.
+
+    `start` is the saved position of a job that was begun before, None for a
+    fresh one. `position_kept` says that the device's step counters still tell
+    where the carriage stopped since that position was saved (the board kept
+    power and was not re-enabled): only then, and unless the carriage was
+    parked after the save, is the position checked against the counters.
+
+    The store always holds a position the plot can go on from without a
+    stroke twice: before the pen first goes down in a run, before the
+    carriage leaves the drawing (pen change, stop, the way home), and before
+    a move that passes near a point passed since the last save (see
+    `vfab.jobs.carriage`), the position is saved and the save awaited.
+    """
 
     def __init__(self, *, job_id: str, plan: MotionPlan, plotter: Any, device: Any,
                  settings: DeviceConfig, clock: Any, publish: Callable[[dict], None],
                  transition: Transition, save_progress: SaveProgress,
-                 start: Position = Position(), use_lm: bool = True,
-                 layer_settings: tuple[DeviceConfig, ...] | None = None):
+                 start: Position | None = None, position_kept: bool = False,
+                 use_lm: bool = True, layer_settings: tuple[DeviceConfig, ...] | None = None,
+                 time_factor: float = 1.0):
         self.job_id = job_id
         self._plan = plan
         self._plotter = plotter
@@ -87,15 +134,19 @@ class PlotRunner:
         self._publish = publish
         self._transition = transition
         self._save_progress = save_progress
-        self._start = start
+        self._resuming = start is not None
+        self._start = start or Position()
+        self._position_kept = position_kept
         self._use_lm = use_lm
+        self._time_factor = time_factor
         self._layer_settings = layer_settings or (settings,) * len(plan.layers)
         self._pen_up, self._pen_down = pen_moves(settings)
-        self._here = (0.0, 0.0)
+        self._here = HOME
         self._pen_is_down = False
-        self._requested: str | None = None  # "pause", "cancel" or "stop"
-        self._pause_done: Deferred | None = None
-        self._wake: Deferred | None = None
+        self._state = S.STARTING
+        self._changed: list[Deferred] = []
+        self._pause_waiters: list[Deferred] = []
+        self._lost_reason: Failure | None = None
         # Progress is the share of the pen-down length drawn, so that a preview
         # inked up to `progress` of its length shows what is on the paper.
         self._total_draw = sum(m.distance_mm for layer in plan.layers
@@ -103,43 +154,92 @@ class PlotRunner:
         self._done_draw = 0.0
         self._paths_done = 0
         self._total_paths = sum(len(layer.paths) for layer in plan.layers)
-        self._position = start
-        #: The position after each of the last few acknowledged commands.
-        self._history: deque[Position] = deque(maxlen=UNCONFIRMED_COMMANDS + 1)
-        self._started_at = clock.seconds()
+        self._position = self._start
+        self._count_done_before(self._start)
+        #: The position saved for sure (None: the store holds none).
+        self._durable = start
+        self._trail = Trail()
+        self._position_sequence = 0  # the trail's length when `_position` was reached
+        self._here_steps = (0, 0)
+        #: Where the carriage stands inside the start position's next stroke, if it does.
+        self._inside = self._start.inside
+        self._pen_down_saved = False
+        #: The position before each of the last few commands sent.
+        self._history: deque[Position] = deque(maxlen=plotter.unconfirmed_moves + 1)
+        self._plotting_since: float | None = None
+        self._plotting_seconds = 0.0
         self._last_progress = float("-inf")
         self._last_position_report = float("-inf")
         self._last_save = clock.seconds()
         self._saving: Deferred | None = None
 
-    # -- requests from the queue -------------------------------------------
+    # -- requests ------------------------------------------------------------
 
-    def pause(self) -> Deferred:
-        """Ask for a pause at the next move; fires once the pen is up and progress saved."""
-        if self._pause_done is None:
-            self._pause_done = Deferred()
-        if self._requested is None:
-            self._requested = "pause"
-        return self._pause_done
+    @property
+    def state(self) -> RunnerState:
+        return self._state
+
+    @property
+    def job_state(self) -> str:
+        """The job's state as the runner sees it (the store follows it)."""
+        return JOB_STATE[self._state]
+
+    def _request(self, name: str) -> None:
+        target = _REQUESTS[name].get(self._state)
+        if target is None:
+            raise states.InvalidTransition(self.job_id, self.job_state, _REQUEST_TARGET[name])
+        if target is not self._state:
+            _log.debug("job {job_id}: runner {before} -> {after} ({request})",
+                       job_id=self.job_id, before=self._state.value, after=target.value,
+                       request=name)
+            self._set_state(target)
+
+    def pause(self) -> Deferred[None]:
+        """Pause at the next move; fires once the pen is up and the progress saved
+        (or the run ended first). Raises InvalidTransition where a pause cannot be."""
+        self._request("pause")
+        waiter: Deferred[None] = Deferred()
+        self._pause_waiters.append(waiter)
+        return waiter
 
     def resume(self) -> None:
         """Continue after a pause or a pen change."""
-        self._requested = None
-        self._wakeup("resume")
+        self._request("resume")
 
     def cancel(self) -> None:
-        self._requested = "cancel"
-        self._wakeup("cancel")
+        self._request("cancel")
 
     def stop(self) -> None:
         """The daemon is stopping: pause at the next safe point and end the run."""
-        self._requested = "stop"
-        self._wakeup("stop")
+        self._request("stop")
 
-    def _wakeup(self, why: str) -> None:
-        wake, self._wake = self._wake, None
-        if wake is not None:
-            wake.callback(why)
+    def device_lost(self, reason: Failure) -> None:
+        """The plotter went away: whatever the runner waits for ends with DeviceLost."""
+        self._lost_reason = reason
+        self._request("lost")
+
+    def _set_state(self, state: RunnerState) -> None:
+        now = self._clock.seconds()
+        if self._plotting_since is not None:
+            self._plotting_seconds += now - self._plotting_since
+            self._plotting_since = None
+        if state in (S.PLOTTING, S.PAUSING, S.PARKING, S.PARKING_TO_PAUSE, S.FINISHING,
+                     S.CANCELLING, S.STOPPING):
+            self._plotting_since = now
+        self._state = state
+        changed, self._changed = self._changed, []
+        for waiter in changed:
+            waiter.callback(state)
+
+    def _until_changed(self, state: RunnerState) -> Deferred[RunnerState]:
+        """Fires with the new state once the state is no longer `state` (at once if so)."""
+        if self._state is not state:
+            return succeed(self._state)
+        waiter: Deferred[RunnerState] = Deferred()
+        self._changed.append(waiter)
+        return waiter
+
+    # -- figures ---------------------------------------------------------------
 
     @property
     def progress(self) -> float:
@@ -150,15 +250,41 @@ class PlotRunner:
         return self._position
 
     @property
+    def plotting_seconds(self) -> float:
+        """Time spent moving (not paused, not waiting for a pen) in this run."""
+        extra = self._clock.seconds() - self._plotting_since \
+            if self._plotting_since is not None else 0.0
+        return self._plotting_seconds + extra
+
+    @property
     def resume_position(self) -> Position:
         """Where a later run must start after the board was lost.
 
-        The board acknowledges a move when it takes it into its FIFO, so the
-        last moves acknowledged (one running, one waiting) may never have been
-        drawn: step back over them. If the board kept power, the next run
-        finds from its step counters how far it really got.
+        The plotter takes moves ahead of executing them, so the last few it
+        took may never have been drawn: step back over them, but not behind
+        the last durable save (from which the walk of `locate` is certain).
+        If the board kept power, the next run finds from its step counters how
+        far it really got.
         """
-        return self._history[0] if self._history else self._start
+        sent = self._history[0] if self._history else self._position
+        if self._durable is not None and self._durable >= sent:
+            return self._durable
+        return sent
+
+    def position_after_loss(self, steps: tuple[int, int]) -> Position:
+        """Where this run, ended by a lost device, really got to, for a board that
+        kept power and whose carriage stands at `steps`; exact, so marked parked."""
+        start = self.resume_position
+        if start.parked or start.layer >= len(self._plan.layers):
+            return start.parked_here()
+        found = locate(self._plan.layers[start.layer].paths, start, steps,
+                       self._settings.microstepping)
+        return found.parked_here()
+
+    def _reach(self, position: Position) -> None:
+        """The moves sent so far take the carriage to `position`."""
+        self._position = position
+        self._position_sequence = self._trail.sent
 
     # -- the plot ----------------------------------------------------------
 
@@ -168,22 +294,35 @@ class PlotRunner:
         try:
             outcome = yield self._run()
         finally:
+            if self._state is not S.LOST:
+                self._set_state(S.DONE)
             # A pause asked for too late to take effect still gets its answer.
             self._resolve_pause()
         return outcome
 
     @inlineCallbacks
     def _run(self) -> Deferred[str]:
-        kept = yield self._plotter.ensure_motors_on()
+        yield self._plotter.ensure_motors_on()
+        # After a reconnect the board may still be drawing what it took before:
+        # the carriage's place is known once it has stopped.
+        yield self._plotter.wait_idle()
         steps = yield self._plotter.query_steps()
         self._here = motor_steps_to_mm(steps[0], steps[1], self._settings.microstepping)
-        if kept:
-            self._start = self._confirmed_start(self._start, steps)
-        self._position = self._start
-        self._count_done_before(self._start)
+        self._here_steps = (int(steps[0]), int(steps[1]))
+        if self._resuming and self._position_kept and not self._start.parked:
+            self._confirm_start(self._here_steps)
+        # The pen may be down: a killed daemon, a lost cable, another program.
+        yield self._send(self._pen_up)
+        yield self._plotter.wait_idle()
+        self._reach(self._start)
         self._report_progress(force=True)
         try:
+            if self._state is S.STARTING:
+                self._set_state(S.PLOTTING)
             yield self._plot()
+            self._finishing()
+            self._reach(self._position.parked_here())
+            yield self._save_durably(self._position)
         except Cancelled:
             yield self._go_home()
             return states.CANCELLED
@@ -194,40 +333,39 @@ class PlotRunner:
         self._report_progress(force=True)
         return states.COMPLETED
 
-    def _confirmed_start(self, start: Position, steps: tuple[int, int]) -> Position:
-        """The saved position can be behind what the board drew: the last moves it
-        acknowledged before a loss, or all it drew since the last save before the
-        daemon was killed. The board kept power, so its step counters say where the
-        carriage stopped: continue after the first planned point they match."""
-        target = (int(steps[0]), int(steps[1]))
-        for position, point in self._points_from(start):
-            if point == target:
-                if position != start:
-                    _log.info("job {job_id}: the plotter had drawn up to {position}, past the "
-                              "saved progress; continuing from there", job_id=self.job_id,
-                              position=position.to_dict())
-                return position
-        return start
+    def _finishing(self) -> None:
+        """The last stroke is sent: a pause or cancel now would stop nothing."""
+        self._honour_ending()
+        if self._state is S.PAUSING:
+            # Asked for too late to take effect: the plot ends instead.
+            self._resolve_pause()
+        self._set_state(S.FINISHING)
 
-    def _points_from(self, start: Position):
-        """(position, motor steps of the carriage there) for the planned points from
-        `start` on, in its layer, as far as a daemon could have got unsaved."""
-        paths = self._plan.layers[start.layer].paths if start.layer < len(self._plan.layers) \
-            else ()
-        budget = CONFIRM_SEARCH_MOVES
-        microstepping = self._settings.microstepping
-        for pi in range(start.path, len(paths)):
-            path = paths[pi]
-            first = start.move if pi == start.path else 0
-            for mi in range(first, len(path.draw) + 1):
-                if mi == 0:
-                    point = mm_to_motor_steps(*path.start_mm, microstepping)
-                else:
-                    point = tuple(path.draw[mi - 1].end_steps)
-                yield Position(start.layer, pi, mi), point
-                budget -= 1
-                if budget <= 0:
-                    return
+    def _confirm_start(self, steps: tuple[int, int]) -> None:
+        """The saved position can be behind what the board drew: the last moves it
+        took before a loss, or all it drew since the last save before the daemon
+        was killed. The board kept power, so its step counters say where the
+        carriage stopped: go on from there."""
+        start = self._start
+        if start.layer >= len(self._plan.layers):
+            return
+        paths = self._plan.layers[start.layer].paths
+        found = locate(paths, start, steps, self._settings.microstepping)
+        if found == start and found.inside == start.inside:
+            return
+        _log.info("job {job_id}: the plotter had drawn up to {position}, past the saved "
+                  "progress; continuing from there", job_id=self.job_id,
+                  position=found.to_dict())
+        self._start = found
+        self._inside = found.inside
+        self._done_draw, self._paths_done = 0.0, 0
+        self._count_done_before(found)
+        if found.inside is not None:
+            # The part of the stroke drawn before the carriage stopped is passed.
+            path = paths[found.path]
+            began = tuple(path.draw[found.move - 1].end_steps) if found.move else \
+                mm_to_motor_steps(*path.start_mm, self._settings.microstepping)
+            self._trail.add(began, steps)
 
     def _count_done_before(self, start: Position) -> None:
         """Progress already made by an earlier run of this job."""
@@ -256,7 +394,7 @@ class PlotRunner:
                     came_from = layer.paths[pi - 1].end_mm if pi else HOME
                     yield self._draw_path(li, pi, mi, path, came_from)
                 self._paths_done += 1
-                self._position = Position(li, pi + 1, 0)
+                self._reach(Position(li, pi + 1, 0))
 
     @inlineCallbacks
     def _draw_path(self, li: int, pi: int, mi: int, path: PathPlan,
@@ -264,29 +402,38 @@ class PlotRunner:
         """Draw `path` from its move `mi`; a pause inside re-plans the rest from rest."""
         if not path.draw:
             # A dot: too small to move the motors, so lower and raise the pen there.
-            yield self._checkpoint()
-            yield self._travel_to_start(path, came_from)
+            while True:
+                yield self._checkpoint()
+                arrived = yield self._travel_to_start(path, came_from)
+                if arrived:
+                    break
             yield self._set_pen(down=True)
         while mi < len(path.draw):
-            self._position = Position(li, pi, mi)
+            inside = self._inside
+            self._reach(Position(li, pi, mi, inside=inside))
             yield self._checkpoint()
-            if mi == 0:
-                yield self._travel_to_start(path, came_from)
+            if inside is not None:
+                arrived = yield self._travel(
+                    motor_steps_to_mm(*inside, self._settings.microstepping), drawing=True)
+            elif mi == 0:
+                arrived = yield self._travel_to_start(path, came_from)
             else:
-                yield self._travel(path.draw[mi - 1].end_mm)
+                arrived = yield self._travel(path.draw[mi - 1].end_mm, drawing=True)
+            if not arrived:
+                continue  # a request stopped the travel: the checkpoint honours it
+            self._inside = None
             yield self._set_pen(down=True)
-            at_vertex = True
-            for move, reached in self._remaining(path, mi):
-                if at_vertex:
-                    paused = yield self._checkpoint()
-                    if paused:
-                        break
+            # From inside a stroke, the first move ends where a pause can be.
+            at_vertex = inside is None
+            for move, completes in self._remaining(path, mi, inside is not None):
+                if at_vertex and self._state is not S.PLOTTING:
+                    break  # the checkpoint at the top of the loop honours it
                 yield self._send(move)
                 self._done_draw += move.distance_mm
-                at_vertex = reached is not None
+                at_vertex = completes is not None
                 if at_vertex:
-                    mi = reached
-                    self._position = Position(li, pi, mi)
+                    mi = completes
+                    self._reach(Position(li, pi, mi))
                 self._report_progress()
                 self._maybe_save()
         yield self._set_pen(down=False)
@@ -303,76 +450,94 @@ class PlotRunner:
             yield self._plotter.configure_pen(settings)
             self._pen_up, self._pen_down = pen_moves(settings)
 
-    def _remaining(self, path: PathPlan, mi: int) -> list[tuple[Move, int | None]]:
-        """The moves that draw `path` from its move `mi` on, starting at rest.
+    def _remaining(self, path: PathPlan, mi: int, from_here: bool
+                   ) -> list[tuple[Move, int | None]]:
+        """The moves that draw `path` from its move `mi` on, starting at rest (from
+        the carriage, when it stands inside move `mi`).
 
-        With each move comes how many of the path's planned moves it completes,
-        or None when it ends between two of them: the runner pauses only where
-        that count is known, so that the saved position is exactly where the
-        carriage stands.
+        With each move comes how many of the path's planned moves are complete
+        once it is done, or None when it ends between two of them: the runner
+        pauses only where that count is known, so that the saved position is
+        exactly where the carriage stands.
         """
+        if from_here:
+            return resume_path(path, mi, self._settings, use_lm=self._use_lm,
+                               start_mm=self._here)
         if mi == 0:
             return [(move, index + 1) for index, move in enumerate(path.draw)]
-        ends = {_point_key(move.end_mm): index + 1
-                for index, move in enumerate(path.draw) if index >= mi}
-        return [(move, ends.get(_point_key(move.end_mm)))
-                for move in resume_path(path, mi, self._settings, use_lm=self._use_lm)]
+        return resume_path(path, mi, self._settings, use_lm=self._use_lm)
 
-    @inlineCallbacks
     def _travel_to_start(self, path: PathPlan, came_from: tuple[float, float]
-                         ) -> Deferred[None]:
+                         ) -> Deferred[bool]:
         """To the start of `path`: the planned travel when the carriage is where the
-        plan expects it, else a travel planned now."""
+        plan expects it, else a travel planned now. Fires False if a request (pause,
+        cancel, stop) stopped it on the way."""
         if _point_key(self._here) == _point_key(came_from):
-            for move in path.travel:
-                yield self._send(move)
-        else:
-            yield self._travel(path.start_mm)
+            return self._send_travel(path.travel, drawing=True)
+        return self._travel(path.start_mm, drawing=True)
 
-    @inlineCallbacks
-    def _travel(self, target: tuple[float, float]) -> Deferred[None]:
-        """Pen-up moves from where the carriage is to `target`."""
+    def _travel(self, target: tuple[float, float], drawing: bool = False) -> Deferred[bool]:
+        """Pen-up moves from where the carriage is to `target`; while `drawing`, a
+        request stops them between two moves (fires False)."""
         if _point_key(target) == _point_key(self._here):
-            return
-        for move in plan_travel(self._here, target, self._settings, use_lm=self._use_lm):
-            yield self._send(move)
+            return succeed(True)
+        return self._send_travel(
+            plan_travel(self._here, target, self._settings, use_lm=self._use_lm), drawing)
 
     @inlineCallbacks
-    def _checkpoint(self) -> Deferred[bool]:
-        """Between two moves: honour a pause, a cancel or a stop.
+    def _send_travel(self, moves: Any, drawing: bool) -> Deferred[bool]:
+        for move in moves:
+            if drawing and self._state is not S.PLOTTING:
+                return False
+            yield self._send(move)
+        return True
 
-        Fires True when the plot was paused and has been resumed (the pen is
-        then up and the rest of the path must be planned again from rest).
-        """
-        paused = False
-        while self._requested is not None:
-            request = self._requested
-            if request == "cancel":
-                raise Cancelled()
+    def _honour_ending(self) -> None:
+        """Raise what a cancel or a lost device means for the coroutine."""
+        if self._state is S.CANCELLING:
+            raise Cancelled()
+        if self._state is S.LOST:
+            raise DeviceLost(self._lost_reason.getErrorMessage() if self._lost_reason
+                             else "the plotter was lost")
+
+    @inlineCallbacks
+    def _checkpoint(self) -> Deferred[None]:
+        """Between two moves: honour a pause, a cancel or a stop."""
+        while True:
+            self._honour_ending()
+            if self._state is S.STOPPING:
+                yield self._stop_here("the daemon stopped; resume continues from the "
+                                      "saved progress")
+            if self._state is not S.PAUSING:
+                return
             yield self._safe_stop()
-            if request == "stop":
-                # Park at home: the motors go off at shutdown and the board zeroes
-                # its counters when they come on again, so home is where to wait.
-                yield self._go_home()
-                yield self._transition(states.INTERRUPTED, "the daemon stopped; resume "
-                                       "continues from the saved progress",
-                                       progress=self.progress,
-                                       position=self._position.to_dict())
-                self._resolve_pause()
-                raise Stopped()
+            if self._state is not S.PAUSING:
+                continue  # cancelled, stopped or lost while the carriage came to rest
+            self._set_state(S.PAUSED)
             yield self._transition(states.PAUSED, "paused by request", progress=self.progress,
                                    position=self._position.to_dict())
             self._resolve_pause()
-            why = yield self._wait()
-            if why == "resume":
+            state = yield self._until_changed(S.PAUSED)
+            if state is S.PLOTTING:
                 yield self._transition(states.PLOTTING, "resumed")
-                paused = True
-        return paused
+
+    @inlineCallbacks
+    def _stop_here(self, reason: str) -> Deferred[None]:
+        """The daemon stops: pen up, park at home, record the job interrupted, end."""
+        yield self._safe_stop()
+        self._reach(self._position.parked_here())
+        yield self._save_durably(self._position)
+        # Park at home: the motors go off at shutdown and the board zeroes its
+        # counters when they come on again, so home is where to wait.
+        yield self._go_home()
+        yield self._transition(states.INTERRUPTED, reason, progress=self.progress,
+                               position=self._position.to_dict())
+        raise Stopped()
 
     def _resolve_pause(self) -> None:
-        done, self._pause_done = self._pause_done, None
-        if done is not None:
-            done.callback(None)
+        waiters, self._pause_waiters = self._pause_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
     @inlineCallbacks
     def _safe_stop(self) -> Deferred[None]:
@@ -382,23 +547,36 @@ class PlotRunner:
             yield self._send(self._pen_up)
             self._pen_is_down = False
             yield self._plotter.wait_idle()
+        # Every move taken has been executed: the position is exact.
+        self._history.clear()
         self._device.update_position(self._here[0], self._here[1], pen_down=False)
-
-    def _wait(self) -> Deferred[str]:
-        """Fires with "resume", "cancel" or "stop"."""
-        self._wake = Deferred()
-        if self._requested in ("cancel", "stop"):
-            self._wakeup(self._requested)
-        return self._wake
 
     @inlineCallbacks
     def _change_pen(self, index: int, name: str) -> Deferred[None]:
         """Park the carriage, ask for the next pen and wait for resume or the PRG button."""
         yield self._checkpoint()
+        # Until the pen is in, a later run starts by asking for it again: the
+        # position is the end of the layer before.
+        before = self._plan.layers[index - 1]
+        self._reach(Position(index - 1, len(before.paths), 0, parked=True))
+        yield self._save_durably(self._position)
+        self._pen_down_saved = False
+        self._set_state(S.PARKING)
         yield self._travel(self._settings.pen_change_position or HOME)
-        yield self._plotter.wait_idle()
+        yield self._safe_stop()
         yield self._plotter.button_pressed()  # forget a press from before the prompt
-        self._position = Position(index, 0, 0)
+        while True:
+            self._honour_ending()
+            if self._state is S.STOPPING:
+                yield self._stop_here("the daemon stopped during a pen change")
+            if self._state is not S.PARKING_TO_PAUSE:
+                break
+            self._set_state(S.PAUSED_FOR_PEN)
+            yield self._transition(states.PAUSED, "paused by request", progress=self.progress,
+                                   position=self._position.to_dict())
+            self._resolve_pause()
+            yield self._until_changed(S.PAUSED_FOR_PEN)
+        self._set_state(S.AWAITING_PEN)
         yield self._transition(states.AWAITING_PEN, f"next pen: {name}",
                                progress=self.progress, position=self._position.to_dict())
         self._publish({"type": "system_alert", "severity": "info",
@@ -406,40 +584,62 @@ class PlotRunner:
                        "message": f"Job {self.job_id}: put in the pen for layer "
                                   f"{index + 1} ({name}), then resume or press the "
                                   f"plotter's button."})
-        why = yield self._wait_for_pen()
-        if why == "cancel":
-            raise Cancelled()
-        if why == "stop":
-            yield self._go_home()
-            yield self._transition(states.INTERRUPTED, "the daemon stopped during a pen change",
-                                   progress=self.progress, position=self._position.to_dict())
-            raise Stopped()
+        yield self._wait_for_pen()
+        self._honour_ending()
+        if self._state is S.STOPPING:
+            yield self._stop_here("the daemon stopped during a pen change")
+        self._reach(Position(index, 0, 0))
         yield self._transition(states.PLOTTING, f"pen for layer {index + 1} ({name}) is in")
 
     @inlineCallbacks
-    def _wait_for_pen(self) -> Deferred[str]:
-        wake = self._wait()
-        while not wake.called:
+    def _wait_for_pen(self) -> Deferred[None]:
+        """Until resume, the PRG button, or an end (cancel, stop, loss)."""
+        while self._state is S.AWAITING_PEN:
             pressed = yield self._plotter.button_pressed()
-            if pressed and not wake.called:
-                self._requested = None
-                self._wakeup("resume")
+            if pressed and self._state is S.AWAITING_PEN:
+                self._request("resume")
                 break
-            if not wake.called:
-                yield _sleep(self._clock, BUTTON_POLL_SECONDS, wake)
-        why = yield wake
-        return why
+            yield self._sleep(BUTTON_POLL_SECONDS, S.AWAITING_PEN)
+
+    def _sleep(self, seconds: float, state: RunnerState) -> Deferred[RunnerState]:
+        """Fires after `seconds`, or as soon as the state is no longer `state`."""
+        waiter = self._until_changed(state)
+        if waiter.called:
+            return waiter
+        call = self._clock.callLater(seconds, self._wake, waiter)
+
+        def woken(result: Any) -> Any:
+            if call.active():
+                call.cancel()
+            return result
+
+        return waiter.addBoth(woken)
+
+    def _wake(self, waiter: Deferred) -> None:
+        self._changed.remove(waiter)
+        waiter.callback(self._state)
 
     @inlineCallbacks
     def _set_pen(self, *, down: bool) -> Deferred[None]:
         if down == self._pen_is_down:
             return
+        if down and not self._pen_down_saved:
+            # Where the carriage stands now, so that a kill before the next save
+            # goes on from here rather than from an older position.
+            yield self._save_durably(self._position)
+            self._pen_down_saved = True
         yield self._send(self._pen_down if down else self._pen_up)
         self._pen_is_down = down
         self._device.update_position(self._here[0], self._here[1], pen_down=down)
 
     @inlineCallbacks
     def _send(self, move: Move | PenMove) -> Deferred[None]:
+        if isinstance(move, Move):
+            end = tuple(move.end_steps)
+            if self._trail.needs_save_before(self._here_steps, end):
+                yield self._save_durably(self._position)
+            self._trail.add(self._here_steps, end)
+            self._here_steps = end
         self._history.append(self._position)
         yield self._plotter.send_move(move.command)
         if isinstance(move, Move):
@@ -466,8 +666,7 @@ class PlotRunner:
             return
         self._last_progress = now
         progress = self.progress
-        elapsed = now - self._started_at
-        remaining = (1.0 - progress) * self._plan.estimated_seconds
+        remaining = (1.0 - progress) * self._plan.estimated_seconds / self._time_factor
         self._publish({
             "type": "job_progress",
             "job_id": self.job_id,
@@ -477,18 +676,38 @@ class PlotRunner:
             "total_layers": len(self._plan.layers),
             "paths_done": self._paths_done,
             "total_paths": self._total_paths,
-            "elapsed_seconds": round(elapsed, 1),
+            "elapsed_seconds": round(self.plotting_seconds, 1),
             "eta_seconds": round(remaining, 1),
         })
+
+    def _save(self, position: Position) -> Deferred[None]:
+        """Save the progress at `position`; never fails (a failure is logged)."""
+        sequence = self._position_sequence if position == self._position else self._trail.sent
+
+        def saved(result: Any) -> None:
+            self._durable = position
+            self._trail.saved_at(sequence)
+
+        saving = self._save_progress(self.progress, position.to_dict())
+        saving.addCallback(saved)
+        saving.addErrback(lambda failure: _log.failure(
+            "could not save the progress of job {job_id}", failure, job_id=self.job_id))
+        return saving
+
+    @inlineCallbacks
+    def _save_durably(self, position: Position) -> Deferred[None]:
+        """Save `position` and wait until the store has it (after any save under way)."""
+        while self._saving is not None:
+            yield _quietly(self._saving)
+        self._last_save = self._clock.seconds()
+        yield self._save(position)
 
     def _maybe_save(self) -> None:
         now = self._clock.seconds()
         if self._saving is not None or now - self._last_save < self._settings.progress_save_interval:
             return
         self._last_save = now
-        saving = self._save_progress(self.progress, self._position.to_dict())
-        saving.addErrback(lambda failure: _log.failure(
-            "could not save the progress of job {job_id}", failure, job_id=self.job_id))
+        saving = self._save(self._position)
         if not saving.called:
             self._saving = saving
 
@@ -499,21 +718,18 @@ class PlotRunner:
             saving.addBoth(saved)
 
 
-def _sleep(clock: Any, seconds: float, cut_short: Deferred) -> Deferred[None]:
-    """A Deferred that fires after `seconds`, or as soon as `cut_short` fires."""
-    slept: Deferred[None] = Deferred()
-    call = clock.callLater(seconds, slept.callback, None)
-
-    def early(result: Any) -> Any:
-        if call.active():
-            call.cancel()
-            slept.callback(None)
-        return result
-
-    cut_short.addBoth(early)
-    return slept
-
-
 def _point_key(point: tuple[float, float]) -> tuple[float, float]:
     """A point rounded to a micrometre, to compare planned positions."""
     return (round(point[0], 3), round(point[1], 3))
+
+
+def _quietly(deferred: Deferred) -> Deferred[None]:
+    """Fires when `deferred` does, leaving its result to its own callbacks."""
+    done: Deferred[None] = Deferred()
+
+    def fired(result: Any) -> Any:
+        done.callback(None)
+        return result
+
+    deferred.addBoth(fired)
+    return done

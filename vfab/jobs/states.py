@@ -19,7 +19,8 @@ ACTIVE = frozenset({PLOTTING, PAUSED, AWAITING_PEN})
 TRANSITIONS: dict[str, frozenset[str]] = {
     QUEUED: frozenset({PLOTTING, CANCELLED, FAILED}),
     PLOTTING: frozenset({PAUSED, AWAITING_PEN, COMPLETED, FAILED, CANCELLED, INTERRUPTED}),
-    PAUSED: frozenset({PLOTTING, CANCELLED, FAILED, INTERRUPTED}),
+    # Paused on the way to a pen change: resume asks for the pen.
+    PAUSED: frozenset({PLOTTING, AWAITING_PEN, CANCELLED, FAILED, INTERRUPTED}),
     AWAITING_PEN: frozenset({PLOTTING, CANCELLED, FAILED, INTERRUPTED}),
     INTERRUPTED: frozenset({QUEUED, PLOTTING, CANCELLED, FAILED}),
     COMPLETED: frozenset(),

@@ -55,6 +55,12 @@ class Plotter:
         return self.firmware_version is not None and self.firmware_version >= HM_FIRMWARE
 
     @property
+    def unconfirmed_moves(self) -> int:
+        """Moves the board may have taken without executing them yet: the one
+        running and the one waiting in its one-deep motion FIFO."""
+        return 2
+
+    @property
     def microstepping(self) -> int:
         return self.config.microstepping
 

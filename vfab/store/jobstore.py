@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
 from vfab.jobs.job import Job, iso8601
@@ -125,7 +125,7 @@ class JobStore:
 
     def _run(self, interaction: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self._pool is None:
-            raise DatabaseError("the database is closed")
+            return fail(DatabaseError("the database is closed"))
         return self._pool.runInteraction(interaction, *args)
 
     def add(self, job: Job) -> Deferred[Job]:
@@ -160,14 +160,20 @@ class JobStore:
             return [_job(row) for row in cursor.fetchall()]
         return self._run(select)
 
-    def next_queued(self) -> Deferred[Job | None]:
-        """The job to plot next: one already begun (its drawing is half done), then
-        the highest priority, then the oldest."""
-        def select(cursor: Any) -> Job | None:
+    def next_to_plot(self) -> Deferred[tuple[Job | None, Job | None]]:
+        """(the job to plot next, None), or (None, the interrupted job that holds
+        the queue): while a job is interrupted its drawing is half on the paper,
+        and nothing else starts until a person resumes or cancels it."""
+        def select(cursor: Any) -> tuple[Job | None, Job | None]:
+            cursor.execute(f"{_SELECT} WHERE state = ? ORDER BY seq ASC LIMIT 1",
+                           (INTERRUPTED,))
+            row = cursor.fetchone()
+            if row:
+                return None, _job(row)
             cursor.execute(f"{_SELECT} WHERE state = ? ORDER BY position IS NULL, "
                            f"priority DESC, seq ASC LIMIT 1", (QUEUED,))
             row = cursor.fetchone()
-            return _job(row) if row else None
+            return (_job(row) if row else None), None
         return self._run(select)
 
     def counts(self) -> Deferred[dict[str, int]]:

@@ -1,0 +1,177 @@
+"""The jobs layer in one process: queue, scheduler, runner and store on a Clock with
+the emulated board (see plotting_site). Each test is an interleaving that once went
+wrong, or that a person at the plotter can cause."""
+
+from __future__ import annotations
+
+import attr
+import numpy as np
+import pytest
+from twisted.internet.defer import Deferred
+
+from plotting_site import SETTINGS, Site
+from test_runner import TWO_LAYERS, assert_same_drawing, drawn_length
+from vfab.jobs import states
+from vfab.jobs.errors import InvalidTransition
+
+#: A page frame through the home corner, with a circle and a square (issue 11).
+PAGE_FRAME = b"""<svg xmlns="http://www.w3.org/2000/svg" width="200mm" height="200mm"
+ viewBox="0 0 200 200">
+  <circle cx="8" cy="8" r="3" fill="none" stroke="black"/>
+  <polyline points="100,0 0,0 0,100" fill="none" stroke="black"/>
+  <rect x="40" y="40" width="20" height="20" fill="none" stroke="black"/>
+</svg>"""
+PAGE_FRAME_MM = 2 * np.pi * 3 + 200 + 80
+
+
+def plot(site: Site, svg: bytes) -> str:
+    job_id = site.submit(svg)
+    site.wait_for(lambda: site.state(job_id) in states.FINISHED, limit=3600, step=1.0)
+    return job_id
+
+
+def test_a_page_frame_through_home_is_drawn_whole(tmp_path):
+    site = Site(tmp_path)
+    job_id = plot(site, PAGE_FRAME)
+    assert site.state(job_id) == states.COMPLETED
+    assert drawn_length(site.strokes) == pytest.approx(PAGE_FRAME_MM, rel=0.01)
+
+
+def test_a_second_job_after_a_page_frame_is_drawn_whole_too(tmp_path):
+    """The motors stay on between jobs: a fresh job must not trust old counters."""
+    site = Site(tmp_path)
+    plot(site, PAGE_FRAME)
+    first = drawn_length(site.strokes)
+    plot(site, PAGE_FRAME)
+    assert drawn_length(site.strokes) == pytest.approx(2 * first, rel=0.002)
+
+
+def test_a_request_the_state_forbids_is_refused_at_once(tmp_path):
+    site = Site(tmp_path)
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: site.state(job_id) == states.PLOTTING)
+    refused = site.life.queue.resume(job_id)
+    failures = []
+    refused.addErrback(failures.append)
+    assert failures and failures[0].check(InvalidTransition)  # no time passed
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.2])
+def test_a_pause_during_the_travel_to_the_pen_change_is_honoured(tmp_path, delay):
+    site = Site(tmp_path, attr.evolve(SETTINGS, pen_change_position=(280.0, 200.0)))
+    job_id = site.submit(TWO_LAYERS)
+    runner = None
+
+    def parking() -> bool:
+        nonlocal runner
+        runner = site.life.queue.scheduler.runner
+        return runner is not None and runner.state.name == "PARKING"
+
+    site.wait_for(parking, step=0.005)
+    site.advance(delay)
+    assert runner.state.name == "PARKING"
+    started = site.clock.seconds()
+    site.settle(site.life.queue.pause(job_id), limit=30)
+    assert site.state(job_id) == states.PAUSED
+    assert site.clock.seconds() - started <= 5.0  # the rest of the travel at most
+    site.settle(site.life.queue.resume(job_id), limit=5)
+    assert site.state(job_id) == states.AWAITING_PEN  # the pen is asked for, not skipped
+    site.settle(site.life.queue.resume(job_id), limit=5)
+    site.wait_for(lambda: site.state(job_id) == states.COMPLETED, limit=600)
+    assert drawn_length(site.strokes) == pytest.approx(160.0, rel=0.002)
+
+
+def test_a_pause_in_a_long_stroke_takes_effect_within_a_second(tmp_path):
+    long_line = (b'<svg xmlns="http://www.w3.org/2000/svg" width="200mm" height="200mm" '
+                 b'viewBox="0 0 200 200"><line x1="10" y1="10" x2="190" y2="190" '
+                 b'stroke="black"/></svg>')
+    site = Site(tmp_path)
+    job_id = site.submit(long_line)
+    site.wait_for(lambda: site.board.pen_up is False, step=0.01)
+    site.advance(1.0)
+    started = site.clock.seconds()
+    site.settle(site.life.queue.pause(job_id), limit=30)
+    assert site.clock.seconds() - started <= 1.0
+    assert site.life.device.status()["status"] == "paused"
+    site.settle(site.life.queue.resume(job_id), limit=5)
+    assert site.life.device.status()["status"] == "plotting"
+    site.wait_for(lambda: site.state(job_id) == states.COMPLETED)
+    assert drawn_length(site.strokes) == pytest.approx(180 * 2 ** 0.5, rel=0.002)
+
+
+def test_a_stop_while_the_job_is_planned_leaves_it_queued(tmp_path):
+    site = Site(tmp_path)
+    planned: list[Deferred] = []
+    scheduler = site.life.queue.scheduler
+
+    def slow_prepare(job, plotter):
+        waiting = Deferred()
+        planned.append(waiting)
+        return waiting
+
+    scheduler._prepare = slow_prepare
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: planned)
+    stopping = site.life.queue.stopService()
+    planned[0].callback(None)  # the plan arrives as the daemon stops
+    site.settle(stopping)
+    assert site.state(job_id) == states.QUEUED
+    site.settle(site.life.device.stopService())
+    site.life.store.close()
+    site.life.clock.alive = False
+    site.start()
+    site.wait_for(lambda: site.state(job_id) == states.COMPLETED, limit=600)
+    assert drawn_length(site.strokes) == pytest.approx(PAGE_FRAME_MM, rel=0.01)
+
+
+def test_a_store_failure_while_choosing_is_retried(tmp_path):
+    site = Site(tmp_path)
+    store = site.life.store
+    real = store.next_to_plot
+    calls = []
+
+    def failing():
+        calls.append(site.clock.seconds())
+        if len(calls) == 1:
+            from vfab.store.jobstore import DatabaseError
+            from twisted.internet.defer import fail
+            return fail(DatabaseError("disk I/O error"))
+        return real()
+
+    store.next_to_plot = failing
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: site.state(job_id) == states.COMPLETED, limit=600)
+    assert len(calls) >= 2
+
+
+def test_counts_follow_every_change(tmp_path):
+    site = Site(tmp_path)
+    ids = [site.submit(PAGE_FRAME) for _ in range(3)]
+    site.advance(0.1)
+    counts = site.life.queue.state_counts()
+    assert counts[states.PLOTTING] == 1 and counts[states.QUEUED] == 2
+    site.settle(site.life.queue.cancel(ids[2]))
+    site.wait_for(lambda: site.state(ids[1]) == states.COMPLETED, limit=1200)
+    site.advance(1.0)
+    counts = site.life.queue.state_counts()
+    assert counts[states.COMPLETED] == 2 and counts[states.CANCELLED] == 1
+    assert counts[states.QUEUED] == 0 and counts[states.PLOTTING] == 0
+
+
+def test_same_drawing_after_a_loss_during_a_resumed_stroke(tmp_path):
+    """Pause inside a path, resume, pull the cable, stop the daemon, start it again."""
+    reference_site = Site(tmp_path / "reference")
+    plot(reference_site, PAGE_FRAME)
+    site = Site(tmp_path / "site")
+    job_id = site.submit(PAGE_FRAME)
+    site.advance(3.0)
+    site.settle(site.life.queue.pause(job_id), limit=30)
+    site.settle(site.life.queue.resume(job_id))
+    site.advance(0.4)
+    site.pull_cable()
+    site.advance(2.0)
+    site.stop()
+    site.start()
+    site.settle(site.life.queue.resume(job_id))
+    site.wait_for(lambda: site.state(job_id) == states.COMPLETED, limit=600)
+    assert_same_drawing(site.strokes, reference_site.strokes)

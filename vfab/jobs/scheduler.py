@@ -1,0 +1,306 @@
+"""The one owner of "what plots next": picks a job when the plotter is free and runs it.
+
+Everything that may free the plotter or make a job ready (a submission, a
+resume, the device connecting, a plot ending) calls `wake()`; nothing else
+starts a job. The scheduler is a small state machine:
+
+    idle -> choosing -> preparing -> running -> ending -> idle (and again)
+
+A `wake()` while it is busy is remembered and acted on when it is idle
+again, so no event is lost and no two jobs ever start. A failure to read the
+store is retried after a pause rather than stopping the queue.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from vfab.jobs import states
+from vfab.jobs.job import Job
+from vfab.jobs.position import Position
+from vfab.jobs.prepare import forget_frozen
+from vfab.jobs.runner import PlotRunner
+from vfab.plotter.errors import DeviceLost, DeviceTimeout, EBBError
+
+_log = Logger()
+
+#: Seconds before the scheduler tries again after the store failed it.
+RETRY_SECONDS = 5.0
+
+
+class SchedulerState(enum.Enum):
+    IDLE = "idle"
+    CHOOSING = "choosing"
+    PREPARING = "preparing"
+    RUNNING = "running"
+    ENDING = "ending"
+    STOPPED = "stopped"
+
+
+#: Builds the runner of a job once its plan is ready: (job, prepared plan, plotter) -> runner.
+RunnerFactory = Callable[[Job, Any, Any], PlotRunner]
+
+
+class Scheduler:
+    """Runs the queue's jobs one after another on one plotter."""
+
+    def __init__(self, *, store: Any, recorder: Any, device: Any, prepare: Callable,
+                 make_runner: RunnerFactory, clock: Any, shutdown_grace: float):
+        """`prepare(job, plotter)` fires with the job's plan (PreparedJob)."""
+        self._store = store
+        self._recorder = recorder
+        self._device = device
+        self._prepare = prepare
+        self._make_runner = make_runner
+        self._clock = clock
+        self._grace = shutdown_grace
+        self._state = SchedulerState.STOPPED
+        self._again = False
+        self._retry = None
+        self._step: Deferred | None = None  # the choosing/preparing/ending in progress
+        self.runner: PlotRunner | None = None
+        self._running: Deferred | None = None
+        #: The interrupted job that holds the queue, if any (for the status).
+        self.held_by: Job | None = None
+        self._unsubscribe_lost: Callable[[], None] | None = None
+        #: The runner of a job that ended with the device lost, until the device is back.
+        self._lost: PlotRunner | None = None
+        #: The connection on which the held job was last checked against the counters.
+        self._checked_on: Any = None
+
+    @property
+    def state(self) -> SchedulerState:
+        return self._state
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._state = SchedulerState.IDLE
+        self._unsubscribe_lost = self._device.on_lost(self._device_lost)
+        self.wake()
+
+    @inlineCallbacks
+    def stop(self) -> Deferred[None]:
+        """Let a running plot go on for the grace time, then pause it at a safe point."""
+        state, self._state = self._state, SchedulerState.STOPPED
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        if self._unsubscribe_lost is not None:
+            self._unsubscribe_lost()
+        if self._step is not None:
+            yield _quietly(self._step)
+        runner, running = self.runner, self._running
+        if runner is not None and running is not None:
+            _log.info("shutdown: letting job {job_id} plot on for up to {grace} s",
+                      job_id=runner.job_id, grace=self._grace)
+            timer = self._clock.callLater(self._grace, runner.stop)
+            yield _quietly(running)  # the job's end is recorded by then (see _ended)
+            if timer.active():
+                timer.cancel()
+            else:
+                _log.info("shutdown: job {job_id} paused at a safe point, progress saved",
+                          job_id=runner.job_id)
+        _log.debug("scheduler stopped (it was {state})", state=state.value)
+
+    def when_ended(self) -> Deferred[None]:
+        """Fires once the running plot's end is recorded (at once when none runs)."""
+        if self._running is None:
+            return succeed(None)
+        return _quietly(self._running)
+
+    # -- choosing the next job ---------------------------------------------------
+
+    def wake(self) -> None:
+        """Something changed that may let a job start: look, now or once idle."""
+        if self._state is SchedulerState.IDLE:
+            self._choose()
+        elif self._state is not SchedulerState.STOPPED:
+            self._again = True
+
+    def _idle(self) -> None:
+        if self._state is SchedulerState.STOPPED:
+            return
+        self._state = SchedulerState.IDLE
+        self._step = None
+        if self._again:
+            self._again = False
+            self._choose()
+
+    def _choose(self) -> None:
+        plotter = self._device.plotter
+        if plotter is None:
+            return  # the device's `idle` status wakes us when it connects
+        self._state = SchedulerState.CHOOSING
+        self._again = False
+        step = self._store.next_to_plot()
+        step.addCallback(self._chosen, plotter)
+        step.addErrback(self._choosing_failed)
+        self._step = step
+
+    @inlineCallbacks
+    def _settle_held_job(self, held: Job, plotter: Any) -> Deferred[None]:
+        """An interrupted job holds the queue and the board kept power: while its
+        counters still say how far the board drew, save that (as exact), before
+        anything moves the carriage (a stop parks it at home and the counters are
+        gone). Once per connection; never fails."""
+        if plotter is self._checked_on:
+            return
+        self._checked_on = plotter
+        start = Position.from_dict(held.position)
+        if start is None or start.parked or not self._device.position_kept:
+            return
+        runner, self._lost = self._lost, None
+        try:
+            if runner is None or runner.job_id != held.id:
+                prepared = yield self._prepare(held, plotter)
+                runner = self._make_runner(held, prepared, plotter)
+            yield plotter.wait_idle()
+            steps = yield plotter.query_steps()
+            position = runner.position_after_loss((int(steps[0]), int(steps[1])))
+            yield self._store.save_progress(held.id, runner.progress, position.to_dict())
+        except Exception:  # planning, the device or the store: the saved progress stands
+            _log.failure("could not check how far job {job_id} got on the plotter",
+                         job_id=held.id)
+
+    def _choosing_failed(self, failure: Failure) -> None:
+        _log.failure("could not choose the next job; trying again in {seconds:.0f} s",
+                     failure, seconds=RETRY_SECONDS)
+        self._idle()
+        if self._state is SchedulerState.STOPPED:
+            return
+        self._retry = self._clock.callLater(RETRY_SECONDS, self.wake)
+
+    @inlineCallbacks
+    def _chosen(self, chosen: tuple[Job | None, Job | None], plotter: Any) -> Deferred[None]:
+        job, self.held_by = chosen
+        if self.held_by is not None:
+            yield self._settle_held_job(self.held_by, plotter)
+        if job is None or self._state is SchedulerState.STOPPED:
+            if self._state is not SchedulerState.STOPPED:
+                self._idle()
+            return
+        self._state = SchedulerState.PREPARING
+        try:
+            prepared = yield self._prepare(job, plotter)
+        except Exception as error:  # whatever stops planning fails this job, not the queue
+            if self._state is SchedulerState.STOPPED:
+                return
+            yield self._record(job.id, states.FAILED, f"could not plan the job: {error}",
+                               error=str(error))
+            self._idle()
+            return
+        if self._state is SchedulerState.STOPPED:
+            return  # shutting down: the job stays queued
+        if self._device.plotter is not plotter:
+            self._idle()  # the plotter went away meanwhile; its return wakes us
+            return
+        try:
+            yield self._recorder.change(job.id, states.PLOTTING,
+                                        "started" if job.position is None
+                                        else "continued from the saved progress")
+        except states.InvalidTransition:
+            self._idle()  # cancelled while it was being planned: on to the next one
+            return
+        if self._state is SchedulerState.STOPPED:
+            # Stopping while the start was recorded: the next start resumes it.
+            yield self._record(job.id, states.INTERRUPTED, "the daemon stopped as the job "
+                               "started; resume continues from the saved progress")
+            return
+        self._run(job, prepared, plotter)
+
+    def _run(self, job: Job, prepared: Any, plotter: Any) -> None:
+        self._state = SchedulerState.RUNNING
+        self._step = None
+        runner = self._make_runner(job, prepared, plotter)
+        self.runner = runner
+        self._device.set_job(job.id, "plotting")
+        _log.info("job {job_id} plotting on the device", job_id=job.id)
+        self._running = runner.run()
+        self._running.addBoth(self._ended, runner)
+
+    # -- a plot's end ------------------------------------------------------------
+
+    def _device_lost(self, reason: Failure) -> None:
+        if self.runner is not None:
+            self.runner.device_lost(reason)
+
+    @inlineCallbacks
+    def _ended(self, outcome: str | Failure, runner: PlotRunner) -> Deferred[None]:
+        """Record how the plot ended; never fails."""
+        if self._state is not SchedulerState.STOPPED:
+            self._state = SchedulerState.ENDING
+        job_id = runner.job_id
+        # A cancelled or failed job's carriage is parked: no counter can confirm it.
+        fields = {"progress": runner.progress,
+                  "position": runner.position.parked_here().to_dict()}
+        if isinstance(outcome, Failure) and outcome.check(DeviceLost, DeviceTimeout):
+            reason = (f"the device was lost: {outcome.getErrorMessage()}; resume "
+                      f"continues from the saved progress")
+            yield self._record(job_id, states.INTERRUPTED, reason, progress=runner.progress,
+                               position=runner.resume_position.to_dict())
+            self._recorder.alert_interrupted(job_id, reason)
+            # Checked once the device is back, on its new connection.
+            self._lost, self._checked_on = runner, self._device.plotter
+        elif isinstance(outcome, Failure):
+            if not outcome.check(EBBError):
+                _log.failure("job {job_id} failed", outcome, job_id=job_id)
+            reason = (f"the plotter reported an error: {outcome.getErrorMessage()}"
+                      if outcome.check(EBBError) else outcome.getErrorMessage())
+            yield self._record(job_id, states.FAILED, reason,
+                               error=outcome.getErrorMessage(), **fields)
+            yield self._device.park()
+        elif outcome == states.COMPLETED:
+            yield self._record(job_id, states.COMPLETED, "plot finished",
+                               progress=1.0, position=None)
+        elif outcome == states.CANCELLED:
+            yield self._record(job_id, states.CANCELLED, "cancelled by request", **fields)
+        # INTERRUPTED by a stop: the runner recorded it.
+        self.runner = None
+        self._running = None
+        forget_frozen()
+        self._device.set_job(None)
+        if self._state is SchedulerState.STOPPED:
+            return None
+        yield self._motors_off_if_nothing_waits()
+        self._idle()
+        self.wake()
+        return None
+
+    @inlineCallbacks
+    def _motors_off_if_nothing_waits(self) -> Deferred[None]:
+        """Let the motors cool when the queue is empty; never fails."""
+        plotter = self._device.plotter
+        if plotter is None:
+            return
+        try:
+            job, held_by = yield self._store.next_to_plot()
+            if job is None and held_by is None:
+                yield plotter.motors_off()
+        except Exception:  # the device or the store: the next plot switches them on anyway
+            _log.failure("could not switch the motors off after a plot")
+
+    @inlineCallbacks
+    def _record(self, job_id: str, to_state: str, reason: str, **fields: Any) -> Deferred[None]:
+        """A state change that must not stop the queue if the store fails it."""
+        try:
+            yield self._recorder.change(job_id, to_state, reason, **fields)
+        except Exception:  # the store: logged, and the job is put right at the next start
+            _log.failure("could not record job {job_id} as {state}", job_id=job_id,
+                         state=to_state)
+
+
+def _quietly(deferred: Deferred) -> Deferred[None]:
+    """A Deferred that fires when `deferred` does, whatever its result, without taking it."""
+    done: Deferred[None] = Deferred()
+
+    def fired(result: Any) -> Any:
+        done.callback(None)
+        return result
+
+    deferred.addBoth(fired)
+    return done
