@@ -21,7 +21,6 @@ import enum
 from collections import deque
 from typing import Any, Callable
 
-import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -698,7 +697,7 @@ class PlotRunner:
     def _save_durably(self, position: Position) -> Deferred[None]:
         """Save `position` and wait until the store has it (after any save under way)."""
         while self._saving is not None:
-            yield _quietly(self._saving)
+            yield when_fired(self._saving)
         self._last_save = self._clock.seconds()
         yield self._save(position)
 
@@ -723,7 +722,7 @@ def _point_key(point: tuple[float, float]) -> tuple[float, float]:
     return (round(point[0], 3), round(point[1], 3))
 
 
-def _quietly(deferred: Deferred) -> Deferred[None]:
+def when_fired(deferred: Deferred) -> Deferred[None]:
     """Fires when `deferred` does, leaving its result to its own callbacks."""
     done: Deferred[None] = Deferred()
 

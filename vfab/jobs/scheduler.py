@@ -24,7 +24,7 @@ from vfab.jobs import states
 from vfab.jobs.job import Job
 from vfab.jobs.position import Position
 from vfab.jobs.prepare import forget_frozen
-from vfab.jobs.runner import PlotRunner
+from vfab.jobs.runner import PlotRunner, when_fired
 from vfab.plotter.errors import DeviceLost, DeviceTimeout, EBBError
 
 _log = Logger()
@@ -93,13 +93,13 @@ class Scheduler:
         if self._unsubscribe_lost is not None:
             self._unsubscribe_lost()
         if self._step is not None:
-            yield _quietly(self._step)
+            yield when_fired(self._step)
         runner, running = self.runner, self._running
         if runner is not None and running is not None:
             _log.info("shutdown: letting job {job_id} plot on for up to {grace} s",
                       job_id=runner.job_id, grace=self._grace)
             timer = self._clock.callLater(self._grace, runner.stop)
-            yield _quietly(running)  # the job's end is recorded by then (see _ended)
+            yield when_fired(running)  # the job's end is recorded by then (see _ended)
             if timer.active():
                 timer.cancel()
             else:
@@ -111,7 +111,7 @@ class Scheduler:
         """Fires once the running plot's end is recorded (at once when none runs)."""
         if self._running is None:
             return succeed(None)
-        return _quietly(self._running)
+        return when_fired(self._running)
 
     # -- choosing the next job ---------------------------------------------------
 
@@ -292,15 +292,3 @@ class Scheduler:
         except Exception:  # the store: logged, and the job is put right at the next start
             _log.failure("could not record job {job_id} as {state}", job_id=job_id,
                          state=to_state)
-
-
-def _quietly(deferred: Deferred) -> Deferred[None]:
-    """A Deferred that fires when `deferred` does, whatever its result, without taking it."""
-    done: Deferred[None] = Deferred()
-
-    def fired(result: Any) -> Any:
-        done.callback(None)
-        return result
-
-    deferred.addBoth(fired)
-    return done
