@@ -14,7 +14,7 @@ from vfab.config import DeviceConfig
 from vfab.events import EventBus
 from vfab.plotter.service import DeviceService
 from vfab.simulator import EBBEmulator, Faults, Recording
-from vfab.simulator.recording import PNG_FILE, STROKES_FILE, SVG_FILE
+from vfab.simulator.recording import PNG_FILE, STROKES_FILE, SVG_FILE, RecordWriter
 from vfab.simulator.timing import lm_timing
 
 
@@ -356,3 +356,24 @@ def test_command_line_serves_a_pty_until_sigterm(tmp_path):
     data = json.loads((tmp_path / "record" / STROKES_FILE).read_text())
     assert data["strokes"] == [[[0.0, 0.0], [1.0, 0.0]]]
     assert not link.exists()
+
+
+def test_the_record_is_written_off_the_reactor_newest_first(tmp_path):
+    """In the daemon's process the record must not stall the plot; a write that a
+    newer one overtook is skipped, and a stop writes at once."""
+    queued = []
+    writer = RecordWriter(tmp_path, lambda function, *args: queued.append((function, args)))
+    recording = Recording()
+    recording.pen_changed(False)
+    recording.moved([(1.0, 0.0)])
+    writer.write(recording)
+    recording.moved([(2.0, 0.0)])
+    writer.write(recording)
+    assert len(queued) == 2 and not (tmp_path / STROKES_FILE).exists()
+    for function, args in reversed(queued):  # the newer one runs first
+        function(*args)
+    data = json.loads((tmp_path / STROKES_FILE).read_text())
+    assert data["strokes"] == [[[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]]]
+    recording.moved([(3.0, 0.0)])
+    writer.write(recording, now=True)
+    assert json.loads((tmp_path / STROKES_FILE).read_text())["strokes"][0][-1] == [3.0, 0.0]

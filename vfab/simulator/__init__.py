@@ -9,7 +9,7 @@ a protocol to it in memory, for tests). `python -m vfab.simulator` runs it.
 from vfab.simulator.core import EBBEmulator, Faults
 from vfab.simulator.loopback import LoopbackPort
 from vfab.simulator.pty_port import VirtualPlotter
-from vfab.simulator.recording import Recording
+from vfab.simulator.recording import Recording, RecordWriter
 
 __all__ = ["EBBEmulator", "Faults", "LoopbackPort", "Recording", "VirtualPlotter",
            "start_virtual_plotter"]
@@ -21,6 +21,9 @@ def start_virtual_plotter(reactor, *, speed: float = 1.0, record_dir=None, link=
     """Start a virtual plotter on a pty in `reactor`; its `.path` is the device to open."""
     emulator = EBBEmulator(reactor, speed=speed, recording=Recording(page_mm),
                            record_dir=record_dir, faults=faults)
+    if record_dir is not None:
+        # Off the reactor: in the daemon's own process a long record would stall the plot.
+        emulator.record_writer = RecordWriter(record_dir, reactor.callInThread)
     plotter = VirtualPlotter(reactor, emulator, link=link)
     plotter.start()
     return plotter

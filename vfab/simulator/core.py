@@ -22,7 +22,7 @@ from twisted.logger import Logger
 
 from vfab.plotter.kinematics import microstep_code, microstepping_of_code, motor_steps_to_mm
 from vfab.simulator import timing
-from vfab.simulator.recording import Recording
+from vfab.simulator.recording import Recording, RecordWriter
 
 log = Logger()
 
@@ -97,6 +97,8 @@ class EBBEmulator:
         self.speed = speed
         self.recording = recording if recording is not None else Recording()
         self.record_dir = record_dir
+        #: Writes the record; start_virtual_plotter gives it a thread to write in.
+        self.record_writer = RecordWriter(record_dir) if record_dir is not None else None
         self.faults = faults if faults is not None else Faults()
         self.firmware_version = firmware_version
         #: Where replies go; a transport replaces this.
@@ -353,16 +355,16 @@ class EBBEmulator:
         done = self._running.done_at(self._elapsed())
         return (self.steps[0] + done[0], self.steps[1] + done[1])
 
-    def write_record(self) -> None:
+    def write_record(self, *, now: bool = False) -> None:
         """Write strokes.json, drawing.svg and drawing.png, if there is a record directory."""
         if self.record_dir is not None:
-            self.recording.write(self.record_dir)
+            self.record_writer.write(self.recording, now=now)
 
     def stop(self) -> None:
         """The plotter is switched off: finish accepted moves and write the record."""
         self.flush()
         self.connected = False
-        self.write_record()
+        self.write_record(now=True)
 
     # -- commands: motion (through the FIFO) ---------------------------------
 

@@ -11,7 +11,9 @@ import io
 import json
 import math
 import os
+import threading
 from pathlib import Path
+from typing import Any, Callable
 
 from PIL import Image, ImageDraw
 
@@ -92,6 +94,18 @@ class Recording:
         log.warn("virtual plotter: {message}", message=message)
         self.warnings.append(message)
 
+    def snapshot(self) -> "Recording":
+        """A copy to write while this one goes on recording. Finished strokes never
+        change, so only the list of them and the stroke under way are copied."""
+        copy = Recording(self.page_mm)
+        copy.strokes = self.strokes[:]
+        if self._stroke is not None and copy.strokes and copy.strokes[-1] is self._stroke:
+            copy.strokes[-1] = list(self._stroke)
+        copy.pen_down_mm, copy.pen_up_mm = self.pen_down_mm, self.pen_up_mm
+        copy.motion_seconds = self.motion_seconds
+        copy.starvations, copy.warnings = list(self.starvations), list(self.warnings)
+        return copy
+
     def as_dict(self) -> dict:
         return {
             "strokes": [[[round(x, 4), round(y, 4)] for x, y in stroke]
@@ -154,6 +168,42 @@ class Recording:
             else:
                 draw.line(pixels, fill=0, width=1)
         return image
+
+
+class RecordWriter:
+    """Writes a recording's files, off the reactor's thread when given a way there.
+
+    A long plot's record takes seconds to serialise and draw; in the daemon's
+    own process (device type `simulator`) that must not stall the plot. Writes
+    run one at a time, and one that was overtaken by a newer one is skipped.
+    """
+
+    def __init__(self, directory: str | os.PathLike,
+                 run_in_thread: Callable[..., Any] | None = None):
+        self.directory = directory
+        self._run_in_thread = run_in_thread
+        self._lock = threading.Lock()
+        self._asked = 0
+        self._written = 0
+
+    def write(self, recording: Recording, *, now: bool = False) -> None:
+        """Write what `recording` holds; `now` (or no thread): before returning."""
+        self._asked += 1
+        snapshot, number = recording.snapshot(), self._asked
+        if now or self._run_in_thread is None:
+            self._write(snapshot, number)
+        else:
+            self._run_in_thread(self._write, snapshot, number)
+
+    def _write(self, snapshot: Recording, number: int) -> None:
+        with self._lock:
+            if number <= self._written:
+                return
+            try:
+                snapshot.write(self.directory)
+            except OSError as error:
+                log.error("virtual plotter could not write its drawing: {error}", error=error)
+            self._written = number
 
 
 def _replace(path: Path, data: bytes) -> None:
