@@ -116,12 +116,13 @@ class Site:
     """The board and the database that stay; daemon lives that come and go."""
 
     def __init__(self, tmp_path: Path, settings: DeviceConfig = SETTINGS, *,
-                 firmware: str = "2.8.1"):
+                 firmware: str = "2.8.1", **board: Any):
+        """`board`: the state other software left the board in (EBBEmulator's options)."""
         self.clock = Clock()
         self.settings = settings
         self.database = tmp_path / "vfab.db"
         self.jobs_dir = tmp_path / "jobs"
-        self.board = EBBEmulator(self.clock, firmware_version=firmware)
+        self.board = EBBEmulator(self.clock, firmware_version=firmware, **board)
         self.messages: list[tuple[str, dict]] = []
         self.life: Life | None = None
         self.start()

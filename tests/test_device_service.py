@@ -15,7 +15,7 @@ from vfab.plotter.plotter import Plotter
 from vfab.plotter.service import DeviceService
 from vfab.simulator import EBBEmulator, LoopbackPort
 
-HANDSHAKE = ["V", "SC,8,8", "SC,4,20641", "SC,5,15248", "SC,11,1618", "SC,12,1079",
+HANDSHAKE = ["V", "CU,1,1", "SC,8,8", "SC,4,20641", "SC,5,15248", "SC,11,1618", "SC,12,1079",
              "SP,1,130", "SR,60000", "QE", "EM,1,1"]
 
 
@@ -256,6 +256,22 @@ def test_stop_parks_the_plotter_and_closes_the_port(harness):
     assert harness.service.status()["status"] == "disconnected"
     assert harness.service.status()["pen"] == "up"
     assert harness.clock.getDelayedCalls() == []
+
+
+@pytest.mark.parametrize("left", [
+    {"future_syntax": True, "fifo_depth": 32},
+    {"future_syntax": False, "fifo_depth": 8, "ok_replies": False},
+    {"future_syntax": True, "fifo_depth": 32, "ok_replies": False},
+], ids=["future syntax, FIFO 32", "no OK replies", "both"])
+def test_a_3x_board_left_by_other_software_is_taken_over(harness, left):
+    board = harness.ports.plug("/dev/ttyACM0", firmware_version="3.0.3", **left)
+    harness.service.startService()
+    connected = harness.service.when_connected()
+    harness.run(5.0)
+    plotter = fired(connected)
+    assert plotter.firmware_version == (3, 0, 3)
+    assert not board.future_syntax and board.ok_replies and board.fifo_depth == 1
+    assert harness.ports.commands()[:4] == ["V", "CU,10,0", "CU,1,1", "CU,4,1"]
 
 
 def test_stop_takes_the_carriage_home_before_the_motors_go_off(harness):

@@ -115,8 +115,28 @@ def reference(tmp_path_factory) -> list[np.ndarray]:
     return strokes_of(simulator.stop())
 
 
-def test_a_pulled_cable_interrupts_and_a_person_resumes(tmp_path, reference):
-    simulator = SimulatorProcess(tmp_path, "--drop-after", "120")
+@pytest.mark.parametrize("board", [
+    ("--firmware", "3.0.3"),
+    ("--firmware", "3.0.3", "--future-syntax", "--fifo-depth", "32", "--no-ok"),
+], ids=["3.0.3", "3.0.3 left in future syntax, FIFO 32, no OK"])
+def test_a_3x_board_in_any_state_plots_the_drawing(tmp_path, reference, board):
+    simulator = SimulatorProcess(tmp_path, *board)
+    daemon = daemon_for(tmp_path, simulator)
+    try:
+        wait_for_device(daemon, "idle")
+        _, job = daemon.submit(ONE_LAYER, name="3.x")
+        done = daemon.wait_for_job(job["id"], {"completed", "failed"})
+        assert done["state"] == "completed", done
+        _, device = daemon.request("GET", "/api/device")
+        assert device["firmware_version"] == "3.0.3"
+    finally:
+        assert daemon.stop() == 0, daemon.log
+    assert_same_drawing(strokes_of(simulator.stop()), reference)
+
+
+@pytest.mark.parametrize("firmware", ["2.8.1", "3.0.3"])
+def test_a_pulled_cable_interrupts_and_a_person_resumes(tmp_path, reference, firmware):
+    simulator = SimulatorProcess(tmp_path, "--drop-after", "120", "--firmware", firmware)
     daemon = daemon_for(tmp_path, simulator)
     try:
         wait_for_device(daemon, "idle")

@@ -1,5 +1,6 @@
 """Every stroke exactly once: random drawings against random schedules of pause,
-resume, pen changes, lost cables, graceful restarts and kill -9, all in-process
+resume, pen changes, lost cables, graceful restarts and kill -9, on both firmware
+generations (and a 3.x board left in another program's state), all in-process
 on the emulated board, a real SQLite store and the daemon's own queue, scheduler
 and runner. The strokes on the paper, all daemon lives together, must be the
 uninterrupted plot's (within 0.05 mm both ways, length within 0.2 %).
@@ -66,8 +67,18 @@ schedules = st.lists(st.tuples(st.floats(0.0, 2.0),
                                st.sampled_from(ACTIONS)), max_size=8)
 
 
-def plot_alone(tmp_path, svg: bytes) -> list[np.ndarray]:
-    site = Site(tmp_path / "reference")
+#: Both firmware generations, and a 3.x board another program left in future
+#: syntax mode with a 32-deep FIFO and no OK replies.
+BOARDS = {
+    "2.8.1": {"firmware": "2.8.1"},
+    "3.0.3": {"firmware": "3.0.3"},
+    "3.0.3 left by other software": {"firmware": "3.0.3", "future_syntax": True,
+                                     "fifo_depth": 32, "ok_replies": False},
+}
+
+
+def plot_alone(tmp_path, svg: bytes, board: dict) -> list[np.ndarray]:
+    site = Site(tmp_path / "reference", **board)
     job_id = site.submit(svg)
     finish(site, job_id)
     return site.strokes
@@ -126,11 +137,11 @@ def apply(site: Site, job_id: str, action: str) -> None:
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(svg=drawings, schedule=schedules)
-def test_every_stroke_is_drawn_exactly_once(tmp_path_factory, svg, schedule):
+@given(svg=drawings, schedule=schedules, board=st.sampled_from(sorted(BOARDS)))
+def test_every_stroke_is_drawn_exactly_once(tmp_path_factory, svg, schedule, board):
     tmp_path = tmp_path_factory.mktemp("site")
-    reference = plot_alone(tmp_path, svg)
-    site = Site(tmp_path / "interrupted")
+    reference = plot_alone(tmp_path, svg, BOARDS[board])
+    site = Site(tmp_path / "interrupted", **BOARDS[board])
     job_id = site.submit(svg)
     for delay, action in schedule:
         site.advance(delay)

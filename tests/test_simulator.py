@@ -21,10 +21,11 @@ from vfab.simulator.timing import lm_timing
 class Host:
     """Sends lines to an emulator and collects its replies, on a Clock."""
 
-    def __init__(self, speed: float = 1.0, faults: Faults | None = None, record_dir=None):
+    def __init__(self, speed: float = 1.0, faults: Faults | None = None, record_dir=None,
+                 **board):
         self.clock = Clock()
         self.emulator = EBBEmulator(self.clock, speed=speed, faults=faults,
-                                    record_dir=record_dir)
+                                    record_dir=record_dir, **board)
         self.replies: list[bytes] = []
         self.dropped = False
         self.emulator.send = self.replies.append
@@ -377,3 +378,43 @@ def test_the_record_is_written_off_the_reactor_newest_first(tmp_path):
     recording.moved([(3.0, 0.0)])
     writer.write(recording, now=True)
     assert json.loads((tmp_path / STROKES_FILE).read_text())["strokes"][0][-1] == [3.0, 0.0]
+
+
+# -- firmware 3.x: syntax modes and the FIFO depth (EBB Command Set, v3.0+) ------------
+
+def test_3x_future_syntax_replies_as_the_reference_shows():
+    host = Host(firmware_version="3.0.3")
+    assert host.ask("QR") == b"1\n\rOK\r\n"  # legacy, the boot default
+    assert host.ask("CU,10,1") == b"\n"  # "a response of <NL>"
+    assert host.ask("QR") == b"QR,1\n"  # "might be QR,1<NL>"
+    assert host.ask("V") == b"V,EBBv13_and_above EB Firmware Version 3.0.3\n"
+    assert host.ask("QU,2") == b"QU,32\n"
+    assert host.ask("SP,1") == b"SP\n"
+    assert host.ask("QM") == b"QM,0,0,0,0\n"
+    assert host.ask("CU,10,0") == b"CUOK\r\n"  # "a response of CUOK<CR><NL>"
+    assert host.ask("QU,2") == b"QU,32\r\nOK\r\n"
+
+
+def test_3x_fifo_depth_is_set_and_read_within_its_bounds():
+    host = Host(firmware_version="3.0.3")
+    assert host.ask("QU,3") == b"QU,1\r\nOK\r\n"  # one deep at boot
+    host.ask("CU,4,100")
+    assert host.ask("QU,3") == b"QU,32\r\nOK\r\n"  # set to the most there is
+    host.ask("RB")
+    assert host.emulator.fifo_depth == 1 and not host.emulator.future_syntax
+
+
+def test_ok_replies_can_be_turned_off_as_other_software_may_leave_them():
+    host = Host()
+    assert host.ask("CU,1,0") == b"OK\r\n"  # answered before it takes effect
+    assert host.ask("SP,1") == b""
+    assert host.ask("QS") == b"0,0\n\r"
+    host.ask("CU,1,1")
+    assert host.ask("SP,1") == b"OK\r\n"
+
+
+def test_2x_knows_no_future_syntax():
+    host = Host()
+    assert host.ask("QU,2").startswith(b"!8")
+    with pytest.raises(ValueError):
+        Host(future_syntax=True)

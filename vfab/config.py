@@ -235,6 +235,8 @@ class DeviceConfig:
     progress_save_interval: float = setting(2.0, number(0.1, 600))
     simulator_speed: float = setting(1.0, number(0.01, 10000),
                                      "virtual plotter time factor (10 = ten times faster)")
+    firmware: str = setting("2.8.1", choice("2.8.1", "3.0.3"),
+                            "the EBB firmware the virtual plotter emulates")
     reconnect_max_delay: float = setting(30.0, number(0.1, 3600))
 
     @property

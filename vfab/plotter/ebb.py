@@ -47,6 +47,8 @@ ONE_LINE_REPLY = frozenset({"V", "QM", "QG", "I", "A", "MR", "PI"})
 NO_REPLY = frozenset({"RB"})
 #: Commands that go through the motion FIFO and may be streamed with `move`.
 MOTION_COMMANDS = frozenset({"LM", "LT", "SM", "XM", "HM", "SP", "TP", "EM"})
+#: How long a CU command of the take-over may go unanswered (OK replies may be off).
+TAKE_OVER_ANSWER_S = 0.5
 #: Longest command the board accepts, without the terminating CR.
 MAX_COMMAND_LENGTH = 63
 
@@ -76,6 +78,8 @@ class _Command:
     deferred: defer.Deferred
     lines: list[str] = attr.ib(factory=list)
     timer: IDelayedCall | None = None
+    #: For a command that may go unanswered: done after this many seconds.
+    answer_within: float | None = None
 
 
 def command_name(text: str) -> str:
@@ -162,11 +166,13 @@ class EBBProtocol(Protocol):
 
     # -- sending ----------------------------------------------------------
 
-    def command(self, text: str) -> defer.Deferred:
+    def command(self, text: str, answer_within: float | None = None) -> defer.Deferred:
         """Send one command; fires with the list of reply lines (without `OK`).
 
         Fails with EBBError if the board answers `!...`, DeviceTimeout if it
         does not answer within `timeout`, DeviceLost if the connection goes.
+        With `answer_within`, no answer in that time is an answer too (a board
+        told by other software not to say OK).
         """
         text = text.strip()
         if not text or len(text) > MAX_COMMAND_LENGTH or not text.isascii() \
@@ -176,7 +182,8 @@ class EBBProtocol(Protocol):
                 f"{MAX_COMMAND_LENGTH} characters): {text!r}"))
         if self._lost is not None or self.transport is None:
             return defer.fail(DeviceLost(f"the plotter is not connected; cannot send {text!r}"))
-        command = _Command(text, command_name(text), defer.Deferred(self._cancelled))
+        command = _Command(text, command_name(text), defer.Deferred(self._cancelled),
+                           answer_within=answer_within)
         self._queue.append(command)
         if self._current is None:
             self._send_next()
@@ -192,7 +199,11 @@ class EBBProtocol(Protocol):
         while self._current is None and self._queue and self._lost is None:
             command = self._queue.popleft()
             self._current = command
-            command.timer = self.clock.callLater(self.timeout, self._timed_out, command)
+            if command.answer_within is not None:
+                command.timer = self.clock.callLater(command.answer_within,
+                                                     self._complete, command)
+            else:
+                command.timer = self.clock.callLater(self.timeout, self._timed_out, command)
             log.debug("EBB <- {command}", command=command.text)
             self.transport.write(command.text.encode("ascii") + b"\r")
             self.counts.commands += 1
@@ -236,7 +247,8 @@ class EBBProtocol(Protocol):
         elif command.name in ONE_LINE_REPLY:
             command.lines.append(line)
             self._complete(command)
-        elif line == "OK":
+        elif line == "OK" or (command.name == "CU" and line == "CUOK"):
+            # (CU,10,0 answers CUOK when it ends future syntax mode.)
             self._complete(command)
         else:
             command.lines.append(line)
@@ -277,6 +289,20 @@ class EBBProtocol(Protocol):
             self.firmware_version = parse_version(line)
             return self.firmware_version
         return self._one("V").addCallback(parsed)
+
+    @defer.inlineCallbacks
+    def take_over(self):
+        """Put the board in the state vfab speaks, whatever software drove it last
+        (CU settings last until the board reboots): legacy syntax (3.x), an OK
+        after every command, and on 3.x a one-deep motion FIFO (the boot depth,
+        which the resume accounting of `Plotter.unconfirmed_moves` assumes).
+        Call after `version()`."""
+        third = self.firmware_version is not None and self.firmware_version >= (3, 0, 0)
+        if third:
+            yield self.command("CU,10,0", answer_within=TAKE_OVER_ANSWER_S)
+        yield self.command("CU,1,1", answer_within=TAKE_OVER_ANSWER_S)
+        if third:
+            yield self.command("CU,4,1")
 
     def enable_motors(self, microstepping: int = 16) -> defer.Deferred:
         """EM: energise both motors at `microstepping` (16, 8, 4, 2, 1); 0 turns them off.

@@ -235,7 +235,8 @@ class DeviceService(Service):
         from vfab.simulator import start_virtual_plotter  # only the simulator needs it
         self.simulator = start_virtual_plotter(
             self.reactor, speed=self.config.simulator_speed, record_dir=self.record_dir,
-            faults=self._simulator_faults, page_mm=self.config.travel_mm)
+            faults=self._simulator_faults, page_mm=self.config.travel_mm,
+            firmware=self.config.firmware)
 
     @defer.inlineCallbacks
     def stopService(self):  # noqa: N802 (Twisted name)
@@ -300,6 +301,7 @@ class DeviceService(Service):
         """Version, pen servo settings, pen up, motors on (here is home), servo power timeout."""
         version = yield protocol.version()
         log.info("plotter on {port}: {text}", port=self._port, text=protocol.version_text)
+        yield protocol.take_over()
         if version < OLDEST_FIRMWARE:
             log.warn("plotter firmware {version} is older than 2.5.0; please update it",
                      version=".".join(map(str, version)))

@@ -17,10 +17,13 @@ __all__ = ["EBBEmulator", "Faults", "LoopbackPort", "Recording", "VirtualPlotter
 
 def start_virtual_plotter(reactor, *, speed: float = 1.0, record_dir=None, link=None,
                           faults: Faults | None = None,
-                          page_mm: tuple[float, float] | None = None) -> VirtualPlotter:
-    """Start a virtual plotter on a pty in `reactor`; its `.path` is the device to open."""
+                          page_mm: tuple[float, float] | None = None,
+                          firmware: str = "2.8.1", **board) -> VirtualPlotter:
+    """Start a virtual plotter on a pty in `reactor`; its `.path` is the device to open.
+    `board`: the CU settings another program left (see EBBEmulator)."""
     emulator = EBBEmulator(reactor, speed=speed, recording=Recording(page_mm),
-                           record_dir=record_dir, faults=faults)
+                           record_dir=record_dir, faults=faults, firmware_version=firmware,
+                           **board)
     if record_dir is not None:
         # Off the reactor: in the daemon's own process a long record would stall the plot.
         emulator.record_writer = RecordWriter(record_dir, reactor.callInThread)

@@ -27,6 +27,8 @@ from vfab.simulator.recording import Recording, RecordWriter
 log = Logger()
 
 FIRMWARE_VERSION = "2.8.1"
+#: The deepest motion FIFO firmware 3.x offers (QU,2).
+FIFO_MAX = 32
 UNKNOWN_COMMAND = "!8 Err: Unknown command"
 _LINE_END = re.compile(rb"[\r\n]+")
 
@@ -90,7 +92,10 @@ class EBBEmulator:
 
     def __init__(self, clock: IReactorTime, *, speed: float = 1.0,
                  recording: Recording | None = None, record_dir: str | os.PathLike | None = None,
-                 faults: Faults | None = None, firmware_version: str = FIRMWARE_VERSION):
+                 faults: Faults | None = None, firmware_version: str = FIRMWARE_VERSION,
+                 future_syntax: bool = False, fifo_depth: int = 1, ok_replies: bool = True):
+        """`future_syntax`, `fifo_depth` and `ok_replies` are the CU settings another
+        program may have left (they survive until the board reboots)."""
         if speed <= 0:
             raise ValueError(f"speed must be positive, got {speed!r}")
         self.clock = clock
@@ -101,6 +106,13 @@ class EBBEmulator:
         self.record_writer = RecordWriter(record_dir) if record_dir is not None else None
         self.faults = faults if faults is not None else Faults()
         self.firmware_version = firmware_version
+        self.generation = int(firmware_version.split(".")[0])
+        if future_syntax and self.generation < 3:
+            raise ValueError("future syntax mode exists from firmware 3.0 on")
+        self.future_syntax = future_syntax
+        self.fifo_depth = max(1, min(fifo_depth, FIFO_MAX))
+        self.ok_replies = ok_replies
+        self._raw_reply = False
         #: Where replies go; a transport replaces this.
         self.send: Callable[[bytes], None] = lambda data: None
         #: How the drop fault closes the connection; a transport replaces this.
@@ -209,16 +221,41 @@ class EBBEmulator:
             if handler is None:
                 self._reply(UNKNOWN_COMMAND.encode("ascii") + b"\r\n")
                 continue
+            # The reply's form is chosen before the command runs (the reference's note).
+            future, ok = self.future_syntax, self.ok_replies
             try:
                 result = handler(args)
             except _CommandError as error_line:
-                self._reply(str(error_line).encode("ascii") + b"\r\n")
+                self._reply(self._form(name, str(error_line).encode("ascii") + b"\r\n",
+                                        future, ok))
                 continue
             if isinstance(result, Motion):
                 self._enqueue(result)
                 result = OK
+            if self._raw_reply:
+                self._raw_reply = False
+            else:
+                result = self._form(name, result, future, ok)
             if result:
                 self._reply(result)
+
+    def _form(self, name: str, legacy: bytes, future: bool, ok: bool) -> bytes:
+        """The reply in the syntax mode in force: legacy as the handlers write it (less
+        its OK after CU,1,0), or future syntax: the command, `,data` if any, NL."""
+        if not future:
+            if not ok and legacy.endswith(OK):
+                return legacy[:-len(OK)]
+            return legacy
+        if not legacy:
+            return b""
+        text = legacy.decode("ascii")
+        lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+        if lines and lines[-1] == "OK":
+            lines.pop()
+        data = ",".join(lines)
+        if data.upper().startswith(name + ","):
+            data = data[len(name) + 1:]
+        return (name + ("," + data if data else "") + "\n").encode("ascii")
 
     def _reply(self, data: bytes) -> None:
         if self.connected:
@@ -576,7 +613,34 @@ class EBBEmulator:
 
     def _cmd_RB(self, args: list[str]) -> bytes:
         self._cmd_R(args)
+        self.future_syntax, self.fifo_depth, self.ok_replies = False, 1, True
         return b""
+
+    def _cmd_CU(self, args: list[str]) -> bytes:
+        """Configure User options: 1 (OK replies), and on 3.x 4 (FIFO depth) and 10
+        (future syntax); the others are accepted and change nothing here."""
+        parameter = _int(args, 0, 0, 255)
+        value = _int(args, 1, -32768, 32767)
+        if parameter == 1:
+            self.ok_replies = bool(value)
+        elif parameter == 4 and self.generation >= 3:
+            self.fifo_depth = max(1, min(value, FIFO_MAX))
+        elif parameter == 10 and self.generation >= 3:
+            # The reply is made before the mode changes (the reference's own note).
+            self._raw_reply = True
+            before, self.future_syntax = self.future_syntax, bool(value)
+            if before:
+                return b"CUOK\r\n"
+            return b"\n" if value else (OK if self.ok_replies else b"")
+        return OK
+
+    def _cmd_QU(self, args: list[str]) -> bytes:
+        """Query Utility (3.x): 2 the deepest FIFO, 3 the FIFO depth; others read 0."""
+        if self.generation < 3:
+            raise _CommandError(UNKNOWN_COMMAND)
+        parameter = _int(args, 0, 0, 255)
+        value = {2: FIFO_MAX, 3: self.fifo_depth}.get(parameter, 0)
+        return f"QU,{value}\r\n".encode() + OK
 
     def _cmd_PI(self, args: list[str]) -> bytes:
         return b"PI,0\r\n"
@@ -585,7 +649,7 @@ class EBBEmulator:
         """Commands that are accepted and have no effect on a virtual plotter."""
         return OK
 
-    _cmd_CU = _cmd_S2 = _cmd_SE = _cmd_PC = _cmd_PG = _cmd_PD = _cmd_PO = _cmd_BL = _ok
+    _cmd_S2 = _cmd_SE = _cmd_PC = _cmd_PG = _cmd_PD = _cmd_PO = _cmd_BL = _ok
     _cmd_C = _cmd_O = _cmd_T = _cmd_AC = _cmd_MW = _ok
 
 
