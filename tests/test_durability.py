@@ -264,8 +264,9 @@ def test_the_prg_button_continues_after_a_pen_change(tmp_path):
     assert len(strokes_of(simulator.stop())) == 2
 
 
-def test_a_firmware_error_fails_the_job_with_the_boards_message(tmp_path):
-    simulator = SimulatorProcess(tmp_path, "--error-at", "60")
+@pytest.mark.parametrize("firmware", ["2.8.1", "3.0.3"])  # 3.x: the error line ends in OK
+def test_a_firmware_error_fails_the_job_with_the_boards_message(tmp_path, firmware):
+    simulator = SimulatorProcess(tmp_path, "--error-at", "60", "--firmware", firmware)
     daemon = daemon_for(tmp_path, simulator)
     try:
         wait_for_device(daemon, "idle")

@@ -147,10 +147,28 @@ def test_error_line_fails_with_the_command_and_message(board):
     assert error.command == "XX,1"
     assert error.message == "!8 Err: Unknown command"
     assert "XX,1" in str(error)
+    assert board.sent() == b"V\r"  # where do the replies stand?
+    board.answer(b"EBBv13_and_above EB Firmware Version 2.8.1\r\n")
     assert board.sent() == b"CS\r"  # the queue moves on
     board.answer(b"OK\r\n")
     assert result(queued) == []
     assert board.lost == []
+
+
+def test_an_ok_after_an_error_line_cannot_put_the_replies_out_of_step(board):
+    """The 3.x reference has legacy errors end in OK; 2.x and the 3.0.3 source don't."""
+    d = board.protocol.command("SM,1")
+    steps = board.protocol.query_steps()
+    assert board.sent() == b"SM,1\r"
+    board.answer(b"!4 Err: Missing parameter(s)\r\n")
+    failure(d, EBBError)
+    assert board.sent() == b"V\r"
+    board.answer(b"OK\r\n")  # the error's own OK, late
+    assert pending(steps)
+    board.answer(b"EBBv13_and_above EB Firmware Version 3.0.3\r\n")
+    assert board.sent() == b"QS\r"
+    board.answer(b"5,6\r\nOK\r\n")
+    assert result(steps) == (5, 6)
 
 
 def test_unasked_lines_are_ignored(board):

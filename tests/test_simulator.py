@@ -391,7 +391,9 @@ def test_3x_future_syntax_replies_as_the_reference_shows():
     assert host.ask("QU,2") == b"QU,32\n"
     assert host.ask("SP,1") == b"SP\n"
     assert host.ask("QM") == b"QM,0,0,0,0\n"
+    assert host.ask("SM,100") == b"SM,!0 Err: Missing parameter(s)\n"
     assert host.ask("CU,10,0") == b"CUOK\r\n"  # "a response of CUOK<CR><NL>"
+    assert host.ask("SM,100") == b"!0 Err: Missing parameter(s)\r\nOK\r\n"
     assert host.ask("QU,2") == b"QU,32\r\nOK\r\n"
 
 

@@ -13,9 +13,11 @@ acknowledged when they enter the board's one-deep motion FIFO, so streaming
 them back to back keeps the FIFO full while the host never gets ahead. The
 timeout runs from the moment a command is written, so the `OK` of a motion
 command held back behind a full FIFO must come within it: keep each single
-move shorter than the device timeout. An error line takes the place of the
-`OK` (the firmware sends no `OK` after it); lines nobody asked for are logged
-and dropped.
+move shorter than the device timeout. An error line fails its command. Some
+firmware sends an `OK` after an error line (the 3.x reference), some does not
+(2.x, and the 3.0.3 source): after an error, a `V` is sent and every line up
+to its answer (which names the firmware version) is dropped, so that replies
+can never go out of step. Lines nobody asked for are logged and dropped.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class _Command:
     timer: IDelayedCall | None = None
     #: For a command that may go unanswered: done after this many seconds.
     answer_within: float | None = None
+    #: The V sent after an error line, to find where the replies stand.
+    sentinel: bool = False
 
 
 def command_name(text: str) -> str:
@@ -127,6 +131,7 @@ class EBBProtocol(Protocol):
         self._lost: Failure | None = None
         self._lost_waiters: list[defer.Deferred] = []
         self._closed = False
+        self._resync = False
 
     # -- connection -------------------------------------------------------
 
@@ -196,8 +201,15 @@ class EBBProtocol(Protocol):
                 self._queue.remove(command)
 
     def _send_next(self) -> None:
-        while self._current is None and self._queue and self._lost is None:
-            command = self._queue.popleft()
+        while self._current is None and (self._queue or self._resync) and self._lost is None:
+            if self._resync:
+                self._resync = False
+                # Nobody waits on it: a loss is reported through on_lost.
+                done: defer.Deferred = defer.Deferred()
+                done.addErrback(lambda failure: None)
+                command = _Command("V", "V", done, sentinel=True)
+            else:
+                command = self._queue.popleft()
             self._current = command
             if command.answer_within is not None:
                 command.timer = self.clock.callLater(command.answer_within,
@@ -240,9 +252,15 @@ class EBBProtocol(Protocol):
         if command is None:
             log.warn("ignoring a line the plotter sent unasked: {line!r}", line=line)
             return
-        if line.startswith("!"):
+        if command.sentinel:
+            if "Version" not in line:
+                log.debug("dropping {line!r} after an error line", line=line)
+                return
+            self._complete(command)
+        elif line.startswith("!"):
             self._current = None
             self.counts.errors += 1
+            self._resync = True
             self._fail(command, Failure(EBBError(command.text, line)))
         elif command.name in ONE_LINE_REPLY:
             command.lines.append(line)

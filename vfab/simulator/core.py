@@ -208,18 +208,20 @@ class EBBEmulator:
         """Run queued commands in order; a motion command waits for room in the FIFO."""
         while self._input:
             line, error = self._input[0]
+            name, args = _split(line)
             if error is not None:
                 self._input.popleft()
-                self._reply(error.encode("ascii") + b"\r\n")
+                self._reply(self._form(name, error.encode("ascii") + b"\r\n",
+                                       self.future_syntax, self.ok_replies))
                 continue
-            name, args = _split(line)
             handler = getattr(self, "_cmd_" + name, None) if name.isalnum() else None
             fifo = getattr(handler, "fifo", False)
             if fifo and self._running is not None and self._waiting is not None:
                 return  # the command processor blocks here, holding this OK back
             self._input.popleft()
             if handler is None:
-                self._reply(UNKNOWN_COMMAND.encode("ascii") + b"\r\n")
+                self._reply(self._form(name, UNKNOWN_COMMAND.encode("ascii") + b"\r\n",
+                                       self.future_syntax, self.ok_replies))
                 continue
             # The reply's form is chosen before the command runs (the reference's note).
             future, ok = self.future_syntax, self.ok_replies
@@ -245,6 +247,8 @@ class EBBEmulator:
         if not future:
             if not ok and legacy.endswith(OK):
                 return legacy[:-len(OK)]
+            if ok and self.generation >= 3 and legacy.startswith(b"!"):
+                return legacy + OK  # 3.x: "the OK<CR><NL> ... when there is an error"
             return legacy
         if not legacy:
             return b""
