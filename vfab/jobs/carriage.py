@@ -120,30 +120,35 @@ def segment_distances(p0: np.ndarray, p1: np.ndarray, q0: np.ndarray, q1: np.nda
 
 
 class Trail:
-    """The segments the carriage was sent along since the last durable save."""
+    """The segments the carriage was sent along since the last durable save.
+
+    Checked before every move, so they are kept in one preallocated array
+    (rows: start x, start y, end x, end y in motor steps) rather than built
+    into one each time.
+    """
 
     def __init__(self) -> None:
-        self._starts: list[Steps] = []
-        self._ends: list[Steps] = []
-        self._first_sequence = 0  # the sequence number of _starts[0]
+        self._segments = np.empty((TRAIL_MOVES + 1, 4))
+        self._count = 0
+        self._first_sequence = 0  # the sequence number of row 0
 
     @property
     def sent(self) -> int:
         """Sequence number of the next segment."""
-        return self._first_sequence + len(self._starts)
+        return self._first_sequence + self._count
 
     def needs_save_before(self, start: Steps, end: Steps) -> bool:
         """Would the carriage, sent from `start` to `end`, pass a point it passed since the
         last save (or has the trail grown too long to walk)?"""
-        if len(self._starts) >= TRAIL_MOVES:
+        count = self._count
+        if count >= TRAIL_MOVES:
             return True
-        if not self._starts or start == end:
+        if not count or start == end:
             return False
         p0, p1 = np.asarray(start, float), np.asarray(end, float)
-        earlier = len(self._starts) - 1
-        if earlier and segment_distances(p0, p1, np.asarray(self._starts[:earlier], float),
-                                         np.asarray(self._ends[:earlier], float)
-                                         ).min() < AMBIGUOUS_STEPS:
+        earlier = self._segments[:count - 1]
+        if len(earlier) and segment_distances(p0, p1, earlier[:, :2], earlier[:, 2:]
+                                              ).min() < AMBIGUOUS_STEPS:
             return True
         # The segment just before shares `start`; beyond a few steps from it the
         # new one must keep away from it (it does unless the path turns back sharply).
@@ -151,18 +156,22 @@ class Trail:
         if length <= 2 * AMBIGUOUS_STEPS:
             return False
         away = p0 + (p1 - p0) * (2 * AMBIGUOUS_STEPS / length)
-        last = segment_distances(away, p1, np.asarray(self._starts[-1:], float),
-                                 np.asarray(self._ends[-1:], float))
-        return bool(last.min() < AMBIGUOUS_STEPS)
+        last = self._segments[count - 1:count]
+        return bool(segment_distances(away, p1, last[:, :2], last[:, 2:]).min()
+                    < AMBIGUOUS_STEPS)
 
     def add(self, start: Steps, end: Steps) -> None:
-        self._starts.append(start)
-        self._ends.append(end)
+        if self._count == len(self._segments):  # past the limit: a save is under way
+            self._segments = np.resize(self._segments, (2 * len(self._segments), 4))
+        self._segments[self._count] = (*start, *end)
+        self._count += 1
 
     def saved_at(self, sequence: int) -> None:
         """A save of the position reached before segment `sequence` is durable: the
         walk starts there, so only the segments from it on matter."""
-        drop = max(0, min(sequence - self._first_sequence, len(self._starts)))
-        del self._starts[:drop]
-        del self._ends[:drop]
-        self._first_sequence += drop
+        drop = max(0, min(sequence - self._first_sequence, self._count))
+        if drop:
+            kept = self._count - drop
+            self._segments[:kept] = self._segments[drop:self._count]
+            self._count = kept
+            self._first_sequence += drop
