@@ -640,7 +640,7 @@ class PlotRunner:
             self._trail.add(self._here_steps, end)
             self._here_steps = end
         self._history.append(self._position)
-        yield self._plotter.send_move(move.command)
+        yield self._plotter.send_move(move.command, move.duration_s)
         if isinstance(move, Move):
             self._here = move.end_mm
             now = self._clock.seconds()
