@@ -60,15 +60,20 @@ def locate(paths: tuple[PathPlan, ...], start: Position, steps: Steps, microstep
     """Where to continue for a carriage at `steps`, saved at `start` (with `inside` set
     when it stands inside a stroke). Not found on the trail: `start` itself."""
     here = np.asarray(steps, dtype=float)
+    if start.at is not None and _distance(here, np.asarray(start.at, float)) <= MATCH_STEPS:
+        return start  # where the saved position left it: nothing done since
     for count, (done, a, b, drawing) in enumerate(_segments(paths, start, microstepping)):
         if count > TRAIL_MOVES + 8:
             break
         a_, b_ = np.asarray(a, float), np.asarray(b, float)
         if count == 0:
             if not drawing:
-                # How the carriage came to the saved path is not in the plan (a run
-                # may begin anywhere): only the travel's end, the path's start, counts.
-                if _distance(here, b_) <= MATCH_STEPS:
+                # A run may begin anywhere: the travel to the saved path starts
+                # where the carriage was (if known), not where the plan expects it.
+                on_the_way = _distance(here, b_) <= MATCH_STEPS or (
+                    start.at is not None and _point_segment_distance(
+                        here, np.asarray(start.at, float), b_) <= MATCH_STEPS)
+                if on_the_way:
                     return start
                 continue
             if _distance(here, a_) <= MATCH_STEPS:
