@@ -503,6 +503,10 @@ class PlotRunner:
 
     def _honour_ending(self) -> None:
         """Raise what a cancel or a lost device means for the coroutine."""
+        if self._state is S.DONE:
+            # Only a coroutine of a run that is over gets here (one that the
+            # garbage collector closes out of order): it must send nothing.
+            raise Stopped()
         if self._state is S.CANCELLING:
             raise Cancelled()
         if self._state is S.LOST:
