@@ -7,7 +7,7 @@ and stretches the plot. A big job submitted during a plot is read and
 planned in a child process, so that it cannot stall the feeder.
 
 The virtual plotter (EBBEmulator, exact firmware timing, real time) sits
-behind a LatencyPort with a 2 ms round trip. The drawing is one long
+behind a LoopbackPort with a 2 ms round trip. The drawing is one long
 scribble of short segments (median move 6 ms, near the 4.5 ms minimum).
 
 Runs, one after the other in one reactor:

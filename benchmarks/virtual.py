@@ -1,8 +1,8 @@
 """The plotter side of the feeding benchmarks: the emulator behind a slow serial link.
 
-`LatencyPort` is LoopbackPort with a real serial link's round trip: each
-direction is delayed on the reactor, so a reply reaches the host a full round
-trip after its command left. `LagMonitor` is a 10 ms LoopingCall that records
+The emulator sits behind a LoopbackPort with a real serial link's round trip:
+each direction is delayed on the reactor, so a reply reaches the host a full
+round trip after its command left. `LagMonitor` is a 10 ms LoopingCall that records
 how late each of its calls ran: the reactor's stalls.
 """
 
@@ -14,22 +14,6 @@ from twisted.internet import defer, task
 from vfab.plotter.ebb import EBBProtocol
 from vfab.plotter.plotter import Plotter
 from vfab.simulator import EBBEmulator, LoopbackPort, Recording
-
-
-class LatencyPort(LoopbackPort):
-    """LoopbackPort whose bytes take `delay` seconds in each direction."""
-
-    def __init__(self, protocol, emulator, clock, delay: float):
-        self.delay = delay
-        super().__init__(protocol, emulator, clock)
-
-    def write(self, data: bytes) -> None:
-        if self.connected:
-            self.clock.callLater(self.delay, self.emulator.data_received, data)
-
-    def _to_host(self, data: bytes) -> None:
-        if self.connected:
-            self.clock.callLater(self.delay, self._deliver, data)
 
 
 class LagMonitor:
@@ -65,12 +49,16 @@ class FakeDevice:
 
 
 @defer.inlineCallbacks
-def connect(reactor, settings, *, round_trip: float, speed: float = 1.0):
-    """A Plotter on an emulator behind a link of `round_trip` seconds; fires with both."""
-    emulator = EBBEmulator(reactor, speed=speed, recording=Recording())
+def connect(reactor, settings, *, round_trip: float, speed: float = 1.0,
+            firmware: str = "2.8.1"):
+    """A Plotter on an emulator behind a link of `round_trip` seconds, taken over as
+    the daemon does; fires with both."""
+    emulator = EBBEmulator(reactor, speed=speed, recording=Recording(),
+                           firmware_version=firmware)
     protocol = EBBProtocol(reactor, timeout=30.0)
-    LatencyPort(protocol, emulator, reactor, round_trip / 2.0)
+    LoopbackPort(protocol, emulator, reactor, delay=round_trip / 2.0)
     yield protocol.version()
+    yield protocol.take_over()
     plotter = Plotter(protocol, settings)
     yield plotter.motors_on()
     return plotter, emulator

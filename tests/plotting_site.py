@@ -30,6 +30,11 @@ SETTINGS = DeviceConfig(type="axidraw", port="/dev/vfab-test", model="V3/A4",
                         shutdown_grace=0.0, progress_save_interval=0.5)
 
 
+#: More events than this at one instant means something reschedules itself at
+#: once for ever: a busy loop that a real reactor would spin on too.
+STANDSTILL_EVENTS = 10_000
+
+
 class LifeClock:
     """One daemon life's view of the site's clock: its calls die with it."""
 
@@ -181,8 +186,14 @@ class Site:
 
     def advance_to(self, when: float) -> None:
         clock = self.clock
+        at_this_instant = 0
         while clock.calls and clock.calls[0].getTime() <= when:
-            clock.advance(max(0.0, clock.calls[0].getTime() - clock.seconds()))
+            step = max(0.0, clock.calls[0].getTime() - clock.seconds())
+            at_this_instant = at_this_instant + 1 if step == 0.0 else 0
+            if at_this_instant > STANDSTILL_EVENTS:
+                raise AssertionError(f"time stands still at {clock.seconds()}: "
+                                     f"the next call is {clock.calls[0]}")
+            clock.advance(step)
         clock.advance(max(0.0, when - clock.seconds()))
 
     def settle(self, deferred: Deferred, limit: float = 3600.0) -> Any:

@@ -270,8 +270,14 @@ def test_a_3x_board_left_by_other_software_is_taken_over(harness, left):
     harness.run(5.0)
     plotter = fired(connected)
     assert plotter.firmware_version == (3, 0, 3)
-    assert not board.future_syntax and board.ok_replies and board.fifo_depth == 1
-    assert harness.ports.commands()[:4] == ["V", "CU,10,0", "CU,1,1", "CU,4,1"]
+    assert not board.future_syntax and board.ok_replies and board.fifo_depth == 32
+    assert harness.ports.commands()[:6] == ["V", "CU,10,0", "CU,1,1", "QU,2", "CU,4,32", "QU,3"]
+    assert plotter.unconfirmed_moves == 33
+    stopped = harness.service.stopService()
+    harness.run(5.0)
+    assert fired(stopped) is None
+    assert board.fifo_depth == 1, "the boot depth is restored for the next program"
+    assert harness.ports.commands()[-1] == "CU,4,1"
 
 
 def test_stop_takes_the_carriage_home_before_the_motors_go_off(harness):

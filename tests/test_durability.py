@@ -208,7 +208,9 @@ def test_sigterm_pauses_at_a_safe_point_and_the_plot_resumes(tmp_path, reference
 
 
 def test_pause_resume_and_cancel_from_http_websocket_and_cli(tmp_path, reference):
-    simulator = SimulatorProcess(tmp_path)
+    # At a fifth of the usual speed the plot lasts about 8 s, so that each request
+    # (a CLI run takes well under a second) reaches a job that is still plotting.
+    simulator = SimulatorProcess(tmp_path, "--speed", str(SPEED / 5))
     daemon = daemon_for(tmp_path, simulator)
     try:
         wait_for_device(daemon, "idle")
@@ -225,7 +227,6 @@ def test_pause_resume_and_cancel_from_http_websocket_and_cli(tmp_path, reference
             while (answer := json.loads(ws.recv(timeout=10)))["type"] != "command_result":
                 pass
             assert answer["ok"] and answer["job"]["state"] == "plotting"
-        wait_for_progress(daemon, job["id"], 0.5)
         result = run_vfab("pause", job["id"], "--url", daemon.url)
         assert result.returncode == 0 and "paused" in result.stdout
         result = run_vfab("resume", job["id"], "--url", daemon.url)

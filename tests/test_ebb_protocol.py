@@ -336,8 +336,11 @@ def test_clear_steps_reset_and_emergency_stop(board):
     board.answer(b"OK\r\n")
     d = board.protocol.emergency_stop(disable_motors=True)
     assert board.sent() == b"ES,1\r"
-    board.answer(b"1,0,0,10,20\n\rOK\r\n")
-    assert result(d) == ["1", "0", "0", "10", "20"]
+    board.answer(b"1,0,0,10,20\n\rOK\r\n")  # 2.x: interrupted, then four step counts
+    assert result(d) is True
+    d = board.protocol.emergency_stop()
+    board.answer(b"0\n\rOK\r\n")  # 3.x: only Interrupted
+    assert result(d) is False
 
 
 @pytest.mark.parametrize("line, version", [
@@ -367,3 +370,73 @@ def test_kinematics_axidraw_mixed_axes():
     assert microstepping_of_code(3) == 4
     with pytest.raises(ValueError):
         steps_per_mm(3)
+
+
+# -- firmware 3.x and QG ------------------------------------------------------------
+
+def versioned(board: Board, line: bytes) -> None:
+    d = board.protocol.version()
+    board.sent()
+    board.answer(line)
+    result(d)
+
+
+def test_3x_take_over_reads_sets_and_reads_back_the_fifo_depth(board):
+    versioned(board, b"EBBv13_and_above EB Firmware Version 3.0.1\r\n")
+    d = board.protocol.take_over()
+    assert board.sent() == b"CU,10,0\r"
+    board.answer(b"CUOK\r\n")  # it was in future syntax mode
+    assert board.sent() == b"CU,1,1\r"
+    board.answer(b"OK\r\n")
+    assert board.sent() == b"QU,2\r"
+    board.answer(b"QU,2,32\r\nOK\r\n")  # 3.0.0-3.0.1 echo the parameter
+    assert board.sent() == b"CU,4,32\r"
+    board.answer(b"OK\r\n")
+    assert board.sent() == b"QU,3\r"
+    board.answer(b"QU,32\r\nOK\r\n")  # 3.0.2 and later do not
+    assert result(d) is None
+    assert board.protocol.fifo_depth == 32
+    d = board.protocol.release()
+    assert board.sent() == b"CU,4,1\r"
+    board.answer(b"OK\r\n")
+    assert result(d) is None and board.protocol.fifo_depth == 1
+
+
+def test_2x_take_over_leaves_the_fifo_alone(board):
+    versioned(board, b"EBBv13_and_above EB Firmware Version 2.8.1\r\n")
+    d = board.protocol.take_over()
+    assert board.sent() == b"CU,1,1\r"
+    board.answer(b"OK\r\n")
+    assert result(d) is None and board.protocol.fifo_depth == 1
+    assert result(board.protocol.release()) is None
+    assert board.sent() == b""
+
+
+def test_qg_answers_motion_pen_and_button_and_keeps_a_press(board):
+    versioned(board, b"EBBv13_and_above EB Firmware Version 3.0.3\r\n")
+    d = board.protocol.query_motion()
+    assert board.sent() == b"QG\r"
+    board.answer(b"2D\r\n")  # PRG pressed, pen down, executing, motor 1, FIFO
+    assert result(d) == MotionStatus(True, True, False, True)
+    d = board.protocol.query_pen()
+    board.answer(b"10\r\n")
+    assert result(d) is True
+    d = board.protocol.query_button()
+    assert board.sent() == b"QG\rQG\r"
+    board.answer(b"10\r\n")  # QG forgets the press once read: the protocol did not
+    assert result(d) is True
+    d = board.protocol.query_button()
+    board.answer(b"10\r\n")
+    assert result(d) is False
+
+
+def test_firmware_without_qg_polls_qm_and_qb(board):
+    versioned(board, b"EBBv13_and_above EB Firmware Version 2.5.3\r\n")
+    d = board.protocol.query_motion()
+    assert board.sent() == b"QM\r"
+    board.answer(b"QM,0,0,0,0\n\r")
+    assert result(d).idle
+    d = board.protocol.query_button()
+    assert board.sent() == b"QB\r"
+    board.answer(b"0\r\nOK\r\n")
+    assert result(d) is False

@@ -21,7 +21,7 @@ from test_runner import assert_same_drawing, distance_to_strokes, drawn_length
 from vfab.jobs import states
 from vfab.jobs.errors import InvalidTransition
 
-EXAMPLES = int(os.environ.get("VFAB_PROPERTY_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("VFAB_PROPERTY_EXAMPLES", "300"))
 
 # Points on a coarse grid that includes the home corner, so that paths meet,
 # revisit their own vertices and pass through home.
@@ -81,7 +81,9 @@ def plot_alone(tmp_path, svg: bytes, board: dict) -> list[np.ndarray]:
     site = Site(tmp_path / "reference", **board)
     job_id = site.submit(svg)
     finish(site, job_id)
-    return site.strokes
+    strokes = site.strokes
+    site.stop()
+    return strokes
 
 
 def finish(site: Site, job_id: str) -> str:
@@ -146,10 +148,15 @@ def test_every_stroke_is_drawn_exactly_once(tmp_path_factory, svg, schedule, boa
     for delay, action in schedule:
         site.advance(delay)
         apply(site, job_id, action)
-    if finish(site, job_id) == states.CANCELLED:
+    ended = finish(site, job_id)
+    strokes = site.strokes
+    # Each example's daemon ends here: hundreds of them left running would hold
+    # memory and be finalised, coroutines and all, by the garbage collector.
+    site.stop()
+    if ended == states.CANCELLED:
         # What reached the paper is part of the drawing, none of it twice.
-        if site.strokes:
-            assert distance_to_strokes(np.vstack(site.strokes), reference).max() < 0.05
-        assert drawn_length(site.strokes) <= drawn_length(reference) * 1.002
+        if strokes:
+            assert distance_to_strokes(np.vstack(strokes), reference).max() < 0.05
+        assert drawn_length(strokes) <= drawn_length(reference) * 1.002
         return
-    assert_same_drawing(site.strokes, reference)
+    assert_same_drawing(strokes, reference)

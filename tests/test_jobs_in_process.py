@@ -10,6 +10,7 @@ import pytest
 from twisted.internet.defer import Deferred
 
 from plotting_site import SETTINGS, Site
+from test_every_stroke_once import BOARDS, finish
 from test_runner import TWO_LAYERS, assert_same_drawing, drawn_length
 from vfab.jobs import states
 from vfab.jobs.errors import InvalidTransition
@@ -175,3 +176,41 @@ def test_same_drawing_after_a_loss_during_a_resumed_stroke(tmp_path):
     site.settle(site.life.queue.resume(job_id))
     site.wait_for(lambda: site.state(job_id) == states.COMPLETED, limit=600)
     assert_same_drawing(site.strokes, reference_site.strokes)
+
+
+
+@pytest.mark.parametrize("board", sorted(BOARDS))
+def test_a_stop_as_the_device_comes_back_keeps_what_the_board_drew(tmp_path, board):
+    """The cable is pulled with the stroke's moves taken but not confirmed, and
+    the daemon stops just as the board is back (a hypothesis find): its
+    counters are read before the stop parks the carriage, so the next start
+    draws nothing twice."""
+    line = (b'<svg xmlns="http://www.w3.org/2000/svg" width="100mm" height="100mm" '
+            b'viewBox="0 0 100 100"><polyline fill="none" stroke="black" '
+            b'points="0,0 0,5"/></svg>')
+    reference_site = Site(tmp_path / "reference", **BOARDS[board])
+    plot(reference_site, line)
+    site = Site(tmp_path / "site", **BOARDS[board])
+    job_id = site.submit(line)
+    site.advance(1.0)
+    site.pull_cable()
+    site.stop()
+    site.start()
+    assert finish(site, job_id) == states.COMPLETED
+    assert_same_drawing(site.strokes, reference_site.strokes)
+
+
+@pytest.mark.parametrize("board", sorted(BOARDS))
+def test_a_loss_before_the_first_move_of_a_path_back_through_home_skips_nothing(
+        tmp_path, board):
+    """The carriage stands at home, which the path passes in its middle: found
+    there after a loss before anything moved, it has drawn nothing (a hypothesis
+    find)."""
+    there_and_back = (b'<svg xmlns="http://www.w3.org/2000/svg" width="100mm" '
+                      b'height="100mm" viewBox="0 0 100 100"><polyline fill="none" '
+                      b'stroke="black" points="0,5 0,0 0,5"/></svg>')
+    site = Site(tmp_path, **BOARDS[board])
+    job_id = site.submit(there_and_back)
+    site.pull_cable()
+    assert finish(site, job_id) == states.COMPLETED
+    assert drawn_length(site.strokes) == pytest.approx(10.0, rel=0.002)

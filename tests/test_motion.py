@@ -86,8 +86,8 @@ def reference_duration(command: str, *, exact: bool = False) -> float:
     values = [int(v) for v in fields]
     if name == "SM":
         return values[0] / 1000
-    assert name == "LM" and len(values) == 6
-    r1, s1, a1, r2, s2, a2 = values
+    assert name == "LM" and len(values) == 7 and values[6] == 3  # Clear: both accumulators
+    r1, s1, a1, r2, s2, a2 = values[:6]
     axis = reference_axis if exact else reference_axis_fast
     return max(axis(r1, s1, a1), axis(r2, s2, a2)) * TICK
 
@@ -356,15 +356,15 @@ def test_estimate_agrees_with_the_simulator_timing_if_present():
     timing = pytest.importorskip("vfab.simulator.timing")
     plan = plan_drawing(sample_drawing(), CONFIG)
     moves = [move for layer in plan.layers for path in layer.paths for move in path.draw]
-    accumulators = (0, 0)
     simulated = 0.0
     for move in moves:
         values = [int(v) for v in move.command.split(",")[1:]]
-        result, accumulators = timing.lm_timing(*values, accumulators=accumulators)
+        assert values[6] == 3  # each LM clears both accumulators: its time is exact
+        result, _ = timing.lm_timing(*values[:6], accumulators=(0, 0))
         assert not result.rolled_over
         simulated += result.seconds
     planned = sum(move.duration_s for move in moves)
-    assert simulated == pytest.approx(planned, rel=0.005)
+    assert simulated == pytest.approx(planned, rel=1e-9)
 
 
 def test_plan_structure_and_dots():

@@ -420,3 +420,55 @@ def test_2x_knows_no_future_syntax():
     assert host.ask("QU,2").startswith(b"!8")
     with pytest.raises(ValueError):
         Host(future_syntax=True)
+
+
+def test_3x_deep_fifo_takes_that_many_commands_and_holds_the_next_back():
+    host = Host(firmware_version="3.0.3")
+    host.ask("CU,4,3")
+    host.send(*["SM,1000,100,100"] * 5, "QS")
+    assert host.take() == b"OK\r\n" * 4  # one executes, three wait; the fifth holds QS back
+    assert host.emulator.recording.starvations == []
+    host.advance(1.0)
+    assert host.take() == b"OK\r\n100,100\n\rOK\r\n"
+    assert host.ask("QM") == b"QM,1,1,1,1\n\r"
+    assert host.ask("QU,6") == b"QU,3\r\nOK\r\n"  # how full the FIFO is (3.0.1+)
+    host.advance(4.0)
+    assert host.ask("QS") == b"500,500\n\rOK\r\n"
+    assert host.ask("QG") == b"10\r\n"  # pen up, nothing executing, FIFO empty
+
+
+def test_3x_emergency_stop_answers_only_interrupted():
+    host = Host(firmware_version="3.0.3")
+    host.ask("CU,4,8")
+    host.send("SM,1000,1000,0", "SM,1000,500,0", "SM,1000,500,0")
+    host.advance(0.5)
+    host.take()
+    assert host.ask("ES") == b"1\n\rOK\r\n"  # "Interrupted<NL><CR>OK<CR><NL>"
+    assert host.ask("ES") == b"0\n\rOK\r\n"
+    assert host.ask("QS") == b"500,0\n\rOK\r\n"
+    host.ask("CU,10,1")
+    assert host.ask("ES") == b"ES,0\n"  # "ES,Interrupted<NL>"
+
+
+@pytest.mark.parametrize("version, reply", [
+    ("3.0.0", b"QU,2,32\r\nOK\r\n"),  # the parameter is echoed before 3.0.2 (issue #228)
+    ("3.0.1", b"QU,2,32\r\nOK\r\n"),
+    ("3.0.2", b"QU,32\r\nOK\r\n"),
+    ("3.0.3", b"QU,32\r\nOK\r\n"),
+])
+def test_qu_reply_form_by_version(version, reply):
+    assert Host(firmware_version=version).ask("QU,2") == reply
+
+
+def test_sp_2_raises_the_pen_at_once_and_sp_3_keeps_it_up():
+    host = Host(firmware_version="3.0.3")
+    host.ask("CU,4,8")
+    host.send("SP,0", "SM,1000,400,0", "SP,1", "SP,0", "SM,1000,400,0")
+    host.advance(0.5)
+    assert not host.emulator.pen_up
+    assert host.ask("SP,2").endswith(b"OK\r\n")  # bypasses the FIFO
+    assert host.emulator.pen_up
+    assert host.ask("SP,3").endswith(b"OK\r\n")
+    host.advance(3.0)
+    assert host.emulator.pen_up, "SP,3 turned the queued lowering into a raise"
+    assert Host(firmware_version="3.0.0").ask("SP,2").startswith(b"!")  # added in 3.0.1

@@ -238,6 +238,8 @@ class DeviceConfig:
     firmware: str = setting("2.8.1", choice("2.8.1", "3.0.3"),
                             "the EBB firmware the virtual plotter emulates")
     reconnect_max_delay: float = setting(30.0, number(0.1, 3600))
+    motion_queue: float = setting(0.15, number(0.03, 2.0),
+                                  "seconds of motion queued ahead on a 3.x board's deep FIFO")
 
     @property
     def travel_mm(self) -> tuple[float, float]:

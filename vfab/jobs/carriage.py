@@ -15,6 +15,7 @@ position first, so that the walk from the saved position is never ambiguous.
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import numpy as np
@@ -59,76 +60,73 @@ def locate(paths: tuple[PathPlan, ...], start: Position, steps: Steps, microstep
            ) -> Position:
     """Where to continue for a carriage at `steps`, saved at `start` (with `inside` set
     when it stands inside a stroke). Not found on the trail: `start` itself."""
-    here = np.asarray(steps, dtype=float)
+    here = (float(steps[0]), float(steps[1]))
+    if start.at is not None and _distance(here, start.at) <= MATCH_STEPS:
+        return start  # where the saved position left it: nothing done since
     for count, (done, a, b, drawing) in enumerate(_segments(paths, start, microstepping)):
         if count > TRAIL_MOVES + 8:
             break
-        a_, b_ = np.asarray(a, float), np.asarray(b, float)
         if count == 0:
             if not drawing:
-                # How the carriage came to the saved path is not in the plan (a run
-                # may begin anywhere): only the travel's end, the path's start, counts.
-                if _distance(here, b_) <= MATCH_STEPS:
+                # A run may begin anywhere: the travel to the saved path starts
+                # where the carriage was (if known), not where the plan expects it.
+                on_the_way = _distance(here, b) <= MATCH_STEPS or (
+                    start.at is not None
+                    and _point_segment_distance(here, start.at, b) <= MATCH_STEPS)
+                if on_the_way:
                     return start
                 continue
-            if _distance(here, a_) <= MATCH_STEPS:
+            if _distance(here, a) <= MATCH_STEPS:
                 return start
-        if _distance(here, b_) <= MATCH_STEPS:
+        if _distance(here, b) <= MATCH_STEPS:
             return done
-        if _point_segment_distance(here, a_, b_) <= MATCH_STEPS:
+        if _point_segment_distance(here, a, b) <= MATCH_STEPS:
             if drawing:
                 return Position(done.layer, done.path, done.move - 1, inside=steps)
             return done  # on the way to the path: travel on from here
     return start
 
 
-def _distance(p: np.ndarray, q: np.ndarray) -> float:
-    return float(np.hypot(*(p - q)))
+Point = tuple[float, float]
 
 
-def _point_segment_distance(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
-    along = b - a
-    length2 = float(along @ along)
-    t = 0.0 if length2 == 0 else min(1.0, max(0.0, float((p - a) @ along) / length2))
-    return _distance(p, a + t * along)
+def _distance(p: Point, q: Point) -> float:
+    return math.hypot(p[0] - q[0], p[1] - q[1])
 
 
-def _points_to_segments(p: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Distance of each point p[i] to segment a[i]-b[i]."""
-    along = b - a
-    length2 = np.maximum(np.sum(along * along, axis=-1), 1e-12)
-    t = np.clip(np.sum((p - a) * along, axis=-1) / length2, 0.0, 1.0)
-    return np.hypot(*np.moveaxis(p - (a + t[..., None] * along), -1, 0))
+def _point_segment_distance(p: Point, a: Point, b: Point) -> float:
+    ax, ay = a
+    dx, dy = b[0] - ax, b[1] - ay
+    length2 = dx * dx + dy * dy
+    t = 0.0 if length2 == 0 else min(1.0, max(0.0, ((p[0] - ax) * dx + (p[1] - ay) * dy)
+                                                / length2))
+    return math.hypot(p[0] - (ax + t * dx), p[1] - (ay + t * dy))
 
 
-def _cross(o: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    return (u[..., 0] - o[..., 0]) * (v[..., 1] - o[..., 1]) \
-        - (u[..., 1] - o[..., 1]) * (v[..., 0] - o[..., 0])
+def _cross(o: Point, u: Point, v: Point) -> float:
+    return (u[0] - o[0]) * (v[1] - o[1]) - (u[1] - o[1]) * (v[0] - o[0])
 
 
-def segment_distances(p0: np.ndarray, p1: np.ndarray, q0: np.ndarray, q1: np.ndarray
-                      ) -> np.ndarray:
-    """Distance between segment p0-p1 and each segment q0[i]-q1[i]."""
-    p0b, p1b = np.broadcast_to(p0, q0.shape), np.broadcast_to(p1, q0.shape)
-    crossing = (_cross(q0, q1, p0b) * _cross(q0, q1, p1b) < 0) \
-        & (_cross(p0b, p1b, q0) * _cross(p0b, p1b, q1) < 0)
-    nearest = np.minimum.reduce([_points_to_segments(p0b, q0, q1),
-                                 _points_to_segments(p1b, q0, q1),
-                                 _points_to_segments(q0, p0b, p1b),
-                                 _points_to_segments(q1, p0b, p1b)])
-    return np.where(crossing, 0.0, nearest)
+def segment_distance(p0: Point, p1: Point, q0: Point, q1: Point) -> float:
+    """Distance between segments p0-p1 and q0-q1 (0 where they cross)."""
+    if _cross(q0, q1, p0) * _cross(q0, q1, p1) < 0 and \
+            _cross(p0, p1, q0) * _cross(p0, p1, q1) < 0:
+        return 0.0
+    return min(_point_segment_distance(p0, q0, q1), _point_segment_distance(p1, q0, q1),
+               _point_segment_distance(q0, p0, p1), _point_segment_distance(q1, p0, p1))
 
 
 class Trail:
     """The segments the carriage was sent along since the last durable save.
 
-    Checked before every move, so they are kept in one preallocated array
-    (rows: start x, start y, end x, end y in motor steps) rather than built
-    into one each time.
+    Checked before every move, on the reactor: each segment's bounding box is
+    kept beside it in preallocated arrays, so that one vectorised test picks the
+    few segments near the next move and only those are measured exactly.
     """
 
     def __init__(self) -> None:
-        self._segments = np.empty((TRAIL_MOVES + 1, 4))
+        self._segments = np.empty((TRAIL_MOVES + 1, 4))  # start x, y, end x, y (steps)
+        self._boxes = np.empty((TRAIL_MOVES + 1, 4))  # min x, min y, max x, max y
         self._count = 0
         self._first_sequence = 0  # the sequence number of row 0
 
@@ -145,25 +143,34 @@ class Trail:
             return True
         if not count or start == end:
             return False
-        p0, p1 = np.asarray(start, float), np.asarray(end, float)
-        earlier = self._segments[:count - 1]
-        if len(earlier) and segment_distances(p0, p1, earlier[:, :2], earlier[:, 2:]
-                                              ).min() < AMBIGUOUS_STEPS:
-            return True
+        p0 = (float(start[0]), float(start[1]))
+        p1 = (float(end[0]), float(end[1]))
+        if count > 1:
+            boxes = self._boxes[:count - 1]
+            near = ((boxes[:, 0] < max(p0[0], p1[0]) + AMBIGUOUS_STEPS)
+                    & (boxes[:, 2] > min(p0[0], p1[0]) - AMBIGUOUS_STEPS)
+                    & (boxes[:, 1] < max(p0[1], p1[1]) + AMBIGUOUS_STEPS)
+                    & (boxes[:, 3] > min(p0[1], p1[1]) - AMBIGUOUS_STEPS))
+            for x0, y0, x1, y1 in self._segments[:count - 1][near].tolist():
+                if segment_distance(p0, p1, (x0, y0), (x1, y1)) < AMBIGUOUS_STEPS:
+                    return True
         # The segment just before shares `start`; beyond a few steps from it the
         # new one must keep away from it (it does unless the path turns back sharply).
         length = _distance(p0, p1)
         if length <= 2 * AMBIGUOUS_STEPS:
             return False
-        away = p0 + (p1 - p0) * (2 * AMBIGUOUS_STEPS / length)
-        last = self._segments[count - 1:count]
-        return bool(segment_distances(away, p1, last[:, :2], last[:, 2:]).min()
-                    < AMBIGUOUS_STEPS)
+        share = 2 * AMBIGUOUS_STEPS / length
+        away = (p0[0] + (p1[0] - p0[0]) * share, p0[1] + (p1[1] - p0[1]) * share)
+        x0, y0, x1, y1 = self._segments[count - 1].tolist()
+        return segment_distance(away, p1, (x0, y0), (x1, y1)) < AMBIGUOUS_STEPS
 
     def add(self, start: Steps, end: Steps) -> None:
         if self._count == len(self._segments):  # past the limit: a save is under way
             self._segments = np.resize(self._segments, (2 * len(self._segments), 4))
-        self._segments[self._count] = (*start, *end)
+            self._boxes = np.resize(self._boxes, (2 * len(self._boxes), 4))
+        (x0, y0), (x1, y1) = start, end
+        self._segments[self._count] = (x0, y0, x1, y1)
+        self._boxes[self._count] = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
         self._count += 1
 
     def saved_at(self, sequence: int) -> None:
@@ -173,5 +180,6 @@ class Trail:
         if drop:
             kept = self._count - drop
             self._segments[:kept] = self._segments[drop:self._count]
+            self._boxes[:kept] = self._boxes[drop:self._count]
             self._count = kept
             self._first_sequence += drop

@@ -16,6 +16,8 @@ class Position:
     at a stop): the board's step counters cannot confirm such a position.
     `inside` are the motor steps of a carriage that stopped inside the move
     (a lost board finishes the move under way): the stroke goes on from there.
+    `at` are the motor steps of the carriage once it has done every move sent
+    before this position: a carriage found there has done nothing since.
     """
 
     layer: int = 0
@@ -23,6 +25,7 @@ class Position:
     move: int = 0
     parked: bool = attr.ib(default=False, eq=False, order=False)
     inside: tuple[int, int] | None = attr.ib(default=None, eq=False, order=False)
+    at: tuple[int, int] | None = attr.ib(default=None, eq=False, order=False)
 
     def to_dict(self) -> dict[str, Any]:
         data: dict[str, Any] = {"layer": self.layer, "path": self.path, "move": self.move}
@@ -30,16 +33,21 @@ class Position:
             data["parked"] = True
         if self.inside is not None:
             data["inside"] = list(self.inside)
+        if self.at is not None:
+            data["at"] = list(self.at)
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "Position | None":
         if not data:
             return None
-        inside = data.get("inside")
         return cls(int(data["layer"]), int(data["path"]), int(data["move"]),
                    parked=bool(data.get("parked", False)),
-                   inside=(int(inside[0]), int(inside[1])) if inside else None)
+                   inside=_steps(data.get("inside")), at=_steps(data.get("at")))
 
     def parked_here(self) -> "Position":
         return attr.evolve(self, parked=True)
+
+
+def _steps(data: list | None) -> tuple[int, int] | None:
+    return (int(data[0]), int(data[1])) if data else None

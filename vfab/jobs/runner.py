@@ -21,6 +21,7 @@ import enum
 from collections import deque
 from typing import Any, Callable
 
+import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -245,6 +246,11 @@ class PlotRunner:
         return min(1.0, self._done_draw / self._total_draw)
 
     @property
+    def plotter(self) -> Any:
+        """The connection this run plots on."""
+        return self._plotter
+
+    @property
     def position(self) -> Position:
         return self._position
 
@@ -256,8 +262,8 @@ class PlotRunner:
         return self._plotting_seconds + extra
 
     @property
-    def resume_position(self) -> Position:
-        """Where a later run must start after the board was lost.
+    def resume_position(self) -> Position | None:
+        """Where a later run must start after the board was lost (None: afresh).
 
         The plotter takes moves ahead of executing them, so the last few it
         took may never have been drawn: step back over them, but not behind
@@ -265,15 +271,19 @@ class PlotRunner:
         If the board kept power, the next run finds from its step counters how
         far it really got.
         """
+        if self._durable is None and self._position.at is None:
+            return None  # a new job, lost before it learnt where the carriage is
         sent = self._history[0] if self._history else self._position
         if self._durable is not None and self._durable >= sent:
             return self._durable
         return sent
 
-    def position_after_loss(self, steps: tuple[int, int]) -> Position:
+    def position_after_loss(self, steps: tuple[int, int]) -> Position | None:
         """Where this run, ended by a lost device, really got to, for a board that
         kept power and whose carriage stands at `steps`; exact, so marked parked."""
         start = self.resume_position
+        if start is None:
+            return None
         if start.parked or start.layer >= len(self._plan.layers):
             return start.parked_here()
         found = locate(self._plan.layers[start.layer].paths, start, steps,
@@ -282,7 +292,7 @@ class PlotRunner:
 
     def _reach(self, position: Position) -> None:
         """The moves sent so far take the carriage to `position`."""
-        self._position = position
+        self._position = attr.evolve(position, at=self._here_steps)
         self._position_sequence = self._trail.sent
 
     # -- the plot ----------------------------------------------------------
@@ -310,10 +320,10 @@ class PlotRunner:
         self._here_steps = (int(steps[0]), int(steps[1]))
         if self._resuming and self._position_kept and not self._start.parked:
             self._confirm_start(self._here_steps)
+        self._reach(self._start)
         # The pen may be down: a killed daemon, a lost cable, another program.
         yield self._send(self._pen_up)
         yield self._plotter.wait_idle()
-        self._reach(self._start)
         self._report_progress(force=True)
         try:
             if self._state is S.STARTING:
@@ -493,6 +503,10 @@ class PlotRunner:
 
     def _honour_ending(self) -> None:
         """Raise what a cancel or a lost device means for the coroutine."""
+        if self._state is S.DONE:
+            # Only a coroutine of a run that is over gets here (one that the
+            # garbage collector closes out of order): it must send nothing.
+            raise Stopped()
         if self._state is S.CANCELLING:
             raise Cancelled()
         if self._state is S.LOST:
@@ -640,7 +654,7 @@ class PlotRunner:
             self._trail.add(self._here_steps, end)
             self._here_steps = end
         self._history.append(self._position)
-        yield self._plotter.send_move(move.command)
+        yield self._plotter.send_move(move.command, move.duration_s)
         if isinstance(move, Move):
             self._here = move.end_mm
             now = self._clock.seconds()

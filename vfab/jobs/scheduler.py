@@ -105,6 +105,7 @@ class Scheduler:
             else:
                 _log.info("shutdown: job {job_id} paused at a safe point, progress saved",
                           job_id=runner.job_id)
+        yield self._settle_lost_job()
         _log.debug("scheduler stopped (it was {state})", state=state.value)
 
     def when_ended(self) -> Deferred[None]:
@@ -162,10 +163,26 @@ class Scheduler:
             yield plotter.wait_idle()
             steps = yield plotter.query_steps()
             position = runner.position_after_loss((int(steps[0]), int(steps[1])))
-            yield self._store.save_progress(held.id, runner.progress, position.to_dict())
+            if position is not None:
+                yield self._store.save_progress(held.id, runner.progress, position.to_dict())
         except Exception:  # planning, the device or the store: the saved progress stands
             _log.failure("could not check how far job {job_id} got on the plotter",
                          job_id=held.id)
+
+    @inlineCallbacks
+    def _settle_lost_job(self) -> Deferred[None]:
+        """Stopping after the device came back from a loss, before the queue looked
+        at it again: the stop parks the carriage, so read the counters now."""
+        plotter = self._device.plotter
+        if self._lost is None or plotter is None:
+            return
+        try:
+            held = yield self._store.get(self._lost.job_id)
+        except Exception:  # the store: the saved progress stands
+            _log.failure("could not read job {job_id}", job_id=self._lost.job_id)
+            return
+        if held.state == states.INTERRUPTED:
+            yield self._settle_held_job(held, plotter)
 
     def _choosing_failed(self, failure: Failure) -> None:
         _log.failure("could not choose the next job; trying again in {seconds:.0f} s",
@@ -241,11 +258,13 @@ class Scheduler:
         if isinstance(outcome, Failure) and outcome.check(DeviceLost, DeviceTimeout):
             reason = (f"the device was lost: {outcome.getErrorMessage()}; resume "
                       f"continues from the saved progress")
+            resume = runner.resume_position
             yield self._record(job_id, states.INTERRUPTED, reason, progress=runner.progress,
-                               position=runner.resume_position.to_dict())
+                               position=None if resume is None else resume.to_dict())
             self._recorder.alert_interrupted(job_id, reason)
-            # Checked once the device is back, on its new connection.
-            self._lost, self._checked_on = runner, self._device.plotter
+            # Checked once the device is back, on its new connection (which may
+            # already be up).
+            self._lost, self._checked_on = runner, runner.plotter
         elif isinstance(outcome, Failure):
             if not outcome.check(EBBError):
                 _log.failure("job {job_id} failed", outcome, job_id=job_id)

@@ -13,9 +13,10 @@ firmware 2.7 and 3.x accept. The planner picks Accel so that each axis
 reaches its step count by the planned tick while its rate is still positive,
 so a decelerating axis can never stall or (3.x) turn around.
 
-Times here assume the accumulators start at zero. The firmware carries each
-axis's remainder (< one tick's worth of rate) into the next LM, which can
-make a move end up to about a tick early; over a plot that is far below 1%.
+Times here assume the accumulators start at zero, so every LM is sent with
+Clear = 3 (2.7.0 and later): otherwise the firmware carries each axis's
+remainder into the next LM and a move can end up to a tick early, and on 3.x
+a reversing axis can step up to one step period early.
 """
 
 from __future__ import annotations

@@ -106,7 +106,8 @@ def _lm_commands(pieces: Pieces, per_mm: float):
     rate1, accel1 = ebb.lm_axis_parameters(delta[:, 0], ticks, start_fraction)
     rate2, accel2 = ebb.lm_axis_parameters(delta[:, 1], ticks, start_fraction)
     actual = ebb.lm_ticks(rate1, delta[:, 0], accel1, rate2, delta[:, 1], accel2)
-    commands = _bulk("LM,%d,%d,%d,%d,%d,%d".__mod__, rate1, delta[:, 0], accel1,
+    # Clear (3): both accumulators start at zero, as the times here assume.
+    commands = _bulk("LM,%d,%d,%d,%d,%d,%d,3".__mod__, rate1, delta[:, 0], accel1,
                      rate2, delta[:, 1], accel2)
     return path, commands, actual / ebb.TICKS_PER_S, end_steps, end_mm, distance
 

@@ -9,11 +9,13 @@ ends a line here.
 
 Exactly one command is in flight: the next is written only once the previous
 one is answered, so replies can be matched to commands. Motion commands are
-acknowledged when they enter the board's one-deep motion FIFO, so streaming
-them back to back keeps the FIFO full while the host never gets ahead. The
-timeout runs from the moment a command is written, so the `OK` of a motion
-command held back behind a full FIFO must come within it: keep each single
-move shorter than the device timeout. An error line fails its command. Some
+acknowledged when they enter the board's motion FIFO (one deep on 2.x and at
+boot on 3.x; `take_over` makes it deeper on 3.x), so streaming them back to
+back keeps the FIFO full; how far the host may get ahead is the caller's
+choice (see `Plotter.send_move`). The timeout runs from the moment a command
+is written, so the `OK` of a motion command held back behind a full FIFO must
+come within it: keep the motion a full FIFO holds shorter than the device
+timeout. An error line fails its command. Some
 firmware sends an `OK` after an error line (the 3.x reference), some does not
 (2.x, and the 3.0.3 source): after an error, a `V` is sent and every line up
 to its answer (which names the firmware version) is dropped, so that replies
@@ -43,6 +45,12 @@ __all__ = ["EBBProtocol", "MotionStatus", "EBBError", "DeviceLost", "DeviceTimeo
 
 log = Logger()
 
+#: The FIFO depth vfab asks a 3.x board for; the motion queued is bounded by time.
+FIFO_DEPTH = 32
+#: A 3.x board's FIFO depth at boot, restored when vfab lets go of it.
+BOOT_FIFO_DEPTH = 1
+#: Firmware that answers QG (idle, FIFO, pen and PRG button in one query).
+QG_FIRMWARE = (2, 6, 2)
 #: Commands answered by exactly one line and no OK.
 ONE_LINE_REPLY = frozenset({"V", "QM", "QG", "I", "A", "MR", "PI"})
 #: Commands the board does not answer at all (it drops off the USB).
@@ -71,6 +79,21 @@ class MotionStatus:
     def idle(self) -> bool:
         return not (self.executing or self.motor1_moving or self.motor2_moving
                     or self.fifo_pending)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class GeneralStatus:
+    """The QG reply: the board's status byte."""
+
+    button: bool
+    pen_up: bool
+    motion: MotionStatus
+
+    @classmethod
+    def from_byte(cls, byte: int) -> "GeneralStatus":
+        return cls(button=bool(byte & 32), pen_up=bool(byte & 16),
+                   motion=MotionStatus(bool(byte & 8), bool(byte & 4), bool(byte & 2),
+                                       bool(byte & 1)))
 
 
 @attr.s(auto_attribs=True, eq=False)
@@ -132,6 +155,10 @@ class EBBProtocol(Protocol):
         self._lost_waiters: list[defer.Deferred] = []
         self._closed = False
         self._resync = False
+        #: Motion commands the board's FIFO holds besides the one executing.
+        self.fifo_depth = BOOT_FIFO_DEPTH
+        #: A PRG press seen by a QG poll, kept until `query_button` reports it.
+        self._button_pressed = False
 
     # -- connection -------------------------------------------------------
 
@@ -308,19 +335,42 @@ class EBBProtocol(Protocol):
             return self.firmware_version
         return self._one("V").addCallback(parsed)
 
+    @property
+    def third_generation(self) -> bool:
+        """Firmware 3.x: syntax modes, a configurable FIFO, QU."""
+        return self.firmware_version is not None and self.firmware_version >= (3, 0, 0)
+
     @defer.inlineCallbacks
     def take_over(self):
         """Put the board in the state vfab speaks, whatever software drove it last
         (CU settings last until the board reboots): legacy syntax (3.x), an OK
-        after every command, and on 3.x a one-deep motion FIFO (the boot depth,
-        which the resume accounting of `Plotter.unconfirmed_moves` assumes).
+        after every command, and on 3.x a FIFO as deep as the board allows (up
+        to FIFO_DEPTH), read back so that `fifo_depth` is the board's own figure.
         Call after `version()`."""
-        third = self.firmware_version is not None and self.firmware_version >= (3, 0, 0)
-        if third:
+        if self.third_generation:
             yield self.command("CU,10,0", answer_within=TAKE_OVER_ANSWER_S)
         yield self.command("CU,1,1", answer_within=TAKE_OVER_ANSWER_S)
-        if third:
-            yield self.command("CU,4,1")
+        if self.third_generation:
+            deepest = yield self.query_utility(2)
+            yield self.command(f"CU,4,{max(1, min(FIFO_DEPTH, deepest))}")
+            self.fifo_depth = yield self.query_utility(3)
+
+    @defer.inlineCallbacks
+    def release(self):
+        """Leave the board as it boots (on 3.x the one-deep FIFO), for whatever
+        software drives it next. Call with the FIFO empty."""
+        if self.fifo_depth != BOOT_FIFO_DEPTH:
+            yield self.command(f"CU,4,{BOOT_FIFO_DEPTH}")
+            self.fifo_depth = BOOT_FIFO_DEPTH
+
+    def query_utility(self, parameter: int) -> defer.Deferred:
+        """QU (3.x): fires with the value, from `QU,32` (3.0.2+) or `QU,2,32` (3.0.0-3.0.1)."""
+        def parsed(line: str) -> int:
+            try:
+                return int(line.split(",")[-1])
+            except ValueError:
+                raise EBBError(f"QU,{parameter}", f"unexpected answer {line!r}") from None
+        return self._one(f"QU,{parameter}").addCallback(parsed)
 
     def enable_motors(self, microstepping: int = 16) -> defer.Deferred:
         """EM: energise both motors at `microstepping` (16, 8, 4, 2, 1); 0 turns them off.
@@ -356,8 +406,27 @@ class EBBProtocol(Protocol):
             return defer.fail(ValueError(f"not a motion command: {command_text!r}"))
         return self.command(command_text)
 
+    @property
+    def has_qg(self) -> bool:
+        return self.firmware_version is not None and self.firmware_version >= QG_FIRMWARE
+
+    def query_general(self) -> defer.Deferred:
+        """QG: fires with a GeneralStatus; a PRG press it reports is kept for `query_button`."""
+        def parsed(line: str) -> GeneralStatus:
+            try:
+                status = GeneralStatus.from_byte(int(line.split(",")[-1], 16))
+            except ValueError:
+                raise EBBError("QG", f"unexpected answer {line!r}") from None
+            self._button_pressed = self._button_pressed or status.button
+            return status
+        return self._one("QG").addCallback(parsed)
+
     def query_motion(self) -> defer.Deferred:
-        """QM: fires with a MotionStatus."""
+        """What the motion engine does: from QG where the firmware has it (QM is
+        deprecated in 3.x), else QM. Fires with a MotionStatus."""
+        if self.has_qg:
+            return self.query_general().addCallback(lambda status: status.motion)
+
         def parsed(line: str) -> MotionStatus:
             fields = line.split(",")
             if fields[0].strip().upper() != "QM" or len(fields) < 4:
@@ -405,17 +474,28 @@ class EBBProtocol(Protocol):
         return self.command("CS")
 
     def query_button(self) -> defer.Deferred:
-        """QB: fires True if the PRG button was pressed since the last query."""
-        return self._one("QB").addCallback(lambda line: line.strip() == "1")
+        """Fires True if the PRG button was pressed since the last time it was asked
+        (QG where the firmware has it, QB deprecated in 3.x otherwise)."""
+        if not self.has_qg:
+            return self._one("QB").addCallback(lambda line: line.strip() == "1")
+
+        def pressed(status: GeneralStatus) -> bool:
+            was, self._button_pressed = self._button_pressed, False
+            return was
+        return self.query_general().addCallback(pressed)
 
     def query_pen(self) -> defer.Deferred:
-        """QP: fires True if the pen is up."""
+        """Fires True if the pen is up (QG where the firmware has it, else QP)."""
+        if self.has_qg:
+            return self.query_general().addCallback(lambda status: status.pen_up)
         return self._one("QP").addCallback(lambda line: line.strip() == "1")
 
     def emergency_stop(self, disable_motors: bool = False) -> defer.Deferred:
-        """ES: abort the move in progress and empty the FIFO; fires with the reply fields."""
+        """ES: abort the move in progress and empty the FIFO; fires True if a move
+        was interrupted (2.x answers five numbers, 3.x only that one)."""
         text = "ES,1" if disable_motors else "ES"
-        return self._one(text).addCallback(lambda line: [f.strip() for f in line.split(",")])
+
+        return self._one(text).addCallback(lambda line: line.split(",")[0].strip() == "1")
 
     def reset(self) -> defer.Deferred:
         """R: return the board's settings to their power-on state (answers OK)."""

@@ -6,7 +6,7 @@ microstepping of the plot settings. Every method returns a Deferred.
 
 from __future__ import annotations
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 
 from vfab.config import DeviceConfig
 from vfab.plotter.ebb import EBBProtocol, command_name
@@ -20,6 +20,13 @@ LM_FIRMWARE = (2, 7, 0)
 HM_FIRMWARE = (2, 6, 2)
 #: Firmware that answers QE (motor enables and microstepping).
 QE_FIRMWARE = (2, 8, 0)
+#: While a move is held back from a deep FIFO, how often the board is asked
+#: whether it already ran dry (host seconds): at first, and again after it did;
+#: each time it had not, half as often, down to the slowest.
+HOLD_POLL_S = 0.02
+HOLD_POLL_SLOWEST_S = 0.32
+#: A shorter hold is no hold (and a clock's rounding cannot make it endless).
+HOLD_MIN_S = 0.001
 #: Commands a plan may stream through `send_move`.
 PLAN_COMMANDS = frozenset({"LM", "LT", "SM", "XM", "HM", "SP"})
 #: SM limits: steps per command and step rates (steps per second).
@@ -37,6 +44,16 @@ class Plotter:
         self.config = config
         self.servo = PenServo.from_config(config)
         self.pen_is_up = True
+        #: Board seconds per host second: the virtual plotter may run faster, and
+        #: so may a board emulated by a test rig (learnt in `_hold_back`).
+        self._time_factor = config.simulator_speed if config.type == "simulator" else 1.0
+        #: When (host clock) the motion sent so far will have been executed.
+        self._queued_until = 0.0
+        #: Since when (host clock) the board has had `_batch_seconds` of motion to run,
+        #: having had none before: how fast it runs, once it is idle again.
+        self._batch_since: float | None = None
+        self._batch_seconds = 0.0
+        self._poll_interval = HOLD_POLL_S
 
     @property
     def connected(self) -> bool:
@@ -57,21 +74,76 @@ class Plotter:
     @property
     def unconfirmed_moves(self) -> int:
         """Moves the board may have taken without executing them yet: the one
-        running and the one waiting in its one-deep motion FIFO."""
-        return 2
+        running and those waiting in its motion FIFO."""
+        return self.protocol.fifo_depth + 1
 
     @property
     def microstepping(self) -> int:
         return self.config.microstepping
 
-    def send_move(self, command_text: str) -> defer.Deferred:
-        """Stream one ready motion line (LM/SM/XM/HM/SP); fires when the board's FIFO took it."""
+    def send_move(self, command_text: str, seconds: float = 0.0) -> defer.Deferred:
+        """Stream one ready motion line (LM/SM/XM/HM/SP) that takes the board `seconds`;
+        fires when the board's FIFO took it.
+
+        A one-deep FIFO (2.x) holds the line back by itself. A deep one (3.x)
+        would take many seconds of motion, so the line waits while more than
+        `motion_queue` seconds of motion are ahead of it (less its own time,
+        but never less than a third of that), and a pause or cancel still acts
+        within about `motion_queue` seconds.
+        """
         name = command_name(command_text)
         if name not in PLAN_COMMANDS:
             return defer.fail(ValueError(f"not a motion command: {command_text!r}"))
         if name == "SP":
             self.pen_is_up = command_text.split(",")[1].strip() == "1"
-        return self.protocol.command(command_text)
+        if self._wait_before(seconds) > 0:
+            sending = self._hold_back(seconds)
+            sending.addCallback(lambda _: self.protocol.command(command_text))
+        else:
+            sending = self.protocol.command(command_text)
+        return sending.addCallback(self._taken, seconds)
+
+    @defer.inlineCallbacks
+    def _hold_back(self, seconds: float):
+        """Wait until a move of `seconds` may join a deep FIFO: by the plan's times,
+        or as soon as the board is idle. A board idle before its time runs faster
+        than planned: it ran the batch in at most the time since it began, so
+        that speed (a lower bound of its own) is the pace from now on."""
+        clock = self.protocol.clock
+        while True:
+            yield task.deferLater(clock, min(self._wait_before(seconds), self._poll_interval))
+            if self._wait_before(seconds) <= 0:
+                return None
+            status = yield self.protocol.query_motion()
+            if not status.idle:
+                self._poll_interval = min(HOLD_POLL_SLOWEST_S, self._poll_interval * 2)
+            else:
+                self._poll_interval = HOLD_POLL_S
+                now = clock.seconds()
+                if self._batch_since is not None and now > self._batch_since:
+                    self._time_factor = max(self._time_factor,
+                                            self._batch_seconds / (now - self._batch_since))
+                self._queued_until = now
+                self._batch_since = None
+                return None
+
+    def _wait_before(self, seconds: float) -> float:
+        """Host seconds to wait before a move of `seconds` may join a deep FIFO."""
+        if self.protocol.fifo_depth <= 1:
+            return 0.0
+        budget = self.config.motion_queue
+        allowed = max(budget - seconds, budget / 3.0)
+        ahead = (self._queued_until - self.protocol.clock.seconds()) * self._time_factor
+        wait = (ahead - allowed) / self._time_factor
+        return wait if wait >= HOLD_MIN_S else 0.0
+
+    def _taken(self, lines: list[str], seconds: float) -> list[str]:
+        now = self.protocol.clock.seconds()
+        if self._batch_since is None or self._queued_until < now:
+            self._batch_since, self._batch_seconds = now, 0.0
+        self._batch_seconds += seconds
+        self._queued_until = max(self._queued_until, now) + seconds / self._time_factor
+        return lines
 
     def configure_pen(self, config: DeviceConfig) -> defer.Deferred:
         """Set the pen servo's heights and rates from `config` (the pen must be up)."""

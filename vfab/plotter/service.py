@@ -196,8 +196,8 @@ class DeviceService(Service):
 
     @defer.inlineCallbacks
     def park(self):
-        """Raise the pen, go home and switch the motors off; does nothing when
-        disconnected, never fails.
+        """Raise the pen, go home, switch the motors off and leave the board as it
+        boots; does nothing when disconnected, never fails.
 
         Home first: the board zeroes its step counters when the motors come on
         again, so a carriage left elsewhere would shift every later drawing.
@@ -214,6 +214,7 @@ class DeviceService(Service):
                 yield plotter.home(self.config.speed_pen_up)
                 self.update_position(0.0, 0.0, pen_down=False)
             yield plotter.motors_off()
+            yield plotter.protocol.release()
         except DeviceError as error:
             log.warn("could not park the plotter: {error}", error=str(error))
         return None

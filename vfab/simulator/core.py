@@ -1,10 +1,11 @@
 """A virtual EiBotBoard: bytes in, bytes out, and moves that take the time the firmware takes.
 
-`EBBEmulator` answers like firmware 2.8.1 (reply forms and line endings as the
-command reference documents them), keeps the global step counters, and runs
-motion commands through a one-deep FIFO: one command executes, one waits, and
-the next motion command holds up the whole command processor (so its `OK` is
-late) until the FIFO has room, as on the real board. Time comes from an
+`EBBEmulator` answers like firmware 2.8.1 or 3.x (reply forms and line endings
+as the command references document them, both syntax modes of 3.x), keeps the
+global step counters, and runs motion commands through the motion FIFO: one
+command executes, up to the FIFO depth wait (one on 2.x and at boot on 3.x,
+up to 32 after `CU,4`), and the next motion command holds up the whole command
+processor (so its `OK` is late) until the FIFO has room, as on the real board. Time comes from an
 injected clock and may be sped up. It knows nothing of ptys or files' paths
 beyond its record directory: a transport feeds it bytes and takes its `send`.
 """
@@ -106,7 +107,8 @@ class EBBEmulator:
         self.record_writer = RecordWriter(record_dir) if record_dir is not None else None
         self.faults = faults if faults is not None else Faults()
         self.firmware_version = firmware_version
-        self.generation = int(firmware_version.split(".")[0])
+        self.version = tuple(int(part) for part in firmware_version.split("."))
+        self.generation = self.version[0]
         if future_syntax and self.generation < 3:
             raise ValueError("future syntax mode exists from firmware 3.0 on")
         self.future_syntax = future_syntax
@@ -127,7 +129,7 @@ class EBBEmulator:
         self._running: Motion | None = None
         self._running_since = 0.0
         self._finish_call: IDelayedCall | None = None
-        self._waiting: Motion | None = None
+        self._waiting: deque[Motion] = deque()
         self._idle_since: float | None = None  # FIFO ran dry after a pen-down move
         self._now_override: float | None = None
         self._power_on()
@@ -215,8 +217,8 @@ class EBBEmulator:
                                        self.future_syntax, self.ok_replies))
                 continue
             handler = getattr(self, "_cmd_" + name, None) if name.isalnum() else None
-            fifo = getattr(handler, "fifo", False)
-            if fifo and self._running is not None and self._waiting is not None:
+            fifo = getattr(handler, "fifo", False) and not _immediate_pen(name, args)
+            if fifo and self._running is not None and len(self._waiting) >= self.fifo_depth:
                 return  # the command processor blocks here, holding this OK back
             self._input.popleft()
             if handler is None:
@@ -281,13 +283,14 @@ class EBBEmulator:
         return max(0.0, (self._now() - self._running_since) * self.speed)
 
     def _enqueue(self, motion: Motion) -> None:
+        self._waiting.append(motion)
         if self._running is None:
-            self._start(motion)
-        else:
-            self._waiting = motion
+            self._start_next()
 
-    def _start(self, motion: Motion) -> None:
-        while motion is not None:
+    def _start_next(self) -> None:
+        """Execute what waits in the FIFO, in order, until a motion takes time."""
+        while self._waiting:
+            motion = self._waiting.popleft()
             self._begin(motion)
             if motion.seconds > 0:
                 self._running = motion
@@ -297,7 +300,6 @@ class EBBEmulator:
                                                          self._finished)
                 return
             self._end(motion)
-            motion, self._waiting = self._waiting, None  # type: ignore[assignment]
 
     def _begin(self, motion: Motion) -> None:
         """Effects at the start of execution: pen, motors, HM's target; starvation check."""
@@ -353,9 +355,8 @@ class EBBEmulator:
         self._now_override = self._running_since + motion.seconds / self.speed
         try:
             self._end(motion)
-            following, self._waiting = self._waiting, None
-            if following is not None:
-                self._start(following)
+            if self._waiting:
+                self._start_next()
             elif motion.moves and not self.pen_up:
                 self._idle_since = self._now()
             self._process()
@@ -363,9 +364,11 @@ class EBBEmulator:
             self._now_override = None
 
     def _abort(self) -> tuple[int, int, int, int, int]:
-        """Stop the running move where it is and empty the FIFO (ES, R)."""
-        interrupted = int(self._running is not None or self._waiting is not None)
-        waiting = self._waiting.delta if self._waiting is not None else (0, 0)
+        """Stop the running move where it is and empty the FIFO (ES, R): whether
+        anything was interrupted, the steps of the FIFO's first command, and the
+        running move's steps not taken (ES's five numbers on 2.x)."""
+        interrupted = int(self._running is not None or bool(self._waiting))
+        waiting = self._waiting[0].delta if self._waiting else (0, 0)
         remaining = (0, 0)
         if self._running is not None:
             motion = self._running
@@ -377,7 +380,7 @@ class EBBEmulator:
             motion.delta, motion.seconds = done, self._elapsed()
             self._running = None
             self._end(motion)
-        self._waiting = None
+        self._waiting.clear()
         self._accumulators = (0, 0)
         return (interrupted, abs(waiting[0]), abs(waiting[1]), abs(remaining[0]),
                 abs(remaining[1]))
@@ -388,6 +391,11 @@ class EBBEmulator:
             if self._finish_call is not None and self._finish_call.active():
                 self._finish_call.cancel()
             self._finished()
+
+    def queued_seconds(self) -> float:
+        """Motion taken and not yet executed (model seconds): what a pause waits for."""
+        running = self._running.seconds - self._elapsed() if self._running is not None else 0.0
+        return max(0.0, running) + sum(motion.seconds for motion in self._waiting)
 
     def position_steps(self) -> tuple[int, int]:
         """The global step counters now, including the part of the running move done."""
@@ -492,15 +500,27 @@ class EBBEmulator:
         return Motion("HM", home=(frequency, target))
 
     @_fifo
-    def _cmd_SP(self, args: list[str]) -> Motion:
-        value = _int(args, 0, 0, 1)
+    def _cmd_SP(self, args: list[str]) -> Motion | bytes:
+        """SP,0 / SP,1 through the FIFO; from 3.0.1 SP,2 raises the pen at once and
+        SP,3 also makes every queued pen move a raise."""
+        value = _int(args, 0, 0, 3 if self.version >= (3, 0, 1) else 1)
         duration = _int(args, 1, 0, 65535, default=0)
-        return Motion("SP", duration / 1000.0, pen_up=bool(value))
+        if value < 2:
+            return Motion("SP", duration / 1000.0, pen_up=bool(value))
+        if value == 3:
+            for motion in self._waiting:
+                if motion.pen_up is not None:
+                    motion.pen_up = True
+        if not self.pen_up:
+            self.pen_up = True
+            self.recording.pen_changed(True)
+        return OK
 
     @_fifo
     def _cmd_TP(self, args: list[str]) -> Motion:
         duration = _int(args, 0, 0, 65535, default=0)
-        pen_up = self.pen_up if self._waiting is None else bool(self._waiting.pen_up)
+        pens = [motion.pen_up for motion in self._waiting if motion.pen_up is not None]
+        pen_up = pens[-1] if pens else self.pen_up
         return Motion("TP", duration / 1000.0, pen_up=not pen_up)
 
     @_fifo
@@ -522,7 +542,7 @@ class EBBEmulator:
             moving = [running.delta[i] != 0 and elapsed < running.axis_seconds[i]
                       for i in (0, 1)]
         fields = (int(running is not None), int(moving[0]), int(moving[1]),
-                  int(self._waiting is not None))
+                  int(bool(self._waiting)))
         return ("QM," + ",".join(map(str, fields)) + "\n\r").encode()
 
     def _cmd_QG(self, args: list[str]) -> bytes:
@@ -607,6 +627,8 @@ class EBBEmulator:
         fields = self._abort()
         if disable:
             self.motors = (0, 0)
+        if self.generation >= 3:
+            return f"{fields[0]}\n\r".encode() + OK  # 3.x: only Interrupted
         return (",".join(map(str, fields)) + "\n\r").encode() + OK
 
     def _cmd_R(self, args: list[str]) -> bytes:
@@ -639,11 +661,18 @@ class EBBEmulator:
         return OK
 
     def _cmd_QU(self, args: list[str]) -> bytes:
-        """Query Utility (3.x): 2 the deepest FIFO, 3 the FIFO depth; others read 0."""
+        """Query Utility (3.x): 2 the deepest FIFO, 3 the FIFO depth, 6 (3.0.1+) the
+        commands in the FIFO; others read 0. Before 3.0.2 the reply repeats the
+        parameter (`QU,2,32`), from 3.0.2 it does not (`QU,32`)."""
         if self.generation < 3:
             raise _CommandError(UNKNOWN_COMMAND)
         parameter = _int(args, 0, 0, 255)
-        value = {2: FIFO_MAX, 3: self.fifo_depth}.get(parameter, 0)
+        values = {2: FIFO_MAX, 3: self.fifo_depth}
+        if self.version >= (3, 0, 1):
+            values[6] = len(self._waiting)
+        value = values.get(parameter, 0)
+        if self.version < (3, 0, 2):
+            return f"QU,{parameter},{value}\r\n".encode() + OK
         return f"QU,{value}\r\n".encode() + OK
 
     def _cmd_PI(self, args: list[str]) -> bytes:
@@ -655,6 +684,11 @@ class EBBEmulator:
 
     _cmd_S2 = _cmd_SE = _cmd_PC = _cmd_PG = _cmd_PD = _cmd_PO = _cmd_BL = _ok
     _cmd_C = _cmd_O = _cmd_T = _cmd_AC = _cmd_MW = _ok
+
+
+def _immediate_pen(name: str, args: list[str]) -> bool:
+    """SP,2 and SP,3 (3.0.1+) bypass the motion FIFO: they need no room in it."""
+    return name == "SP" and bool(args) and args[0].strip() in ("2", "3")
 
 
 def _split(line: str) -> tuple[str, list[str]]:

@@ -1,7 +1,8 @@
 """Connect a host protocol straight to an EBBEmulator, without a pty: for unit tests.
 
-Bytes cross in both directions through the clock (callLater(0)), never
-re-entrantly, so a test drives everything with `Clock.advance`.
+Bytes cross in both directions through the clock (callLater(delay), 0 unless a
+serial link's latency is wanted), never re-entrantly, so a test drives
+everything with `Clock.advance`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from vfab.simulator.core import EBBEmulator
 class LoopbackPort:
     """A minimal transport: the protocol's writes go to the emulator and back."""
 
-    def __init__(self, protocol: Protocol, emulator: EBBEmulator, clock: IReactorTime):
+    def __init__(self, protocol: Protocol, emulator: EBBEmulator, clock: IReactorTime,
+                 delay: float = 0.0):
+        """`delay`: seconds bytes take in each direction (half a round trip)."""
+        self.delay = delay
         self.protocol = protocol
         self.emulator = emulator
         self.clock = clock
@@ -31,7 +35,7 @@ class LoopbackPort:
     def write(self, data: bytes) -> None:
         if self.connected:
             self.written.append(data)
-            self.clock.callLater(0, self.emulator.data_received, data)
+            self.clock.callLater(self.delay, self.emulator.data_received, data)
 
     def writeSequence(self, data) -> None:  # noqa: N802 (Twisted name)
         for chunk in data:
@@ -39,7 +43,7 @@ class LoopbackPort:
 
     def _to_host(self, data: bytes) -> None:
         if self.connected:
-            self.clock.callLater(0, self._deliver, data)
+            self.clock.callLater(self.delay, self._deliver, data)
 
     def _deliver(self, data: bytes) -> None:
         if self.connected:
