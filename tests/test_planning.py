@@ -1,6 +1,9 @@
 """Drawing work in a child process: results, the drawing's errors, a dying child."""
 
 import os
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import pytest_twisted
@@ -10,6 +13,7 @@ from twisted.internet.task import deferLater
 from vfab.config import DeviceConfig
 from vfab.geometry import OutOfTravel, SVGError
 from vfab.jobs.planning import DrawingSummary, PlanningProcess, summarize
+from vfab.jobs.prepare import release_freed_memory
 
 SQUARE = (b'<svg xmlns="http://www.w3.org/2000/svg" width="100mm" height="100mm" '
           b'viewBox="0 0 100 100"><rect x="10" y="10" width="50" height="50" fill="none" '
@@ -53,3 +57,23 @@ def test_a_child_killed_because_the_daemon_stops_is_a_shutdown_not_a_bad_drawing
     planning.stop()
     with pytest.raises(NotAccepting):
         yield running
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_memory_goes_back_to_the_system():
+    """What a big plan freed is returned, not kept by malloc for the daemon's life."""
+    def rss_kb() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+)", status).group(1))
+
+    release_freed_memory()
+    before = rss_kb()
+    # Blocks from malloc (beyond pymalloc's 512 bytes), freed while a few
+    # survivors pin the heap, as a plan's arrays and strings leave it.
+    chunks = [bytes(2000) for _ in range(30_000)]
+    kept = chunks[::300]
+    del chunks
+    held = rss_kb()
+    assert release_freed_memory()
+    assert rss_kb() < held - 20_000 and kept
+    assert rss_kb() < before + 20_000

@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 from vfab.jobs import states
 from vfab.jobs.job import Job
 from vfab.jobs.position import Position
-from vfab.jobs.prepare import forget_frozen
+from vfab.jobs.prepare import forget_frozen, release_freed_memory
 from vfab.jobs.runner import PlotRunner, when_fired
 from vfab.plotter.errors import DeviceLost, DeviceTimeout, EBBError
 
@@ -288,6 +288,8 @@ class Scheduler:
         yield self._motors_off_if_nothing_waits()
         self._idle()
         self.wake()
+        # Once this call has returned and let go of the runner, its plan is freed.
+        self._clock.callLater(0, release_freed_memory)
         return None
 
     @inlineCallbacks
