@@ -184,15 +184,19 @@ def _malloc_trim() -> "ctypes._CFuncPtr | None":
 _trim = _malloc_trim()
 
 
-def release_freed_memory() -> bool:
+def release_freed_memory() -> threading.Thread | None:
     """Hand the memory a finished plot's plan freed back to the system.
 
     glibc keeps freed heap memory for reuse, and a plan's millions of small
     objects leave it in pieces between longer-lived ones, so the daemon's RSS
     crept up by about a megabyte a plot (benchmarks/bench_memory.py) with no
-    Python object left behind. Returns whether there was anything to call.
+    Python object left behind. Trimming a big heap takes tens of milliseconds,
+    so it runs in a thread of its own (the call releases the GIL), never on
+    the reactor. Returns that thread, or None where there is nothing to call.
     """
     if _trim is None:
-        return False
-    _trim(0)
-    return True
+        return None
+    trimming = threading.Thread(target=_trim, args=(0,), name="vfab-malloc-trim",
+                                daemon=True)
+    trimming.start()
+    return trimming
