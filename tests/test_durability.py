@@ -115,10 +115,16 @@ def reference(tmp_path_factory) -> list[np.ndarray]:
     return strokes_of(simulator.stop())
 
 
-@pytest.mark.parametrize("board", [
-    ("--firmware", "3.0.3"),
-    ("--firmware", "3.0.3", "--future-syntax", "--fifo-depth", "32", "--no-ok"),
-], ids=["3.0.3", "3.0.3 left in future syntax, FIFO 32, no OK"])
+#: The 3.x boards (as new, and as another program leaves one), as simulator flags.
+BOARDS_3X = [("--firmware", "3.0.3"),
+             ("--firmware", "3.0.3", "--future-syntax", "--fifo-depth", "32", "--no-ok")]
+BOARD_IDS_3X = ["3.0.3", "3.0.3 left in future syntax, FIFO 32, no OK"]
+#: Every generation of board.
+BOARDS = [("--firmware", "2.8.1"), *BOARDS_3X]
+BOARD_IDS = ["2.8.1", *BOARD_IDS_3X]
+
+
+@pytest.mark.parametrize("board", BOARDS_3X, ids=BOARD_IDS_3X)
 def test_a_3x_board_in_any_state_plots_the_drawing(tmp_path, reference, board):
     simulator = SimulatorProcess(tmp_path, *board)
     daemon = daemon_for(tmp_path, simulator)
@@ -134,9 +140,9 @@ def test_a_3x_board_in_any_state_plots_the_drawing(tmp_path, reference, board):
     assert_same_drawing(strokes_of(simulator.stop()), reference)
 
 
-@pytest.mark.parametrize("firmware", ["2.8.1", "3.0.3"])
-def test_a_pulled_cable_interrupts_and_a_person_resumes(tmp_path, reference, firmware):
-    simulator = SimulatorProcess(tmp_path, "--drop-after", "120", "--firmware", firmware)
+@pytest.mark.parametrize("board", BOARDS, ids=BOARD_IDS)
+def test_a_pulled_cable_interrupts_and_a_person_resumes(tmp_path, reference, board):
+    simulator = SimulatorProcess(tmp_path, "--drop-after", "120", *board)
     daemon = daemon_for(tmp_path, simulator)
     try:
         wait_for_device(daemon, "idle")
@@ -168,8 +174,9 @@ def test_a_pulled_cable_interrupts_and_a_person_resumes(tmp_path, reference, fir
     assert_same_drawing(strokes_of(simulator.stop()), reference)
 
 
-def test_a_killed_daemon_resumes_after_a_restart(tmp_path, reference):
-    simulator = SimulatorProcess(tmp_path)
+@pytest.mark.parametrize("board", BOARDS, ids=BOARD_IDS)
+def test_a_killed_daemon_resumes_after_a_restart(tmp_path, reference, board):
+    simulator = SimulatorProcess(tmp_path, *board)
     daemon = daemon_for(tmp_path, simulator)
     wait_for_device(daemon, "idle")
     _, job = daemon.submit(ONE_LAYER, name="killed")
@@ -187,8 +194,9 @@ def test_a_killed_daemon_resumes_after_a_restart(tmp_path, reference):
     assert_same_drawing(strokes_of(simulator.stop()), reference)
 
 
-def test_sigterm_pauses_at_a_safe_point_and_the_plot_resumes(tmp_path, reference):
-    simulator = SimulatorProcess(tmp_path)
+@pytest.mark.parametrize("board", BOARDS, ids=BOARD_IDS)
+def test_sigterm_pauses_at_a_safe_point_and_the_plot_resumes(tmp_path, reference, board):
+    simulator = SimulatorProcess(tmp_path, *board)
     daemon = daemon_for(tmp_path, simulator, shutdown_grace=0)
     wait_for_device(daemon, "idle")
     _, job = daemon.submit(ONE_LAYER, name="stopped")
