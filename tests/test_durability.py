@@ -215,10 +215,11 @@ def test_sigterm_pauses_at_a_safe_point_and_the_plot_resumes(tmp_path, reference
     assert_same_drawing(strokes_of(simulator.stop()), reference)
 
 
-def test_pause_resume_and_cancel_from_http_websocket_and_cli(tmp_path, reference):
+@pytest.mark.parametrize("board", BOARDS, ids=BOARD_IDS)
+def test_pause_resume_and_cancel_from_http_websocket_and_cli(tmp_path, reference, board):
     # At a fifth of the usual speed the plot lasts about 8 s, so that each request
     # (a CLI run takes well under a second) reaches a job that is still plotting.
-    simulator = SimulatorProcess(tmp_path, "--speed", str(SPEED / 5))
+    simulator = SimulatorProcess(tmp_path, "--speed", str(SPEED / 5), *board)
     daemon = daemon_for(tmp_path, simulator)
     try:
         wait_for_device(daemon, "idle")
@@ -258,8 +259,9 @@ def test_pause_resume_and_cancel_from_http_websocket_and_cli(tmp_path, reference
     assert first_length < total < 2 * first_length
 
 
-def test_the_prg_button_continues_after_a_pen_change(tmp_path):
-    simulator = SimulatorProcess(tmp_path)
+@pytest.mark.parametrize("board", BOARDS, ids=BOARD_IDS)
+def test_the_prg_button_continues_after_a_pen_change(tmp_path, board):
+    simulator = SimulatorProcess(tmp_path, *board)
     daemon = daemon_for(tmp_path, simulator)
     try:
         wait_for_device(daemon, "idle")
