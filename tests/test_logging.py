@@ -16,14 +16,15 @@ from pathlib import Path
 
 import pytest
 import yaml
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from websockets.sync.client import connect
 
 from tests.daemon_process import DaemonProcess, run_vfab
 from vfab.config import ConfigError, LoggingConfig
 from vfab.logs import check_format, make_observer, open_log_file
-from vfab.performance import performance_line, plot_seconds
+from vfab.events import EventBus
+from vfab.performance import PerformanceLog, performance_line, plot_seconds
 from vfab.tap import Options
 
 ETC = Path(__file__).parent.parent / "etc"
@@ -153,6 +154,42 @@ def test_the_performance_line_compares_with_the_estimate():
     assert line == ("performance: job j1 (poster) plotted in 110.5 s (estimate 100.0 s, +10%), "
                     "2.50 m pen down")
     assert performance_line({**job, "started_at": None}) is None
+
+
+def test_the_performance_line_counts_plotting_time_only():
+    """Paused for an hour and interrupted once: only the two runs' plotting counts."""
+    lines: list[str] = []
+
+    def observe(event: dict) -> None:
+        if "performance" in event.get("log_format", ""):
+            lines.append(formatEvent(event))
+
+    bus = EventBus()
+    PerformanceLog(bus, time_factor=1.0)
+    job = {"id": "j1", "name": "poster", "state": "completed", "pen_down_mm": 2500.0,
+           "estimated_seconds": 100.0, "progress": 1.0,
+           "started_at": "2026-01-01T10:00:00.000Z", "finished_at": "2026-01-01T12:00:00.000Z"}
+
+    def progress(elapsed: float) -> None:
+        bus.publish("jobs", {"type": "job_progress", "job_id": "j1", "elapsed_seconds": elapsed})
+
+    def change(to_state: str) -> None:
+        bus.publish("jobs", {"type": "job_state_change", "job_id": "j1", "to_state": to_state,
+                             "job": {**job, "state": to_state}})
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        progress(20.0)
+        change("paused")
+        change("plotting")
+        progress(40.0)  # the run's clock does not count the pause
+        change("interrupted")
+        progress(65.0)  # the resumed run counts from zero
+        change("completed")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert lines == ["performance: job j1 (poster) plotted in 105.0 s (estimate 100.0 s, "
+                     "+5%), 2.50 m pen down"]
 
 
 # -- on the real daemon ------------------------------------------------------------
