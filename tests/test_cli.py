@@ -23,7 +23,13 @@ def test_add_list_status_watch_and_cancel(tmp_path):
         added = run_vfab("add", "job", "squares", str(drawing), "--priority", "3", *url)
         assert added.returncode == 0, added.stderr
         job_id = added.stdout.strip()
-        assert len(job_id) == 12 and "about" in added.stderr
+        assert len(job_id) == 12
+        # The virtual plotter runs ten times an AxiDraw's speed: both times, each true.
+        job = json.loads(run_vfab("status", job_id, "--json", *url).stdout)
+        here = re.search(r"about (\d+) s here, (\d+) s on an AxiDraw", added.stderr)
+        assert here, added.stderr
+        assert int(here.group(2)) == round(job["estimated_seconds"])
+        assert abs(int(here.group(1)) - job["estimated_seconds"] / 10) <= 1
         watched = run_vfab("watch", job_id, *url, timeout=120)
         assert watched.returncode == 0, watched.stderr
         listed = run_vfab("list", "jobs", *url)

@@ -38,7 +38,8 @@ def main() -> int:
                                         content_type="image/svg+xml", query={"name": "sample"})
         sys.stderr.write(
             f"\nvfab demo: queued the sample as job {job['id']} "
-            f"(about {job['estimated_seconds']:.0f} s on the virtual plotter).\n"
+            f"(about {job['estimated_seconds'] / config.device.simulator_speed:.0f} s on "
+            f"the virtual plotter, {job['estimated_seconds']:.0f} s on an AxiDraw).\n"
             f"  dashboard:  {url}/\n  progress:   .venv/bin/vfab watch {job['id']}\n"
             f"  the plot:   {args.workspace}/simulator/ (SVG and PNG of what was drawn)\n"
             f"  Ctrl-C stops the daemon.\n\n")

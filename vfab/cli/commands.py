@@ -30,6 +30,15 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
+def estimate(seconds: float | None, device: dict[str, Any]) -> str:
+    """A job's estimate (an AxiDraw's time) as it will take on `device`, with the
+    AxiDraw's time beside it when the virtual plotter runs faster."""
+    speed = device.get("simulator_speed") or 1.0
+    if seconds is None or speed == 1.0:
+        return duration(seconds)
+    return f"{duration(seconds / speed)} here, {duration(seconds)} on an AxiDraw"
+
+
 def _job_path(job_id: str, action: str = "") -> str:
     return f"/api/jobs/{urllib.parse.quote(job_id, safe='')}" + (f"/{action}" if action else "")
 
@@ -44,8 +53,9 @@ def add(client: DaemonClient, args: argparse.Namespace) -> int:
                          query={"name": args.name, "priority": args.priority,
                                 "preset": args.preset})
     sys.stdout.write(job["id"] + "\n")
+    device = client.request("GET", "/api/device")
     _err.print(f"queued '{job['name']}': {job['paths']} paths on {job['layers']} "
-               f"layer(s), about {duration(job['estimated_seconds'])}")
+               f"layer(s), about {estimate(job['estimated_seconds'], device)}")
     return 0
 
 

@@ -23,7 +23,9 @@ WATCHED = ("plotting", "paused", "awaiting_pen", "queued")
 class JobBoard:
     """The progress bars of the watched jobs; knows when all of them have ended."""
 
-    def __init__(self, progress: Progress, console: Console, jobs: list[dict[str, Any]]):
+    def __init__(self, progress: Progress, console: Console, jobs: list[dict[str, Any]],
+                 speed: float = 1.0):
+        """`speed`: how much faster than an AxiDraw the plotter runs (virtual: its speed)."""
         self._progress = progress
         self._console = console
         self._tasks: dict[str, TaskID] = {}
@@ -31,7 +33,8 @@ class JobBoard:
         for job in jobs:
             self._tasks[job["id"]] = progress.add_task(
                 job["name"], total=1.0, completed=job["progress"], state=job["state"],
-                layer="", eta=duration(job["estimated_seconds"]))
+                layer="", eta=duration(None if job["estimated_seconds"] is None
+                                       else job["estimated_seconds"] / speed))
 
     @property
     def done(self) -> bool:
@@ -97,7 +100,8 @@ def watch_jobs(client: DaemonClient, job_id: str | None) -> int:
                         TextColumn("{task.percentage:>5.1f}%"),
                         TextColumn("{task.fields[state]}"), TextColumn("{task.fields[layer]}"),
                         TextColumn("ETA {task.fields[eta]}"), console=console)
-    board = JobBoard(progress, console, pending)
+    speed = client.request("GET", "/api/device").get("simulator_speed") or 1.0
+    board = JobBoard(progress, console, pending, speed)
     problems: list[str] = []
 
     def run(reactor: Any) -> Deferred:

@@ -140,9 +140,12 @@ class QueueService(Service):
         except Exception:
             self.files.remove(svg_file)
             raise
-        _log.info("job {job_id} '{name}' queued: {paths} paths, {layers} layers, "
-                  "about {seconds:.0f} s", job_id=job_id, name=name, paths=job.paths,
-                  layers=job.layers, seconds=job.estimated_seconds)
+        factor = self._time_factor()
+        here = (f"about {job.estimated_seconds:.0f} s" if factor == 1.0 else
+                f"about {job.estimated_seconds / factor:.0f} s here "
+                f"({job.estimated_seconds:.0f} s on an AxiDraw)")
+        _log.info("job {job_id} '{name}' queued: {paths} paths, {layers} layers, {here}",
+                  job_id=job_id, name=name, paths=job.paths, layers=job.layers, here=here)
         self.recorder.announce(job, None, "submitted")
         self.scheduler.wake()
         return job.to_dict()

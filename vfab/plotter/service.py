@@ -114,6 +114,10 @@ class DeviceService(Service):
             "current_job_id": self._job_id,
             "pen": self._pen,
             "position_mm": [round(self._position[0], 3), round(self._position[1], 3)],
+            # How much faster than an AxiDraw the virtual plotter runs: estimates
+            # (an AxiDraw's time) divided by it are the time a plot takes here.
+            **({"simulator_speed": self.config.simulator_speed}
+               if self.config.type == "simulator" else {}),
         }
 
     def _publish(self) -> None:

@@ -195,6 +195,14 @@ function renderCurrent() {
   showPreview(job);
 }
 
+/** The estimate as it will really take on this plotter (the virtual one may run
+ * faster than an AxiDraw), with the AxiDraw's time beside it where they differ. */
+function estimate(seconds) {
+  const speed = (state.device && state.device.simulator_speed) || 1;
+  if (speed === 1 || seconds == null) return format.duration(seconds);
+  return `${format.duration(seconds / speed)} here, ${format.duration(seconds)} on an AxiDraw`;
+}
+
 function showProgress(job, message) {
   $("progress").hidden = !job;
   const progress = message ? message.progress : job ? job.progress || 0 : 0;
@@ -207,7 +215,7 @@ function showProgress(job, message) {
   if (job && message && ACTIVE.has(job.state)) {
     eta = `${format.duration(message.eta_seconds)} left`;
   } else if (job && job.state === "queued") {
-    eta = `about ${format.duration(job.estimated_seconds)}`;
+    eta = `about ${estimate(job.estimated_seconds)}`;
   }
   $("progress-eta").textContent = eta;
   preview.setProgress(progress);
@@ -303,7 +311,7 @@ function fillRow(row, job) {
   const name = row.querySelector(".col-name");
   name.textContent = job.name;
   name.title = job.error ? `${job.id}: ${job.error}` : job.id;
-  row.querySelector(".col-estimate").textContent = format.duration(job.estimated_seconds);
+  row.querySelector(".col-estimate").textContent = estimate(job.estimated_seconds);
   const progress = Number(job.progress) || 0;
   row.querySelector(".mini-fill").style.width = `${Math.round(progress * 1000) / 10}%`;
   row.querySelector(".mini-figure").textContent = format.percent(progress);
@@ -374,7 +382,7 @@ async function upload(file) {
     state.jobs.set(job.id, job);
     render();
     message.dataset.kind = "ok";
-    message.textContent = `Queued “${job.name}” (about ${format.duration(job.estimated_seconds)}).`;
+    message.textContent = `Queued “${job.name}” (about ${estimate(job.estimated_seconds)}).`;
   } catch (error) {
     message.dataset.kind = "error";
     const status = error instanceof ApiError && error.status ? ` (${error.status})` : "";
