@@ -87,3 +87,46 @@ def test_twistd_and_vfab_know_the_plugin():
     assert listing.returncode == 0 and "vfab" in listing.stdout
     assert run_vfab("--help").returncode == 0
     assert run_vfab("--version").stdout.startswith("vfab ")
+
+
+def test_status_and_watch_say_which_interrupted_job_holds_the_queue(tmp_path):
+    drawing = tmp_path / "squares.svg"
+    drawing.write_bytes(ONE_LAYER)
+
+    def daemon_at(speed: float) -> DaemonProcess:
+        return DaemonProcess(tmp_path, {"device": {
+            "type": "simulator", "model": "V3/A4", "simulator_speed": speed,
+            "shutdown_grace": 0}}).start()
+
+    daemon = daemon_at(1)  # a plot of about 15 s: the stop finds it plotting
+    try:
+        held = run_vfab("add", "job", "held", str(drawing), "--url", daemon.url).stdout.strip()
+        daemon.wait_for_job(held, {"plotting"})
+        waiting = run_vfab("add", "job", "waiting", str(drawing), "--url", daemon.url)
+        waiting = waiting.stdout.strip()
+    finally:
+        assert daemon.stop() == 0, daemon.log
+    daemon = daemon_at(10)
+    url = ["--url", daemon.url]
+    try:
+        status = run_vfab("status", *url)
+        assert status.returncode == 0, status.stderr
+        assert f"held     {held} 'held' interrupted" in status.stdout
+        assert "the daemon stopped" in status.stdout
+        assert f"vfab resume {held}" in status.stdout
+        assert json.loads(run_vfab("status", held, "--json", *url).stdout)["error"]
+        watcher = subprocess.Popen([sys.executable, "-m", "vfab", "watch", waiting, *url],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # It has said what holds the queue once its WebSocket is up.
+        deadline = time.monotonic() + 30
+        while not re.search(r"websocket client \S+ connected", daemon.log):
+            assert time.monotonic() < deadline and watcher.poll() is None, daemon.log
+            time.sleep(0.05)
+        assert run_vfab("resume", held, *url).returncode == 0
+        _, stderr = watcher.communicate(timeout=120)
+        assert watcher.returncode == 0, stderr
+        said = " ".join(stderr.split())  # as rich wrapped it for the terminal
+        assert f"job {held} 'held' is interrupted and holds the queue" in said
+        assert f"vfab resume {held}" in said
+    finally:
+        assert daemon.stop() == 0, daemon.log

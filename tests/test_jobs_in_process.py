@@ -214,3 +214,18 @@ def test_a_loss_before_the_first_move_of_a_path_back_through_home_skips_nothing(
     site.pull_cable()
     assert finish(site, job_id) == states.COMPLETED
     assert drawn_length(site.strokes) == pytest.approx(10.0, rel=0.002)
+
+
+def test_an_interrupted_job_says_why_until_it_goes_on(tmp_path):
+    """It holds the queue: whoever looks at it must see why it stopped."""
+    site = Site(tmp_path)
+    job_id = site.submit(PAGE_FRAME)
+    site.advance(2.0)
+    site.stop()
+    site.start()
+    interrupted = site.job(job_id)
+    assert interrupted["state"] == states.INTERRUPTED
+    assert "the daemon stopped" in interrupted["error"]
+    site.settle(site.life.queue.resume(job_id))
+    assert site.job(job_id)["error"] is None
+    assert finish(site, job_id) == states.COMPLETED

@@ -95,10 +95,11 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
     active = [job for state in ("plotting", "paused", "awaiting_pen")
               for job in client.request("GET", "/api/jobs", query={"state": state})["jobs"]]
     queued = client.request("GET", "/api/jobs", query={"state": "queued"})["jobs"]
+    interrupted = client.request("GET", "/api/jobs", query={"state": "interrupted"})["jobs"]
     if args.json:
         from vfab.cli import print_json
         print_json({"health": health, "device": device, "active_jobs": active,
-                    "queued_jobs": len(queued)})
+                    "queued_jobs": len(queued), "interrupted_jobs": interrupted})
         return 0
     _out.print(f"daemon   {client.url}: {health['status']}, up {duration(health['uptime'])}")
     _out.print(f"device   {device['status']}"
@@ -109,6 +110,11 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
     for job in active:
         _out.print(f"active   {job['id']} '{job['name']}' {job['state']} "
                    f"{job['progress'] * 100:.0f}%")
+    for job in interrupted:
+        _out.print(f"held     {job['id']} '{job['name']}' interrupted at "
+                   f"{job['progress'] * 100:.0f}%: {job['error'] or 'no reason recorded'}")
+        _out.print(f"         the queue waits for it: vfab resume {job['id']} "
+                   f"(or vfab cancel {job['id']})")
     return 0
 
 

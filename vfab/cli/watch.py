@@ -95,6 +95,12 @@ def watch_jobs(client: DaemonClient, job_id: str | None) -> int:
         if job_id is None:
             console.print("no active or queued jobs to watch")
         return 0 if all(job["state"] == "completed" for job in jobs) else 1
+    if any(job["state"] == "queued" for job in pending):
+        for held in client.request("GET", "/api/jobs", query={"state": "interrupted"})["jobs"]:
+            console.print(f"job {held['id']} '{held['name']}' is interrupted and holds the "
+                          f"queue ({held['error'] or 'no reason recorded'}); queued jobs wait "
+                          f"until you type: vfab resume {held['id']} (or vfab cancel "
+                          f"{held['id']})")
     url = _websocket_url(client.url, client.api_key)
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
                         TextColumn("{task.percentage:>5.1f}%"),

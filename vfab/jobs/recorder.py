@@ -42,7 +42,14 @@ class StateRecorder:
 
     @inlineCallbacks
     def change(self, job_id: str, to_state: str, reason: str, **fields: Any) -> Deferred[Job]:
-        """Move a job to `to_state` in the store and announce it; fails as the store does."""
+        """Move a job to `to_state` in the store and announce it; fails as the store does.
+
+        An interrupted job's `error` says why it stopped (it holds the queue, and
+        whoever looks needs to know); a job queued or plotting again has none."""
+        if to_state == states.INTERRUPTED:
+            fields.setdefault("error", reason)
+        elif to_state in (states.QUEUED, states.PLOTTING):
+            fields.setdefault("error", None)
         before, after = yield self._store.transition(job_id, to_state, reason, **fields)
         _log.info("job {job_id}: {from_state} -> {to_state} ({reason})", job_id=job_id,
                   from_state=before.state, to_state=to_state, reason=reason)

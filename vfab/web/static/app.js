@@ -157,6 +157,12 @@ function currentJob() {
       return job;
     }
   }
+  // An interrupted job holds the queue until someone resumes or cancels it.
+  for (const job of state.jobs.values()) {
+    if (job.state === "interrupted") {
+      return job;
+    }
+  }
   return state.jobs.get(state.currentId) || null;
 }
 
@@ -176,10 +182,15 @@ function renderCurrent() {
     showPreview(null);
     return;
   }
-  $("current-title").textContent = ACTIVE.has(job.state) ? "Now plotting" : "Last job";
+  const holding = job.state === "interrupted";
+  $("current-title").textContent = ACTIVE.has(job.state) ? "Now plotting"
+    : holding ? "Holding the queue" : "Last job";
   $("current-name").textContent = job.name;
-  $("current-error").hidden = !job.error;
-  $("current-error").textContent = job.error || "";
+  const error = holding
+    ? `${job.error || "interrupted"}. The queue waits for this job: resume or cancel it.`
+    : job.error;
+  $("current-error").hidden = !error;
+  $("current-error").textContent = error || "";
   setBadge(badge, job.state);
 
   const awaitingPen = job.state === "awaiting_pen";
