@@ -240,6 +240,28 @@ async def test_bus_events_reach_subscribers_of_their_channel_only(serve):
 
 
 @pytest_twisted.ensureDeferred
+async def test_one_event_is_one_message_for_every_client(serve):
+    """Stamped when it happens, not as each client's copy is written: a progress
+    held back for one client (paced to 10 a second) carries the same timestamp as
+    the copy another client got at once."""
+    web = await serve()
+    paced, fresh = await connect(web), await connect(web)
+    await paced.ask({"type": "subscribe", "channels": ["jobs"]})
+    await paced.next()  # job_list
+    web.bus.publish("jobs", {"type": "job_progress", "job_id": "job-1", "progress": 0.1})
+    await paced.next()
+    await fresh.ask({"type": "subscribe", "channels": ["jobs"]})
+    await fresh.next()  # job_list
+    web.clock.advance(0.05)
+    web.bus.publish("jobs", {"type": "job_progress", "job_id": "job-1", "progress": 0.2})
+    at_once = await fresh.next()
+    web.clock.advance(0.05)  # the paced client's copy goes out now
+    held_back = await paced.next()
+    assert at_once["progress"] == held_back["progress"] == 0.2
+    assert at_once == held_back
+
+
+@pytest_twisted.ensureDeferred
 async def test_unsubscribe_stops_events(serve):
     web = await serve()
     client = await connect(web)

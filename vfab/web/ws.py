@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import PreparedMessage
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -110,12 +111,30 @@ class WriteWatermark:
         return self.backlog <= self.limit
 
 
+class Event:
+    """One event as every client receives it: stamped once, when it happened, and
+    serialised and framed once for all of them (contract section 4)."""
+
+    def __init__(self, message: dict[str, Any]):
+        self.message = message
+        self._prepared: PreparedMessage | None = None
+
+    def prepared(self, factory: WebSocketServerFactory) -> PreparedMessage:
+        if self._prepared is None:
+            self._prepared = factory.prepareMessage(_encode(self.message))
+        return self._prepared
+
+
+def _encode(message: dict[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":"), default=str).encode("utf-8")
+
+
 class _ProgressSlot:
     """The job_progress throttle of one job for one client."""
 
     def __init__(self) -> None:
         self.last_sent = float("-inf")
-        self.latest: dict[str, Any] | None = None
+        self.latest: Event | None = None
         self.call: IDelayedCall | None = None
 
 
@@ -223,7 +242,7 @@ class StreamProtocol(WebSocketServerProtocol):
 
     # -- heartbeat ---------------------------------------------------------
 
-    def heartbeat(self, system_status: dict[str, Any]) -> None:
+    def heartbeat(self, system_status: Event) -> None:
         """Ping, drop if the client missed too many pings, and send system_status."""
         if self.state != self.STATE_OPEN:
             return
@@ -244,14 +263,20 @@ class StreamProtocol(WebSocketServerProtocol):
 
     # -- sending -------------------------------------------------------------
 
-    def send_message(self, message: dict[str, Any]) -> None:
-        """Send one JSON text message, stamped, unless the client is gone or too slow."""
+    def send_message(self, message: dict[str, Any] | Event) -> None:
+        """Send one JSON text message (this client's own, stamped now, or an event
+        shared by all), unless the client is gone or too slow."""
         if self.state != self.STATE_OPEN:
             return
-        if "timestamp" not in message:
-            message = {**message, "timestamp": self.factory.timestamp()}
-        payload = json.dumps(message, separators=(",", ":"), default=str).encode("utf-8")
-        if not self._watermark.admit(len(payload)):
+        if isinstance(message, Event):
+            prepared = message.prepared(self.factory)
+            size = len(prepared.payload)
+        else:
+            if "timestamp" not in message:
+                message = {**message, "timestamp": self.factory.timestamp()}
+            prepared, payload = None, _encode(message)
+            size = len(payload)
+        if not self._watermark.admit(size):
             _log.warn("dropping WebSocket client {peer}: it reads too slowly "
                       "({backlog} bytes waiting in its websocket buffer)",
                       peer=self._client(), backlog=self._watermark.backlog)
@@ -260,52 +285,54 @@ class StreamProtocol(WebSocketServerProtocol):
                                            limit_bytes=self._watermark.limit)
             self.abort("the client reads too slowly")
             return
-        # max_message_size bounds what clients send; autobahn would apply it
-        # to what we send too, and a job_list snapshot may well be larger.
-        limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
-        try:
-            self.sendMessage(payload, isBinary=False)
-        finally:
-            self.maxMessagePayloadSize = limit
+        if prepared is not None:
+            self.sendPreparedMessage(prepared)
+        else:
+            # max_message_size bounds what clients send; autobahn would apply it
+            # to what we send too, and a job_list snapshot may well be larger.
+            limit, self.maxMessagePayloadSize = self.maxMessagePayloadSize, 0
+            try:
+                self.sendMessage(payload, isBinary=False)
+            finally:
+                self.maxMessagePayloadSize = limit
         self.factory.messages_sent()
 
     def send_error(self, code: str, message: str) -> None:
         self.send_message({"type": "error", "error_code": code, "error_message": message})
 
-    def deliver(self, channel: str, message: dict[str, Any]) -> None:
-        """Forward a bus message if this client subscribed to its channel."""
+    def deliver(self, channel: str, event: Event) -> None:
+        """Forward a bus event if this client subscribed to its channel."""
         if not self.authenticated or channel not in self.channels:
             return
-        message = {**message, "type": str(message.get("type", "")).lower()}
         if self._snapshots_pending:
-            self._held.append(message)
+            self._held.append(event)
         else:
-            self._forward(message)
+            self._forward(event)
 
-    def _forward(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
+    def _forward(self, event: Event) -> None:
+        kind = event.message["type"]
         if kind == "job_progress":
-            self._throttle_progress(message)
+            self._throttle_progress(event)
             return
         if kind == "job_state_change":
             # Progress still waiting must not arrive after the state it led to.
-            self._flush_progress(message.get("job_id"), forget=True)
-        self.send_message(message)
+            self._flush_progress(event.message.get("job_id"), forget=True)
+        self.send_message(event)
 
-    def _throttle_progress(self, message: dict[str, Any]) -> None:
-        slot = self._progress.setdefault(message.get("job_id"), _ProgressSlot())
+    def _throttle_progress(self, event: Event) -> None:
+        job_id = event.message.get("job_id")
+        slot = self._progress.setdefault(job_id, _ProgressSlot())
         if slot.call is not None:
-            slot.latest = message
+            slot.latest = event
             return
         now = self.factory.reactor.seconds()
         wait = slot.last_sent + PROGRESS_INTERVAL - now
         if wait <= 0:
             slot.last_sent = now
-            self.send_message(message)
+            self.send_message(event)
         else:
-            slot.latest = message
-            slot.call = self.factory.reactor.callLater(
-                wait, self._flush_progress, message.get("job_id"))
+            slot.latest = event
+            slot.call = self.factory.reactor.callLater(wait, self._flush_progress, job_id)
 
     def _flush_progress(self, job_id: Any, forget: bool = False) -> None:
         slot = self._progress.get(job_id)
@@ -486,15 +513,19 @@ class StreamFactory(WebSocketServerFactory):
         return utc_timestamp(self.reactor.seconds())
 
     def publish(self, channel: str, message: dict[str, Any]) -> None:
-        """The event bus subscriber: hand the message to every client."""
+        """The event bus subscriber: stamp the event once and hand it to every client."""
+        if not self.clients:
+            return
+        event = Event({**message, "type": str(message.get("type", "")).lower(),
+                       "timestamp": message.get("timestamp") or self.timestamp()})
         for client in list(self.clients):
-            client.deliver(channel, message)
+            client.deliver(channel, event)
 
     def heartbeat(self) -> None:
         """Every heartbeat_interval: ping every client and send system_status."""
         if not self.clients:
             return
-        status = self.monitor.system_status()
+        status = Event(self.monitor.system_status())
         for client in list(self.clients):
             client.heartbeat(status)
 
