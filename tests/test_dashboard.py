@@ -10,6 +10,7 @@ fixed times. Screenshots go to the test's tmp_path and to test-output/dashboard/
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -245,6 +246,11 @@ def test_plot_through_the_dashboard(browser: Any, daemon: DaemonProcess, tmp_pat
     page.wait_until("() => Number(document.querySelector('#preview').dataset.drawn) > 2500")
     page.wait_for_ink(3000)
     page.screenshot("4-completed")
+    # The queue tells two jobs of one name apart: a short id, when, how long.
+    row = f'#jobs tr[data-job-id="{job_id}"]'
+    assert page.text(f"{row} .job-id") == job_id[:8]
+    assert re.fullmatch(r"\d\d:\d\d( [AP]M)?", page.text(f"{row} .col-submitted"))
+    assert page.text(f"{row} .col-estimate").startswith("took ")
 
     page.page.set_viewport_size({"width": 390, "height": 844})
     page.wait_until("() => document.querySelector('#preview').clientWidth < 380")

@@ -309,7 +309,8 @@ function newRow(id) {
   row.dataset.jobId = id;
   row.innerHTML = `
     <td class="col-state"><span class="badge"></span></td>
-    <td class="col-name"></td>
+    <td class="col-name"><span class="job-name"></span> <code class="job-id"></code></td>
+    <td class="col-submitted"></td>
     <td class="col-estimate"></td>
     <td class="col-progress"><div class="mini-track"><div class="mini-fill"></div></div>
       <span class="mini-figure"></span></td>
@@ -320,9 +321,14 @@ function newRow(id) {
 function fillRow(row, job) {
   setBadge(row.querySelector(".badge"), job.state);
   const name = row.querySelector(".col-name");
-  name.textContent = job.name;
+  name.querySelector(".job-name").textContent = job.name;
+  // The id as far as it tells jobs apart (the CLI takes any unique prefix).
+  name.querySelector(".job-id").textContent = job.id.slice(0, 8);
   name.title = job.error ? `${job.id}: ${job.error}` : job.id;
-  row.querySelector(".col-estimate").textContent = estimate(job.estimated_seconds);
+  row.querySelector(".col-submitted").textContent = format.clock(job.created_at);
+  const took = job.finished_at ? format.secondsBetween(job.started_at, job.finished_at) : null;
+  row.querySelector(".col-estimate").textContent = took !== null
+    ? `took ${format.duration(took)}` : estimate(job.estimated_seconds);
   const progress = Number(job.progress) || 0;
   row.querySelector(".mini-fill").style.width = `${Math.round(progress * 1000) / 10}%`;
   row.querySelector(".mini-figure").textContent = format.percent(progress);

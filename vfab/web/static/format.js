@@ -35,3 +35,22 @@ export function millimetres(point) {
   }
   return `${Number(point[0]).toFixed(1)}, ${Number(point[1]).toFixed(1)} mm`;
 }
+
+// An ISO 8601 time as people read it here: "14:05" today, "6 Dec 14:05" before.
+export function clock(iso, now = new Date()) {
+  const when = iso ? new Date(iso) : null;
+  if (!when || Number.isNaN(when.getTime())) {
+    return "–";
+  }
+  const time = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  if (when.toDateString() === now.toDateString()) {
+    return time;
+  }
+  return `${when.toLocaleDateString([], { day: "numeric", month: "short" })} ${time}`;
+}
+
+// Seconds between two ISO 8601 times, or null when either is missing.
+export function secondsBetween(start, end) {
+  const seconds = (new Date(end) - new Date(start)) / 1000;
+  return start && end && Number.isFinite(seconds) ? seconds : null;
+}
