@@ -229,3 +229,28 @@ def test_an_interrupted_job_says_why_until_it_goes_on(tmp_path):
     site.settle(site.life.queue.resume(job_id))
     assert site.job(job_id)["error"] is None
     assert finish(site, job_id) == states.COMPLETED
+
+
+def test_a_failing_store_is_said_once_and_the_plot_goes_on(tmp_path):
+    """Progress saves fail for a while: one alert, not one a move; the plot ends."""
+    from twisted.internet.defer import fail
+
+    site = Site(tmp_path)
+    store = site.life.store
+    real_save, failures = store.save_progress, []
+
+    def failing_save(*args):
+        failures.append(args)
+        return fail(OSError("disk I/O error"))
+
+    store.save_progress = failing_save
+    job_id = site.submit(PAGE_FRAME)
+    site.advance(20.0)
+    store.save_progress = real_save
+    assert finish(site, job_id) == states.COMPLETED
+    alerts = [message for channel, message in site.messages
+              if message.get("type") == "system_alert"
+              and message.get("title") == "Progress not saved"]
+    assert len(failures) > 1 and len(alerts) == 1
+    assert "disk I/O error" in alerts[0]["message"]
+    assert drawn_length(site.strokes) == pytest.approx(PAGE_FRAME_MM, rel=0.01)

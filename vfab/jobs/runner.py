@@ -172,6 +172,8 @@ class PlotRunner:
         self._last_position_report = float("-inf")
         self._last_save = clock.seconds()
         self._saving: Deferred | None = None
+        #: Saves failed in a row (the store is failing).
+        self._failed_saves = 0
 
     # -- requests ------------------------------------------------------------
 
@@ -700,11 +702,28 @@ class PlotRunner:
         def saved(result: Any) -> None:
             self._durable = position
             self._trail.saved_at(sequence)
+            if self._failed_saves:
+                _log.info("job {job_id}: progress saved again, after {count} failed saves",
+                          job_id=self.job_id, count=self._failed_saves)
+                self._failed_saves = 0
+
+        def failed(failure: Failure) -> None:
+            # The plot goes on: the next move that needs a save tries again. Said
+            # once a streak, not once a move, so a broken store cannot flood the log.
+            self._failed_saves += 1
+            if self._failed_saves > 1:
+                return
+            _log.failure("could not save the progress of job {job_id}; plotting on and "
+                         "trying again", failure, job_id=self.job_id)
+            self._publish({"type": "system_alert", "severity": "warning",
+                           "title": "Progress not saved",
+                           "message": f"Job {self.job_id}: the progress could not be saved "
+                                      f"({failure.getErrorMessage()}). The plot goes on; if "
+                                      f"the daemon stops before a save succeeds, a resume "
+                                      f"may draw a few strokes again."})
 
         saving = self._save_progress(self.progress, position.to_dict())
-        saving.addCallback(saved)
-        saving.addErrback(lambda failure: _log.failure(
-            "could not save the progress of job {job_id}", failure, job_id=self.job_id))
+        saving.addCallbacks(saved, failed)
         return saving
 
     @inlineCallbacks
