@@ -44,73 +44,41 @@ def moves_of(paths) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     return moves
 
 
-class EverySegment:
-    """The baseline: every segment of the trail measured exactly."""
+def every_segment():
+    """The baseline: vfab's Trail with its boxes ignored, every segment measured."""
+    from vfab.jobs.carriage import Trail
 
-    def __init__(self) -> None:
-        self.segments: list = []
+    class EverySegment(Trail):
+        def _near(self, count, p0, p1):
+            return self._segments[:max(count, 0)].tolist()
 
-    def needs_save_before(self, start, end) -> bool:
-        from vfab.jobs.carriage import AMBIGUOUS_STEPS, TRAIL_MOVES, _distance, segment_distance
-        if len(self.segments) >= TRAIL_MOVES:
-            return True
-        if not self.segments or start == end:
-            return False
-        if any(segment_distance(start, end, a, b) < AMBIGUOUS_STEPS
-               for a, b in self.segments[:-1]):
-            return True
-        length = _distance(start, end)
-        if length <= 2 * AMBIGUOUS_STEPS:
-            return False
-        share = 2 * AMBIGUOUS_STEPS / length
-        away = (start[0] + (end[0] - start[0]) * share, start[1] + (end[1] - start[1]) * share)
-        return segment_distance(away, end, *self.segments[-1]) < AMBIGUOUS_STEPS
-
-    def add(self, start, end) -> None:
-        self.segments.append((start, end))
-
-    def saved(self) -> None:
-        self.segments = []
-
-
-class Checked:
-    """vfab's Trail, cut at each save as the runner cuts it."""
-
-    def __init__(self) -> None:
-        from vfab.jobs.carriage import Trail
-        self.trail = Trail()
-
-    def needs_save_before(self, start, end) -> bool:
-        return self.trail.needs_save_before(start, end)
-
-    def add(self, start, end) -> None:
-        self.trail.add(start, end)
-
-    def saved(self) -> None:
-        self.trail.saved_at(self.trail.sent)
+    return EverySegment()
 
 
 def run(trail, moves) -> tuple[float, list[int]]:
-    """(us per move, indices of the moves that needed a save first)."""
+    """(us per move, indices of the moves that needed a save first), the trail cut
+    at each save as the runner cuts it."""
     saves = []
     started = time.perf_counter()
     for index, (start, end) in enumerate(moves):
         if trail.needs_save_before(start, end):
             saves.append(index)
-            trail.saved()
+            trail.saved_at(trail.sent)
         trail.add(start, end)
     return 1e6 * (time.perf_counter() - started) / len(moves), saves
 
 
 def main() -> bool:
+    from vfab.jobs.carriage import Trail
+
     drawings = {"hatching": common.hatching(), "random lines": common.random_lines(),
                 "small circles": common.small_circles(),
                 "random walk": common.random_walks(20000)}
     rows, worst, agree = [], 0.0, True
     for name, paths in drawings.items():
         moves = moves_of(paths)
-        vfab_us, vfab_saves = run(Checked(), moves)
-        base_us, base_saves = run(EverySegment(), moves)
+        vfab_us, vfab_saves = run(Trail(), moves)
+        base_us, base_saves = run(every_segment(), moves)
         agree = agree and vfab_saves == base_saves
         worst = max(worst, vfab_us)
         rows.append([name, len(moves), len(vfab_saves), vfab_us, base_us,

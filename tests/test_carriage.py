@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from plotting_site import SETTINGS
 from vfab.geometry import Drawing, Layer
-from vfab.jobs.carriage import AMBIGUOUS_STEPS, TRAIL_MOVES, Trail, locate, segment_distance
+from vfab.jobs.carriage import Trail, locate
 from vfab.jobs.position import Position
 from vfab.motion.planner import plan_drawing
 from vfab.plotter.kinematics import mm_to_motor_steps
@@ -59,20 +57,11 @@ def test_at_survives_the_store():
     assert (again, again.parked, again.inside, again.at) == (position, True, (4, 5), (6, 7))
 
 
-def every_segment_says_save(segments: list, start, end) -> bool:
-    """The rule measured on every segment of the trail, without bounding boxes."""
-    if len(segments) >= TRAIL_MOVES:
-        return True
-    if not segments or start == end:
-        return False
-    if any(segment_distance(start, end, a, b) < AMBIGUOUS_STEPS for a, b in segments[:-1]):
-        return True
-    length = math.hypot(end[0] - start[0], end[1] - start[1])
-    if length <= 2 * AMBIGUOUS_STEPS:
-        return False
-    share = 2 * AMBIGUOUS_STEPS / length
-    away = (start[0] + (end[0] - start[0]) * share, start[1] + (end[1] - start[1]) * share)
-    return segment_distance(away, end, *segments[-1]) < AMBIGUOUS_STEPS
+class EverySegment(Trail):
+    """The Trail with its bounding boxes ignored: every segment measured."""
+
+    def _near(self, count, p0, p1):
+        return self._segments[:max(count, 0)].tolist()
 
 
 @settings(max_examples=200, deadline=None)
@@ -80,12 +69,11 @@ def every_segment_says_save(segments: list, start, end) -> bool:
                 max_size=120))
 def test_the_trail_says_save_exactly_when_a_segment_is_near(points):
     """The bounding boxes only skip work: the decisions are those of measuring all."""
-    trail, segments = Trail(), []
+    trail, everything = Trail(), EverySegment()
     for start, end in zip(points, points[1:]):
-        expected = every_segment_says_save(segments, start, end)
+        expected = everything.needs_save_before(start, end)
         assert trail.needs_save_before(start, end) == expected
-        if expected:
-            trail.saved_at(trail.sent)
-            segments = []
-        trail.add(start, end)
-        segments.append((start, end))
+        for each in (trail, everything):
+            if expected:
+                each.saved_at(each.sent)
+            each.add(start, end)

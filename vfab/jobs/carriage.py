@@ -145,15 +145,9 @@ class Trail:
             return False
         p0 = (float(start[0]), float(start[1]))
         p1 = (float(end[0]), float(end[1]))
-        if count > 1:
-            boxes = self._boxes[:count - 1]
-            near = ((boxes[:, 0] < max(p0[0], p1[0]) + AMBIGUOUS_STEPS)
-                    & (boxes[:, 2] > min(p0[0], p1[0]) - AMBIGUOUS_STEPS)
-                    & (boxes[:, 1] < max(p0[1], p1[1]) + AMBIGUOUS_STEPS)
-                    & (boxes[:, 3] > min(p0[1], p1[1]) - AMBIGUOUS_STEPS))
-            for x0, y0, x1, y1 in self._segments[:count - 1][near].tolist():
-                if segment_distance(p0, p1, (x0, y0), (x1, y1)) < AMBIGUOUS_STEPS:
-                    return True
+        for x0, y0, x1, y1 in self._near(count - 1, p0, p1):
+            if segment_distance(p0, p1, (x0, y0), (x1, y1)) < AMBIGUOUS_STEPS:
+                return True
         # The segment just before shares `start`; beyond a few steps from it the
         # new one must keep away from it (it does unless the path turns back sharply).
         length = _distance(p0, p1)
@@ -163,6 +157,18 @@ class Trail:
         away = (p0[0] + (p1[0] - p0[0]) * share, p0[1] + (p1[1] - p0[1]) * share)
         x0, y0, x1, y1 = self._segments[count - 1].tolist()
         return segment_distance(away, p1, (x0, y0), (x1, y1)) < AMBIGUOUS_STEPS
+
+    def _near(self, count: int, p0: Point, p1: Point) -> list[list[float]]:
+        """The first `count` segments whose boxes come within AMBIGUOUS_STEPS of
+        the move's box: the only ones that can be that near the move."""
+        if count <= 0:
+            return []
+        boxes = self._boxes[:count]
+        near = ((boxes[:, 0] < max(p0[0], p1[0]) + AMBIGUOUS_STEPS)
+                & (boxes[:, 2] > min(p0[0], p1[0]) - AMBIGUOUS_STEPS)
+                & (boxes[:, 1] < max(p0[1], p1[1]) + AMBIGUOUS_STEPS)
+                & (boxes[:, 3] > min(p0[1], p1[1]) - AMBIGUOUS_STEPS))
+        return self._segments[:count][near].tolist()
 
     def add(self, start: Steps, end: Steps) -> None:
         if self._count == len(self._segments):  # past the limit: a save is under way
