@@ -9,7 +9,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from vfab.config import DeviceConfig
-from vfab.plotter.ebb import EBBProtocol, MotionStatus, parse_version
+from vfab.plotter.ebb import POWER_MARK, EBBProtocol, MotionStatus, parse_version
 from vfab.plotter.errors import DeviceLost, DeviceTimeout, EBBError
 from vfab.plotter.kinematics import (microstep_code, microstepping_of_code, mm_to_motor_steps,
                                      motor_steps_to_mm, steps_per_mm)
@@ -266,6 +266,36 @@ def test_connection_loss_fails_everything_pending(board):
 def test_enable_motors(board, microstepping, line):
     board.protocol.enable_motors(microstepping)
     assert board.sent() == line
+
+
+def test_without_qe_the_motors_state_is_kept_in_the_layer_mark(board):
+    """Firmware before 2.8.0 cannot say whether its motors are on: vfab sets a
+    layer value with them and clears it before they go off (QL reads it back)."""
+    board.protocol.firmware_version = (2, 6, 5)
+    on = board.protocol.enable_motors(16)
+    assert board.sent() == b"EM,1,1\r"
+    board.answer(b"OK\r\n")
+    assert board.sent() == f"SL,{POWER_MARK}\r".encode()
+    board.answer(b"OK\r\n")
+    result(on)
+    off = board.protocol.disable_motors()
+    assert board.sent() == b"SL,0\r"
+    board.answer(b"OK\r\n")
+    assert board.sent() == b"EM,0,0\r"
+    board.answer(b"OK\r\n")
+    result(off)
+    kept = board.protocol.power_kept()
+    assert board.sent() == b"QL\r"
+    board.answer(f"{POWER_MARK}\r\nOK\r\n".encode())
+    assert result(kept) is True
+
+
+def test_with_qe_the_layer_is_left_alone(board):
+    board.protocol.firmware_version = (2, 8, 1)
+    board.protocol.enable_motors(16)
+    assert board.sent() == b"EM,1,1\r"
+    board.answer(b"OK\r\n")
+    assert board.sent() == b""
 
 
 def test_configure_pen_as_the_vendor_software(board):

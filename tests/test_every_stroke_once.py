@@ -67,9 +67,10 @@ schedules = st.lists(st.tuples(st.floats(0.0, 2.0),
                                st.sampled_from(ACTIONS)), max_size=8)
 
 
-#: Both firmware generations, and a 3.x board another program left in future
-#: syntax mode with a 32-deep FIFO and no OK replies.
+#: Both firmware generations (and 2.6.5: SM moves, no QE, no LM), and a 3.x board
+#: another program left in future syntax mode with a 32-deep FIFO and no OK replies.
 BOARDS = {
+    "2.6.5": {"firmware": "2.6.5"},
     "2.8.1": {"firmware": "2.8.1"},
     "3.0.3": {"firmware": "3.0.3"},
     "3.0.3 left by other software": {"firmware": "3.0.3", "future_syntax": True,

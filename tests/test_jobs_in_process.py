@@ -254,3 +254,24 @@ def test_a_failing_store_is_said_once_and_the_plot_goes_on(tmp_path):
     assert len(failures) > 1 and len(alerts) == 1
     assert "disk I/O error" in alerts[0]["message"]
     assert drawn_length(site.strokes) == pytest.approx(PAGE_FRAME_MM, rel=0.01)
+
+
+def test_a_board_without_qe_says_it_kept_power_through_its_layer_mark(tmp_path):
+    """2.6.5 cannot say whether its motors are on: the layer value vfab sets with
+    them (QL, zero at power-up) tells a pulled cable from a power cut or a stop."""
+    site = Site(tmp_path, firmware="2.6.5")
+    site.advance(1.0)
+    assert not site.life.device.position_kept  # at first it is only home
+    site.pull_cable()
+    site.advance(2.0)
+    assert site.life.device.plotter is not None
+    assert site.life.device.position_kept  # the cable: power and counters kept
+    site.board.power_cut()  # the mark is gone with the counters
+    site.advance(2.0)
+    assert site.life.device.plotter is not None
+    assert not site.life.device.position_kept
+    site.stop()  # parks: motors off, the carriage free to be moved by hand
+    site.start()
+    site.advance(2.0)
+    assert site.life.device.plotter is not None
+    assert not site.life.device.position_kept

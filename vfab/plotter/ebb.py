@@ -51,6 +51,12 @@ FIFO_DEPTH = 32
 BOOT_FIFO_DEPTH = 1
 #: Firmware that answers QG (idle, FIFO, pen and PRG button in one query).
 QG_FIRMWARE = (2, 6, 2)
+#: QE (which motors are on, at what microstepping) exists from this firmware on.
+QE_FIRMWARE = (2, 8, 0)
+#: The layer value (SL/QL: RAM, 0 at power-up) vfab leaves on a board without QE
+#: while its motors are on: found again on a later connection, the board kept
+#: power and its step counters since.
+POWER_MARK = 101
 #: Commands answered by exactly one line and no OK.
 ONE_LINE_REPLY = frozenset({"V", "QM", "QG", "I", "A", "MR", "PI"})
 #: Commands the board does not answer at all (it drops off the USB).
@@ -380,11 +386,32 @@ class EBBProtocol(Protocol):
         if microstepping == 0:
             return self.disable_motors()
         code = microstep_code(microstepping)
-        return self.command(f"EM,{code},{code}")
+        enabling = self.command(f"EM,{code},{code}")
+        if self._marks_power:
+            enabling.addCallback(lambda _: self.command(f"SL,{POWER_MARK}"))
+        return enabling
 
-    def disable_motors(self) -> defer.Deferred:
-        """EM,0,0: let both motors freewheel."""
-        return self.command("EM,0,0")
+    @defer.inlineCallbacks
+    def disable_motors(self):
+        """EM,0,0: let both motors freewheel (the carriage may be moved by hand)."""
+        if self._marks_power:
+            yield self.command("SL,0")
+        yield self.command("EM,0,0")
+
+    @property
+    def _marks_power(self) -> bool:
+        """A known firmware without QE: the motors' state is kept in the layer mark."""
+        return self.firmware_version is not None and self.firmware_version < QE_FIRMWARE
+
+    def power_kept(self) -> defer.Deferred:
+        """Without QE: fires True when the board still holds the mark vfab set with
+        the motors on (QL), i.e. it kept power and its counters since."""
+        def parsed(line: str) -> bool:
+            try:
+                return int(line.split(",")[-1]) == POWER_MARK
+            except ValueError:
+                raise EBBError("QL", f"unexpected answer {line!r}") from None
+        return self._one("QL").addCallback(parsed)
 
     def configure_pen(self, config: DeviceConfig) -> defer.Deferred:
         """SC: pen-up/down servo positions and raise/lower rates from the plot settings."""

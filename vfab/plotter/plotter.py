@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.internet import defer, task
 
 from vfab.config import DeviceConfig
-from vfab.plotter.ebb import EBBProtocol, command_name
+from vfab.plotter.ebb import QE_FIRMWARE, EBBProtocol, command_name
 from vfab.plotter.errors import EBBError
 from vfab.plotter.kinematics import steps_per_mm
 from vfab.plotter.pen import PenServo
@@ -18,8 +18,6 @@ from vfab.plotter.pen import PenServo
 LM_FIRMWARE = (2, 7, 0)
 #: Firmware that has HM (home move).
 HM_FIRMWARE = (2, 6, 2)
-#: Firmware that answers QE (motor enables and microstepping).
-QE_FIRMWARE = (2, 8, 0)
 #: While a move is held back from a deep FIFO, how often the board is asked
 #: whether it already ran dry (host seconds): at first, and again after it did;
 #: each time it had not, half as often, down to the slowest.
@@ -208,10 +206,14 @@ class Plotter:
 @defer.inlineCallbacks
 def motors_kept(protocol: EBBProtocol, microstepping: int):
     """Fires True when the motors are on at `microstepping`: the board kept power and
-    its step counters. Firmware before QE (2.8.0) cannot say, so that is False."""
-    if protocol.firmware_version is None or protocol.firmware_version < QE_FIRMWARE:
+    its step counters. Firmware before QE (2.8.0) says it through the layer mark
+    vfab sets whenever it turns the motors on (see EBBProtocol.power_kept)."""
+    if protocol.firmware_version is None:
         return False
     try:
+        if protocol.firmware_version < QE_FIRMWARE:
+            kept = yield protocol.power_kept()
+            return kept
         motors = yield protocol.query_motors()
     except EBBError:
         return False

@@ -172,6 +172,13 @@ class EBBEmulator:
         self.steps = (self.steps[0] - current[0], self.steps[1] - current[1])
         self._accumulators = (0, 0)
 
+    def power_cut(self) -> None:
+        """Fault: the board loses power and comes back (the USB link drops too):
+        everything as at boot, the counters zero where the carriage stands."""
+        self.drop()
+        self.reset_counters()
+        self._power_on()
+
     def press_button(self) -> None:
         """The PRG button is pressed: the next QB (or QG) reports it once."""
         self.button = True
