@@ -23,6 +23,7 @@ from twisted.web.server import NOT_DONE_YET
 from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.jobs.states import STATES
 from vfab.web.errors import client_error
+from vfab.web.query import query_value
 from vfab.web.responses import (
     error_body,
     json_body,
@@ -78,8 +79,7 @@ def render_later(request: IRequest, work: Callable[[], Deferred[Any]],
 
 
 def _arg(request: IRequest, name: str) -> str | None:
-    values = (request.args or {}).get(name.encode("ascii"))
-    return values[0].decode("utf-8", "replace") if values else None
+    return query_value(request.uri, name)
 
 
 def _integer(name: str, text: str | None, low: int | None = None) -> int | None:

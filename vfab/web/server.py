@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qsl, urlencode
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -32,6 +31,7 @@ from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.web.api import APIResource, HealthResource
 from vfab.web.auth import APIKeyCheck, Verdict, client_address, exposure_warning
 from vfab.web.metrics import MetricsResource, WebMetrics
+from vfab.web.query import scrubbed_uri
 from vfab.web.responses import NotFound, error_body, method_not_allowed
 from vfab.web.system import SystemMonitor
 from vfab.web.ws import StreamFactory, StreamProtocol, WebSocketGate
@@ -75,7 +75,7 @@ class APIRequest(Request):
 
     def processingFailed(self, reason: Failure) -> None:
         _log.failure("{method} {path} failed", reason,
-                     method=self.method.decode("ascii", "replace"), path=loggable_uri(self.path))
+                     method=self.method.decode("ascii", "replace"), path=scrubbed_uri(self.path))
         body = error_body(self, 500, "internal_error",
                           "the daemon failed to handle this request; its log has the details")
         self.write(body)
@@ -96,18 +96,8 @@ class APISite(Site):
         _log.info('{client} "{method} {uri}" {code} {length}',
                   client=client_address(request),
                   method=request.method.decode("ascii", "replace"),
-                  uri=loggable_uri(request.uri),
+                  uri=scrubbed_uri(request.uri),
                   code=request.code, length=request.sentLength or "-")
-
-
-def loggable_uri(uri: bytes) -> str:
-    """The URI without any api_key in its query, so logs never hold the key."""
-    text = uri.decode("utf-8", "replace")
-    path, _, query = text.partition("?")
-    if not query:
-        return path
-    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "api_key"]
-    return f"{path}?{urlencode(kept)}" if kept else path
 
 
 class StaticFiles(File):
