@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
+from urllib.parse import quote
 from typing import Any
 
 import pytest
@@ -266,6 +267,46 @@ async def test_list_jobs_bad_query_is_400(serve, query):
     reply = await call(web, "GET", f"/api/jobs{query}")
     assert reply.status == 400
     assert reply.error_code() == "invalid_input"
+
+
+OUT_OF_RANGE = [str(10**30), str(10**23), str(-10**30), "1000001", "-1000001",
+                "1_000", "\u0663", "9" * 5000, "0x10", "1e3"]
+
+
+@pytest.mark.parametrize("value", OUT_OF_RANGE)
+@pytest_twisted.ensureDeferred
+async def test_every_numeric_parameter_refuses_what_it_cannot_hold(serve, value):
+    """priority (query and form field) and limit: 400 naming the range, never 500."""
+    web = await serve()
+    replies = [
+        await call(web, "POST", f"/api/jobs?priority={quote(value)}", SVG,
+                   {"Content-Type": "image/svg+xml"}),
+        await call(web, "POST", "/api/jobs", *_form_with_priority(value)),
+        await call(web, "GET", f"/api/jobs?limit={quote(value)}"),
+    ]
+    for reply, name, allowed in zip(replies, ("priority", "priority", "limit"),
+                                    ("from -1000000 to 1000000", "from -1000000 to 1000000",
+                                     "from 1 to 1000000")):
+        assert reply.status == 400 and reply.error_code() == "invalid_input"
+        message = reply.json()["error"]["message"]
+        assert message.startswith(f"{name}: expected an integer {allowed}, got ")
+        assert len(message) < 120
+    assert web.jobs.submitted == []
+
+
+def _form_with_priority(value: str) -> tuple[bytes, dict[str, str]]:
+    body, content_type = multipart([("priority", value.encode(), None), ("file", SVG, "a.svg")])
+    return body, {"Content-Type": content_type}
+
+
+@pytest.mark.parametrize("query, priority", [("?priority=1000000", 1_000_000),
+                                             ("?priority=-1000000", -1_000_000),
+                                             ("?priority=+7", 7), ("?priority=%207%20", 7)])
+@pytest_twisted.ensureDeferred
+async def test_priorities_at_the_ends_of_the_range_are_taken(serve, query, priority):
+    web = await serve()
+    reply = await call(web, "POST", f"/api/jobs{query}", SVG, {"Content-Type": "image/svg+xml"})
+    assert reply.status == 201 and web.jobs.submitted[0]["priority"] == priority
 
 
 @pytest_twisted.ensureDeferred

@@ -462,6 +462,18 @@ def test_names_with_path_separators_stay_names(daemon: DaemonProcess, name: str)
     assert not Path("/tmp/evil").exists()
 
 
+@pytest.mark.parametrize("path", [f"/api/jobs?name=big&priority={10**30}",
+                                  f"/api/jobs?name=big&priority=-{10**30}",
+                                  f"/api/jobs?limit={10**23}"])
+def test_numbers_too_big_for_the_database_are_400(daemon: DaemonProcess, path: str) -> None:
+    method = "POST" if "priority" in path else "GET"
+    status, reply = daemon.request(method, path, SVG if method == "POST" else None,
+                                   {**AUTH, "Content-Type": "image/svg+xml"})
+    assert status == 400 and reply["error"]["code"] == "invalid_input", reply
+    assert " from " in reply["error"]["message"]
+    healthy(daemon)
+
+
 @pytest.mark.parametrize("name", ["bad\nname", "tab\tname", "nul\x00name", "bell\x07"])
 def test_names_with_control_characters_are_400(daemon: DaemonProcess, name: str) -> None:
     status, reply = daemon.request("POST", f"/api/jobs?name={quote(name)}", SVG,
