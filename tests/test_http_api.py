@@ -11,6 +11,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -524,6 +526,70 @@ async def test_a_key_in_a_form_body_is_refused(serve):
     body, content_type = multipart([("api_key", KEY.encode(), None), ("file", SVG, "a.svg")])
     reply = await call(web, "POST", "/api/jobs", body, {"Content-Type": content_type})
     assert reply.status == 401 and reply.error_code() == "unauthorized"
+
+
+class RawExchange(Protocol):
+    """Sends bytes as they are and keeps everything the server answers until it hangs up."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.received = b""
+        self.lost: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(self.received)
+
+
+async def raw(web: WebHarness, request: bytes) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, decoded JSON body) of one raw request."""
+    exchange = RawExchange(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", web.port), exchange)
+    answer = await exchange.lost.addTimeout(TIMEOUT, reactor)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split(" ")[1]), headers, json.loads(body) if body else None
+
+
+@pytest.mark.parametrize("authenticate", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_options_star_is_405_in_json_like_every_other_options(serve, authenticate):
+    web = await serve(authenticate=authenticate, api_key=KEY if authenticate else None)
+    status, headers, body = await raw(
+        web, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    assert headers["Allow"] == "GET, HEAD, POST, DELETE"
+    status, _, body = await raw(web, b"GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("headers", [
+    b"X-Big: " + b"a" * 100_000 + b"\r\n",                         # one line too long
+    b"".join(b"X-Many-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20)),  # too many together
+])
+@pytest_twisted.ensureDeferred
+async def test_headers_too_large_are_431_in_json(serve, headers):
+    web = await serve()
+    status, reply_headers, body = await raw(
+        web, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n")
+    assert status == 431 and body["error"]["code"] == "headers_too_large"
+    assert "16384 bytes" in body["error"]["message"]
+    assert reply_headers["Connection"] == "close"
+    assert (await call(web, "GET", "/health")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_headers_just_within_the_limit_are_served(serve):
+    web = await serve()
+    status, _, body = await raw(web, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
+                                + b"a" * 15_000 + b"\r\nConnection: close\r\n\r\n")
+    assert status == 200 and body["status"] == "healthy"
 
 
 # -- deferred answers and lifecycle --------------------------------------------------------
