@@ -69,6 +69,20 @@ def test_authenticate_needs_a_key():
     assert config.websocket.api_key == "k"
 
 
+@pytest.mark.parametrize("key, why", [
+    ("   ", "expected a key, got an empty or blank string"),
+    ("", "expected a key, got an empty or blank string"),
+    ("\t\n", "expected a key, got an empty or blank string"),
+    (" s3cret", "expected a key without spaces at its start or end"),
+    ("s3cret\n", "expected a key without spaces at its start or end"),
+    ("s3\x00cret", "expected a key of printable characters"),
+    (12345, "expected a string, got a int"),
+])
+def test_a_key_no_client_could_send_is_refused_without_echoing_it(key, why):
+    assert problems_of({"websocket": {"authenticate": True, "api_key": key}}) == [
+        f"websocket.api_key: {why}"]
+
+
 def test_hooks_take_commands_and_webhooks():
     config = config_from_dict({"hooks": {
         "job_completed": [{"command": ["/bin/true", "--done"], "timeout": 5},

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 from websockets.sync.client import connect
 
 from tests.daemon_process import DaemonProcess, run_vfab
+from vfab.store.migrations import SCHEMA_VERSION, migrate
 
 SVG = (b'<svg xmlns="http://www.w3.org/2000/svg" width="100mm" height="100mm" '
        b'viewBox="0 0 100 100"><path d="M 10 10 L 90 10 L 90 90" fill="none" '
@@ -179,6 +181,35 @@ def test_an_unreadable_database_exits_1(tmp_path):
                       "-c", none_config(tmp_path))
     assert result.returncode == 1
     assert "database" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_database_of_a_newer_schema_exits_1_with_one_line(tmp_path):
+    workspace = tmp_path / "w"
+    workspace.mkdir(mode=0o700)
+    connection = sqlite3.connect(workspace / "vfab.db")
+    migrate(connection)
+    connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    connection.close()
+    result = run_vfab("daemon", "-h", "127.0.0.1", "-p", "0", "-w", str(workspace),
+                      "-c", none_config(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"vfab: cannot start: database {workspace / 'vfab.db'}: the database has schema "
+        f"version {SCHEMA_VERSION + 1} but this vfab knows only {SCHEMA_VERSION}: "
+        f"upgrade vfab or use another database"]
+    assert "Traceback" not in result.stdout
+
+
+def test_a_database_url_this_build_cannot_open_exits_2_with_one_line(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("device:\n  type: none\n"
+                      "database:\n  url: postgresql://vfab@db.example/vfab\n")
+    result = run_vfab("daemon", "-h", "127.0.0.1", "-p", "0", "-w", str(tmp_path / "w"),
+                      "-c", str(config))
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("vfab: database.url: expected a sqlite:/// URL")
+    assert "Traceback" not in result.stdout
 
 
 def _wait_for_exit(pid: int, timeout: float = 60.0) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
+from urllib.parse import quote
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
@@ -20,7 +23,8 @@ from zope.interface import implementer
 from tests.web_fakes import WebHarness
 from vfab.jobs.states import COMPLETED, PAUSED, PLOTTING, QUEUED
 from vfab.web.api import render_later
-from vfab.web.server import ListenError, WebService, loggable_uri
+from vfab.web.query import scrubbed_uri
+from vfab.web.server import ListenError, WebService
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10mm" height="10mm"><path d="M0 0L5 5"/></svg>'
 KEY = "s3cret-key"
@@ -267,6 +271,46 @@ async def test_list_jobs_bad_query_is_400(serve, query):
     assert reply.error_code() == "invalid_input"
 
 
+OUT_OF_RANGE = [str(10**30), str(10**23), str(-10**30), "1000001", "-1000001",
+                "1_000", "\u0663", "9" * 5000, "0x10", "1e3"]
+
+
+@pytest.mark.parametrize("value", OUT_OF_RANGE)
+@pytest_twisted.ensureDeferred
+async def test_every_numeric_parameter_refuses_what_it_cannot_hold(serve, value):
+    """priority (query and form field) and limit: 400 naming the range, never 500."""
+    web = await serve()
+    replies = [
+        await call(web, "POST", f"/api/jobs?priority={quote(value)}", SVG,
+                   {"Content-Type": "image/svg+xml"}),
+        await call(web, "POST", "/api/jobs", *_form_with_priority(value)),
+        await call(web, "GET", f"/api/jobs?limit={quote(value)}"),
+    ]
+    for reply, name, allowed in zip(replies, ("priority", "priority", "limit"),
+                                    ("from -1000000 to 1000000", "from -1000000 to 1000000",
+                                     "from 1 to 1000000")):
+        assert reply.status == 400 and reply.error_code() == "invalid_input"
+        message = reply.json()["error"]["message"]
+        assert message.startswith(f"{name}: expected an integer {allowed}, got ")
+        assert len(message) < 120
+    assert web.jobs.submitted == []
+
+
+def _form_with_priority(value: str) -> tuple[bytes, dict[str, str]]:
+    body, content_type = multipart([("priority", value.encode(), None), ("file", SVG, "a.svg")])
+    return body, {"Content-Type": content_type}
+
+
+@pytest.mark.parametrize("query, priority", [("?priority=1000000", 1_000_000),
+                                             ("?priority=-1000000", -1_000_000),
+                                             ("?priority=+7", 7), ("?priority=%207%20", 7)])
+@pytest_twisted.ensureDeferred
+async def test_priorities_at_the_ends_of_the_range_are_taken(serve, query, priority):
+    web = await serve()
+    reply = await call(web, "POST", f"/api/jobs{query}", SVG, {"Content-Type": "image/svg+xml"})
+    assert reply.status == 201 and web.jobs.submitted[0]["priority"] == priority
+
+
 @pytest_twisted.ensureDeferred
 async def test_get_job_and_unknown_job(serve):
     web = await serve()
@@ -453,10 +497,99 @@ async def test_the_key_never_reaches_the_log(serve, logged):
     assert KEY not in text and "wrong-guess" not in text
 
 
-def test_loggable_uri_strips_the_key():
-    assert loggable_uri(b"/api/jobs?api_key=abc&state=queued") == "/api/jobs?state=queued"
-    assert loggable_uri(b"/?api_key=abc") == "/"
-    assert loggable_uri(b"/health") == "/health"
+def test_scrubbed_uri_strips_the_key():
+    assert scrubbed_uri(b"/api/jobs?api_key=abc&state=queued") == "/api/jobs?state=queued"
+    assert scrubbed_uri(b"/?api_key=abc") == "/"
+    assert scrubbed_uri(b"/health") == "/health"
+    # Pairs that may hide the key (a `;` inside a value, an encoded one) go too.
+    assert scrubbed_uri(b"/api/jobs?x=1;api_key=abc&limit=2") == "/api/jobs?limit=2"
+    assert scrubbed_uri(b"/api/jobs?x=1%3Bapi_key%3Dabc") == "/api/jobs"
+    assert scrubbed_uri(b"/api/jobs?api%5Fkey=abc") == "/api/jobs"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_after_a_semicolon_is_neither_accepted_nor_logged(serve, logged):
+    web = await serve(authenticate=True, api_key=KEY)
+    reply = await call(web, "GET", f"/api/jobs?x=1;api_key={KEY}")
+    assert reply.status == 401 and reply.error_code() == "unauthorized"
+    assert (await call(web, "GET", f"/api/jobs?x=1&api_key={KEY}")).status == 200
+    text = "\n".join(formatEvent(event) for event in logged)
+    assert "/api/jobs?x=1" in text and KEY not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_in_a_form_body_is_refused(serve):
+    web = await serve(authenticate=True, api_key=KEY)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    reply = await call(web, "POST", "/api/jobs", f"api_key={KEY}".encode(), form)
+    assert reply.status == 401 and reply.error_code() == "unauthorized"
+    body, content_type = multipart([("api_key", KEY.encode(), None), ("file", SVG, "a.svg")])
+    reply = await call(web, "POST", "/api/jobs", body, {"Content-Type": content_type})
+    assert reply.status == 401 and reply.error_code() == "unauthorized"
+
+
+class RawExchange(Protocol):
+    """Sends bytes as they are and keeps everything the server answers until it hangs up."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.received = b""
+        self.lost: Deferred[bytes] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(self.received)
+
+
+async def raw(web: WebHarness, request: bytes) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, decoded JSON body) of one raw request."""
+    exchange = RawExchange(request)
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", web.port), exchange)
+    answer = await exchange.lost.addTimeout(TIMEOUT, reactor)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines)
+    return int(status_line.split(" ")[1]), headers, json.loads(body) if body else None
+
+
+@pytest.mark.parametrize("authenticate", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_options_star_is_405_in_json_like_every_other_options(serve, authenticate):
+    web = await serve(authenticate=authenticate, api_key=KEY if authenticate else None)
+    status, headers, body = await raw(
+        web, b"OPTIONS * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 405 and body["error"]["code"] == "method_not_allowed"
+    assert headers["Allow"] == "GET, HEAD, POST, DELETE"
+    status, _, body = await raw(web, b"GET * HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("headers", [
+    b"X-Big: " + b"a" * 100_000 + b"\r\n",                         # one line too long
+    b"".join(b"X-Many-%d: %s\r\n" % (i, b"b" * 1000) for i in range(20)),  # too many together
+])
+@pytest_twisted.ensureDeferred
+async def test_headers_too_large_are_431_in_json(serve, headers):
+    web = await serve()
+    status, reply_headers, body = await raw(
+        web, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"Connection: close\r\n\r\n")
+    assert status == 431 and body["error"]["code"] == "headers_too_large"
+    assert "16384 bytes" in body["error"]["message"]
+    assert reply_headers["Connection"] == "close"
+    assert (await call(web, "GET", "/health")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_headers_just_within_the_limit_are_served(serve):
+    web = await serve()
+    status, _, body = await raw(web, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
+                                + b"a" * 15_000 + b"\r\nConnection: close\r\n\r\n")
+    assert status == 200 and body["status"] == "healthy"
 
 
 # -- deferred answers and lifecycle --------------------------------------------------------

@@ -13,7 +13,7 @@ from plotting_site import SETTINGS, Site
 from test_every_stroke_once import BOARDS, finish
 from test_runner import TWO_LAYERS, assert_same_drawing, drawn_length
 from vfab.jobs import states
-from vfab.jobs.errors import InvalidTransition
+from vfab.jobs.errors import InvalidJobInput, InvalidTransition
 
 #: A page frame through the home corner, with a circle and a square (issue 11).
 PAGE_FRAME = b"""<svg xmlns="http://www.w3.org/2000/svg" width="200mm" height="200mm"
@@ -275,3 +275,14 @@ def test_a_board_without_qe_says_it_kept_power_through_its_layer_mark(tmp_path):
     site.advance(2.0)
     assert site.life.device.plotter is not None
     assert not site.life.device.position_kept
+
+
+@pytest.mark.parametrize("priority", [10**30, -10**30, 1_000_001, True, "3"])
+def test_a_priority_the_store_cannot_hold_is_refused_before_anything_is_kept(tmp_path, priority):
+    """The queue is the last check before SQLite, which overflows at 64 bits."""
+    site = Site(tmp_path)
+    failures = []
+    site.life.queue.submit("big", PAGE_FRAME, priority=priority).addErrback(failures.append)
+    assert failures and failures[0].check(InvalidJobInput)  # no time passed
+    assert "from -1000000 to 1000000" in str(failures[0].value)
+    assert not list(site.jobs_dir.glob("*"))

@@ -430,6 +430,26 @@ async def test_wrong_auth_message_closes_4401(serve):
     assert code == 4401
 
 
+@pytest.mark.parametrize("auth", [{"type": "AUTH", "api_key": None}, {"type": "AUTH"},
+                                  {"type": "AUTH", "api_key": 7}, {"type": "AUTH", "api_key": " "}])
+@pytest_twisted.ensureDeferred
+async def test_auth_without_a_key_string_is_an_error_and_keeps_the_connection(serve, auth):
+    web = await serve(authenticate=True, api_key=KEY)
+    authenticated = await connect(web, headers={"X-API-Key": KEY})
+    assert (await authenticated.ask({"type": "subscribe", "channels": ["device"]}))["type"] \
+        == "subscribed"
+    await authenticated.next()  # the device snapshot
+    reply = await authenticated.ask(auth)
+    assert reply["type"] == "error" and reply["error_code"] == "invalid_message"
+    assert "api_key" in reply["error_message"]
+    assert (await authenticated.ask({"type": "PING"}))["type"] == "pong"
+    waiting = await connect(web)
+    reply = await waiting.ask(auth)
+    assert reply["type"] == "error" and reply["error_code"] == "invalid_message"
+    assert (await waiting.ask({"type": "PING"}))["error_code"] == "auth_required"
+    assert (await waiting.ask({"type": "AUTH", "api_key": KEY}))["type"] == "authenticated"
+
+
 @pytest_twisted.ensureDeferred
 async def test_no_auth_in_time_closes_4401(serve):
     web = await serve(authenticate=True, api_key=KEY)

@@ -111,6 +111,22 @@ def optional_text(value: Any) -> str | None:
     return None if value is None else text(value)
 
 
+def api_key(value: Any) -> str | None:
+    """The API key: printable, not blank, no spaces at either end (a key sent in a
+    header loses them, so such a key could never match). Never echoed back."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string, got a {type(value).__name__}")
+    if not value.strip():
+        raise _Invalid("expected a key, got an empty or blank string")
+    if value != value.strip():
+        raise _Invalid("expected a key without spaces at its start or end")
+    if not value.isprintable():
+        raise _Invalid("expected a key of printable characters")
+    return value
+
+
 def choice(*options: str, fold_case: bool = True) -> Check:
     def check(value: Any) -> str:
         if isinstance(value, str):
@@ -181,7 +197,7 @@ class WebSocketConfig:
     host: str = setting("localhost", text)
     port: int = setting(8766, tcp_port)
     authenticate: bool = setting(False, boolean)
-    api_key: str | None = setting(None, optional_text)
+    api_key: str | None = setting(None, api_key)
     max_connections: int = setting(100, integer(1))
     heartbeat_interval: float = setting(30.0, number(0.1))
     allowed_origins: tuple[str, ...] = setting((), text_list)
@@ -371,7 +387,8 @@ def config_from_dict(data: Any) -> Config:
             problems.append(_unknown("", key, sorted([*SECTIONS, "hooks"])))
     hooks = _hooks(data.get("hooks"), problems)
     ws = sections.get("websocket")
-    if ws is not None and ws.authenticate and not ws.api_key:
+    key_refused = any(problem.startswith("websocket.api_key:") for problem in problems)
+    if ws is not None and ws.authenticate and not ws.api_key and not key_refused:
         problems.append("websocket.api_key: required when websocket.authenticate is true")
     device = sections.get("device")
     if device is not None and device.pen_change_position is not None:

@@ -149,7 +149,9 @@ class VfabService(MultiService):
             action()
         except StartupError:
             raise
-        except (DatabaseError, OSError) as error:
+        except DatabaseError as error:  # its message names the database already
+            raise StartupError(str(error)) from None
+        except OSError as error:
             raise StartupError(f"{what}: {error}") from None
 
     def _open_database(self) -> None:

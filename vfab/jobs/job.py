@@ -7,6 +7,10 @@ from typing import Any
 
 import attr
 
+#: The priorities a job may have (inclusive): SQLite stores at most 64 bits,
+#: and no queue needs more than a million levels either way.
+PRIORITY_RANGE = (-1_000_000, 1_000_000)
+
 
 def iso8601(seconds: float) -> str:
     """UTC time as the contract writes it: 2026-11-26T03:20:48.123Z."""

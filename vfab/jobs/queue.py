@@ -25,7 +25,7 @@ from vfab.config import DeviceConfig
 from vfab.events import EventBus
 from vfab.jobs import states
 from vfab.jobs.errors import InvalidJobInput, NotAccepting
-from vfab.jobs.job import Job, iso8601
+from vfab.jobs.job import PRIORITY_RANGE, Job, iso8601
 from vfab.jobs.planning import DrawingSummary, PlanningProcess, summarize
 from vfab.jobs.planning import preview as read_preview
 from vfab.jobs.prepare import PreparedJob, device_settings, prepare
@@ -122,8 +122,11 @@ class QueueService(Service):
         if not self._accepting:
             raise NotAccepting()
         name = check_name(name)
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise InvalidJobInput("priority must be an integer")
+        low, high = PRIORITY_RANGE
+        if not isinstance(priority, int) or isinstance(priority, bool) \
+                or not low <= priority <= high:
+            raise InvalidJobInput(f"priority: expected an integer from {low} to {high}, "
+                                  f"got {priority!r:.40}")
         settings = device_settings(self._settings, preset)
         summary: DrawingSummary = yield self._planning.run(summarize, svg, settings)
         if not self._accepting:

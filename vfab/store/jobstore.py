@@ -22,7 +22,7 @@ from vfab.jobs.job import Job, iso8601
 from vfab.jobs.states import (ACTIVE, FINISHED, INTERRUPTED, PLOTTING, QUEUED,
                               InvalidTransition, check_transition)
 from vfab.jobs.errors import JobNotFound
-from vfab.store.migrations import migrate
+from vfab.store.migrations import SchemaTooNew, migrate
 
 _log = Logger()
 
@@ -91,7 +91,7 @@ class JobStore:
                     interrupted = self._interrupt_active(connection.cursor())
             finally:
                 connection.close()
-        except (OSError, sqlite3.Error) as error:
+        except (OSError, sqlite3.Error, SchemaTooNew) as error:
             raise DatabaseError(f"database {self.path}: {error}") from None
         if before != after:
             _log.info("database {path} migrated from schema {before} to {after}",

@@ -8,6 +8,7 @@ client that hangs up meanwhile is simply not answered.
 from __future__ import annotations
 
 import email.policy
+import re
 from email.parser import BytesParser
 from pathlib import PurePosixPath
 from typing import Any, Callable
@@ -21,8 +22,10 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from vfab.jobs.control import DeviceStatus, JobControl
+from vfab.jobs.job import PRIORITY_RANGE
 from vfab.jobs.states import STATES
 from vfab.web.errors import client_error
+from vfab.web.query import query_value
 from vfab.web.responses import (
     error_body,
     json_body,
@@ -38,6 +41,9 @@ from vfab.web.timestamps import utc_timestamp
 _log = Logger()
 
 JOB_ACTIONS = ("pause", "resume", "cancel")
+#: The most jobs one `GET /api/jobs?limit=` asks for.
+MAX_LIST_LIMIT = 1_000_000
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,20}")
 
 
 class BadInput(ValueError):
@@ -78,19 +84,24 @@ def render_later(request: IRequest, work: Callable[[], Deferred[Any]],
 
 
 def _arg(request: IRequest, name: str) -> str | None:
-    values = (request.args or {}).get(name.encode("ascii"))
-    return values[0].decode("utf-8", "replace") if values else None
+    return query_value(request.uri, name)
 
 
-def _integer(name: str, text: str | None, low: int | None = None) -> int | None:
-    if text is None or text == "":
+def _integer(name: str, text: str | None, low: int, high: int) -> int | None:
+    """An integer parameter in `low`..`high`, or None if absent.
+
+    Only plain decimal digits count (int() would also take '1_000' and other
+    scripts' digits), and the range is checked here so that no value can
+    overflow the database (10**30 was a 500 from SQLite).
+    """
+    if text is None or text.strip() == "":
         return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise BadInput(f"{name}: expected an integer, got {text!r}") from None
-    if low is not None and value < low:
-        raise BadInput(f"{name}: expected an integer >= {low}, got {value}")
+    wanted = f"{name}: expected an integer from {low} to {high}"
+    if not _DECIMAL.fullmatch(text.strip()):
+        raise BadInput(f"{wanted}, got {text!r:.40}")
+    value = int(text)
+    if not low <= value <= high:
+        raise BadInput(f"{wanted}, got {text.strip():.40}")
     return value
 
 
@@ -130,7 +141,7 @@ class Upload:
 
         self.svg: bytes = body
         self.name: str = field("name") or _stem(filename) or "untitled"
-        self.priority: int = _integer("priority", field("priority")) or 0
+        self.priority: int = _integer("priority", field("priority"), *PRIORITY_RANGE) or 0
         self.preset: str | None = field("preset") or None
 
 
@@ -215,7 +226,7 @@ class APIResource(Resource):
             state = state.strip().lower()
             if state not in STATES:
                 raise BadInput(f"state: expected one of {', '.join(STATES)}, got {state!r}")
-        limit = _integer("limit", _arg(request, "limit"), low=1)
+        limit = _integer("limit", _arg(request, "limit"), 1, MAX_LIST_LIMIT)
         return render_later(request, lambda: self._jobs.list(state=state, limit=limit),
                             _job_list)
 

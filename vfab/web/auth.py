@@ -1,7 +1,8 @@
 """The API key check shared by the HTTP API and the WebSocket.
 
 A key can come as `X-API-Key: KEY`, `Authorization: Bearer KEY` or
-`?api_key=KEY` (for clients that cannot set headers). Keys are compared in
+`?api_key=KEY` (for clients that cannot set headers), and in no other way:
+not in a form body, not in a `;`-separated query (see vfab.web.query). Keys are compared in
 constant time, and an address that keeps sending wrong keys is made to wait,
 so that the key cannot be guessed by brute force.
 """
@@ -14,13 +15,13 @@ import ipaddress
 import math
 from collections import deque
 from typing import Callable
-from urllib.parse import parse_qsl, urlencode
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
 from vfab.audit import AuditLog
+from vfab.web.query import KEY_PARAMETER, query_value, scrubbed_uri
 from vfab.web.responses import error_body
 
 _log = Logger()
@@ -55,9 +56,7 @@ def request_key(request: IRequest) -> str | None:
         value = request.getHeader(name.encode("ascii"))
         return value.decode("utf-8", "replace") if value is not None else None
 
-    query = (request.args or {}).get(b"api_key")
-    query_key = query[0].decode("utf-8", "replace") if query else None
-    return key_from(header, query_key)
+    return key_from(header, query_value(request.uri, KEY_PARAMETER))
 
 
 def strip_credentials(request: IRequest) -> None:
@@ -68,13 +67,10 @@ def strip_credentials(request: IRequest) -> None:
     """
     request.requestHeaders.removeHeader(b"x-api-key")
     request.requestHeaders.removeHeader(b"authorization")
-    path, _, query = request.uri.partition(b"?")
-    if query:
-        kept = [(k, v) for k, v in parse_qsl(query.decode("utf-8", "replace"),
-                                              keep_blank_values=True) if k != "api_key"]
-        request.uri = path + (b"?" + urlencode(kept).encode("ascii") if kept else b"")
+    request.uri = scrubbed_uri(request.uri).encode("utf-8")
     if request.args is not None:
-        request.args.pop(b"api_key", None)
+        request.args = {name: values for name, values in request.args.items()
+                        if KEY_PARAMETER.encode("ascii") not in name.lower()}
 
 
 def client_address(request: IRequest) -> str:

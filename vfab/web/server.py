@@ -8,9 +8,9 @@ clients while HTTP keeps answering; `stopService()` then stops listening.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qsl, urlencode
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -32,7 +33,8 @@ from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.web.api import APIResource, HealthResource
 from vfab.web.auth import APIKeyCheck, Verdict, client_address, exposure_warning
 from vfab.web.metrics import MetricsResource, WebMetrics
-from vfab.web.responses import NotFound, error_body, method_not_allowed
+from vfab.web.query import scrubbed_uri
+from vfab.web.responses import NotFound, error_body, method_not_allowed, not_found
 from vfab.web.system import SystemMonitor
 from vfab.web.ws import StreamFactory, StreamProtocol, WebSocketGate
 
@@ -41,6 +43,8 @@ _log = Logger()
 STATIC = Path(__file__).parent / "static"
 #: Paths that do their own access checks (/health needs none, /ws allows AUTH later).
 _OWN_ACCESS = (b"health", b"ws")
+#: Every method some path of the API answers.
+_METHODS = b"GET, HEAD, POST, DELETE"
 
 
 class ListenError(RuntimeError):
@@ -73,18 +77,73 @@ class APIRequest(Request):
         if not self.body_too_large:
             super().handleContentChunk(data)
 
+    def process(self) -> None:
+        """As twisted.web, but `*` (OPTIONS *) answers in JSON like any other path
+        rather than an empty 200 that claims support for OPTIONS."""
+        if self.path != b"*":
+            super().process()
+            return
+        self.site = self.channel.site
+        if self.method == b"OPTIONS":
+            self.setHeader(b"Allow", _METHODS)
+            body = error_body(self, 405, "method_not_allowed",
+                              "OPTIONS is not supported (no CORS preflight); the API uses "
+                              + _METHODS.decode("ascii"))
+        else:
+            body = not_found(self)
+        self.write(body)
+        self.finish()
+
     def processingFailed(self, reason: Failure) -> None:
         _log.failure("{method} {path} failed", reason,
-                     method=self.method.decode("ascii", "replace"), path=loggable_uri(self.path))
+                     method=self.method.decode("ascii", "replace"), path=scrubbed_uri(self.path))
         body = error_body(self, 500, "internal_error",
                           "the daemon failed to handle this request; its log has the details")
         self.write(body)
         self.finish()
 
 
+class APIChannel(HTTPChannel):
+    """An HTTP connection that answers headers it will not read with 431.
+
+    twisted.web drops a connection whose request line or a header line is
+    longer than MAX_LENGTH without a word, and answers a bare 400 when all the
+    headers together pass totalHeadersSize; a client is owed the reason.
+    """
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._refuse_headers()
+
+    def lineReceived(self, line: bytes) -> None:
+        # _receivedHeaderSize is twisted.web's documented count of this
+        # request's header bytes so far; refuse before it would.
+        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+            self._refuse_headers()
+            return
+        super().lineReceived(line)
+
+    def _refuse_headers(self) -> None:
+        message = (f"the request line and headers are larger than the limit of "
+                   f"{self.totalHeadersSize} bytes")
+        body = json.dumps({"error": {"code": "headers_too_large", "message": message}},
+                          separators=(",", ":")).encode("utf-8")
+        _log.info("{client} request headers over {limit} bytes: 431",
+                  client=getattr(self.transport.getPeer(), "host", "?"),
+                  limit=self.totalHeadersSize)
+        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                             b"Content-Type: application/json; charset=utf-8\r\n"
+                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                             % (len(body), body))
+        self.loseConnection()
+        # Nothing else that arrives on this connection is read, as twisted.web
+        # does for a connection it is done with.
+        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+
+
 class APISite(Site):
     """A Site with bounded request bodies and an access log through twisted.logger."""
 
+    protocol = APIChannel
     requestFactory = APIRequest
     noisy = False  # WebService logs the one line that matters: where it listens
 
@@ -96,18 +155,8 @@ class APISite(Site):
         _log.info('{client} "{method} {uri}" {code} {length}',
                   client=client_address(request),
                   method=request.method.decode("ascii", "replace"),
-                  uri=loggable_uri(request.uri),
+                  uri=scrubbed_uri(request.uri),
                   code=request.code, length=request.sentLength or "-")
-
-
-def loggable_uri(uri: bytes) -> str:
-    """The URI without any api_key in its query, so logs never hold the key."""
-    text = uri.decode("utf-8", "replace")
-    path, _, query = text.partition("?")
-    if not query:
-        return path
-    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != "api_key"]
-    return f"{path}?{urlencode(kept)}" if kept else path
 
 
 class StaticFiles(File):

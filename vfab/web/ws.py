@@ -395,8 +395,13 @@ class StreamProtocol(WebSocketServerProtocol):
 
     def _auth(self, message: dict[str, Any]) -> None:
         key = message.get("api_key")
-        verdict = self.factory.auth.verify(key if isinstance(key, str) else None, self._client(),
-                                           "websocket AUTH")
+        if not isinstance(key, str) or not key.strip():
+            # A malformed message, not a guess: answered like any other, and
+            # a client that is authenticated already stays so.
+            raise MessageError("invalid_message",
+                               'api_key: expected the API key as a string: '
+                               '{"type": "AUTH", "api_key": "..."}')
+        verdict = self.factory.auth.verify(key, self._client(), "websocket AUTH")
         if verdict is Verdict.ALLOWED:
             if self._auth_timer is not None and self._auth_timer.active():
                 self._auth_timer.cancel()
