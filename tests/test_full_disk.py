@@ -8,6 +8,7 @@ skipped, with the reason, where that is not allowed.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import subprocess
 import time
@@ -19,6 +20,7 @@ from twisted.internet import reactor
 from twisted.internet.testing import Clock
 
 from tests.daemon_process import DaemonProcess
+from vfab.audit import AuditLog
 from vfab.disk import CHECK_SECONDS, RESERVE_FILE, DiskSpace
 from vfab.events import EventBus
 from vfab.jobs.errors import DiskFull
@@ -160,6 +162,16 @@ def test_the_log_goes_on_after_a_full_disk_and_says_what_was_lost():
     assert not observer.broken
     assert stream.written == ["(2 log line(s) were lost while the disk was full)\n"
                               "INFO line 2\n"]
+
+
+def test_a_security_event_on_a_full_disk_fails_nothing_and_is_counted_later():
+    stream = FullThenRoom(full=1)
+    audit = AuditLog(stream, clock=Clock())
+    audit.record("auth_failed", "127.0.0.1")  # would have been a 500 for the client
+    audit.record("auth_failed", "127.0.0.2")
+    lost, record = (json.loads(line) for line in stream.written[0].splitlines())
+    assert lost["event"] == "records_lost" and lost["count"] == 1
+    assert record["client"] == "127.0.0.2"
 
 
 # -- the files on a real full disk -------------------------------------------------------
