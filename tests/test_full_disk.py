@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from websockets.sync.client import connect
 from twisted.internet import reactor
 from twisted.internet.testing import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from tests.daemon_process import DaemonProcess
 from vfab.audit import AuditLog
@@ -210,6 +212,9 @@ def test_the_daemon_on_a_full_disk(small_disk):
         status, done = daemon.submit(SQUARE, "done")
         daemon.wait_for_job(done["id"], {"completed"})
         assert (daemon.workspace / RESERVE_FILE).exists()
+        ws = connect(daemon.ws_url, open_timeout=10, close_timeout=10)
+        ws.send(json.dumps({"type": "SUBSCRIBE", "channels": ["system"]}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "subscribed"
         filler = fill(small_disk)
 
         status, body = daemon.submit(SQUARE, "on a full disk")
@@ -229,6 +234,13 @@ def test_the_daemon_on_a_full_disk(small_disk):
         filler.unlink()
         wait_until(lambda: daemon.request("GET", "/health")[1]["status"] == "healthy",
                    what="health to clear once space is back")
+        alerts = []
+        while len(alerts) < 2:
+            message = json.loads(ws.recv(timeout=30))
+            if message["type"] == "system_alert":
+                alerts.append((message["severity"], message["title"]))
+        assert alerts == [("error", "Disk full"), ("info", "Disk space back")]
+        ws.close()
         status, again = daemon.submit(SQUARE, "after")
         assert status == 201
         daemon.wait_for_job(again["id"], {"completed"})
@@ -259,3 +271,20 @@ def test_a_plot_that_ends_on_a_full_disk_is_recorded_once_space_is_back(tmp_path
     full[0] = False
     site.advance(10)
     assert site.state(job_id) == states.COMPLETED
+
+
+def test_progress_that_cannot_be_saved_for_space_is_said_once_and_the_plot_goes_on(tmp_path):
+    site = Site(tmp_path)
+    store = site.life.store
+    store.save_progress = lambda job_id, progress, position: fail(DiskFull("the job database"))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        job_id = site.submit(PAGE_FRAME)
+        site.wait_for(lambda: site.state(job_id) == states.COMPLETED, limit=600)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [formatEvent(event) for event in events
+            if "progress" in str(event.get("log_format", ""))
+            and "save" in str(event.get("log_format", ""))]
+    assert said == [f"job {job_id}: progress not saved while the disk is full; the plot goes on"]
