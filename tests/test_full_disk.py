@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -288,3 +289,16 @@ def test_progress_that_cannot_be_saved_for_space_is_said_once_and_the_plot_goes_
             if "progress" in str(event.get("log_format", ""))
             and "save" in str(event.get("log_format", ""))]
     assert said == [f"job {job_id}: progress not saved while the disk is full; the plot goes on"]
+
+
+def test_a_submission_the_database_cannot_hold_leaves_no_drawing(tmp_path):
+    site = Site(tmp_path)
+    store = site.life.store
+    real_transaction = store._pool.runInteraction
+    error = sqlite3.OperationalError("database or disk is full")  # SQLite's own answer
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL
+    store._pool.runInteraction = lambda interaction, *args: (
+        fail(error) if interaction.__name__ == "insert" else real_transaction(interaction, *args))
+    with pytest.raises(DiskFull):
+        site.submit(PAGE_FRAME)
+    assert list(site.life.queue.files.directory.glob("*")) == []
