@@ -173,7 +173,7 @@ def test_a_security_event_on_a_full_disk_fails_nothing_and_is_counted_later():
     audit.record("auth_failed", "127.0.0.1")  # would have been a 500 for the client
     audit.record("auth_failed", "127.0.0.2")
     lost, record = (json.loads(line) for line in stream.written[0].splitlines())
-    assert lost["event"] == "records_lost" and lost["count"] == 1
+    assert lost["event"] == "records_lost" and lost["detail"]["count"] == 1
     assert record["client"] == "127.0.0.2"
 
 

@@ -9,7 +9,7 @@ an API key, and callers must not put one in `detail`.
 Events: auth_failed, rate_limited, auth_timeout, origin_refused,
 connection_limit, slow_client_dropped, unresponsive_client_dropped,
 exposed_without_auth, config_readable, privileges_dropped, daemon_started,
-daemon_stopped.
+daemon_stopped, records_lost (events a full disk lost).
 """
 
 from __future__ import annotations
@@ -70,18 +70,20 @@ class AuditLog:
             line = json.dumps({"timestamp": utc_now(moment), "event": event,
                                "client": client, "detail": detail},
                               separators=(",", ":"), default=str, ensure_ascii=True)
-            self._write(line + "\n")
+            self._write(line + "\n", moment)
         if self._to_main_log:
             _log.warn("security event {event} from {client}: {detail}",
                       event=event, client=client or "-",
                       detail=json.dumps(detail, default=str, ensure_ascii=True))
 
-    def _write(self, line: str) -> None:
+    def _write(self, line: str, moment: float) -> None:
         """A full disk loses the records while it lasts, never the request that
         made one; the next record that fits says how many were lost."""
         if self._lost:
-            line = json.dumps({"event": "records_lost", "count": self._lost,
-                               "reason": "the disk was full"}) + "\n" + line
+            line = json.dumps({"timestamp": utc_now(moment), "event": "records_lost",
+                               "client": None, "detail": {"count": self._lost,
+                                                          "reason": "the disk was full"}},
+                              separators=(",", ":")) + "\n" + line
         try:
             self._file.write(line)
             self._file.flush()
