@@ -9,7 +9,7 @@ an API key, and callers must not put one in `detail`.
 Events: auth_failed, rate_limited, auth_timeout, origin_refused,
 connection_limit, slow_client_dropped, unresponsive_client_dropped,
 exposed_without_auth, config_readable, privileges_dropped, daemon_started,
-daemon_stopped.
+daemon_stopped, records_lost (events a full disk lost).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.logfile import LogFile
 
 from vfab.config import LoggingConfig
+from vfab.jobs.files import NO_SPACE
 
 _log = Logger()
 
@@ -52,6 +53,7 @@ class AuditLog:
                  clock: Any = None):
         self._file = file
         self._to_main_log = to_main_log
+        self._lost = 0
         self._clock = clock
 
     @property
@@ -68,12 +70,32 @@ class AuditLog:
             line = json.dumps({"timestamp": utc_now(moment), "event": event,
                                "client": client, "detail": detail},
                               separators=(",", ":"), default=str, ensure_ascii=True)
-            self._file.write(line + "\n")
-            self._file.flush()
+            self._write(line + "\n", moment)
         if self._to_main_log:
             _log.warn("security event {event} from {client}: {detail}",
                       event=event, client=client or "-",
                       detail=json.dumps(detail, default=str, ensure_ascii=True))
+
+    def _write(self, line: str, moment: float) -> None:
+        """A full disk loses the records while it lasts, never the request that
+        made one; the next record that fits says how many were lost."""
+        if self._lost:
+            line = json.dumps({"timestamp": utc_now(moment), "event": "records_lost",
+                               "client": None, "detail": {"count": self._lost,
+                                                          "reason": "the disk was full"}},
+                              separators=(",", ":")) + "\n" + line
+        try:
+            self._file.write(line)
+            self._file.flush()
+        except OSError as error:
+            if error.errno not in NO_SPACE:
+                raise
+            if not self._lost:
+                _log.error("audit log: the disk is full; security events are lost until "
+                           "there is room")
+            self._lost += 1
+            return
+        self._lost = 0
 
     def close(self) -> None:
         if self._file is not None:

@@ -23,6 +23,7 @@ from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from vfab.config import ConfigError, LoggingConfig
+from vfab.jobs.files import NO_SPACE
 
 _log = Logger()
 
@@ -78,22 +79,38 @@ class LineObserver:
     A destination that breaks (stdout piped to `head` that has exited, a
     terminal that went away) is given up alone: an observer that raised would
     be dropped by Twisted's log publisher with every other destination in it,
-    and the log file would stop with it.
+    and the log file would stop with it. A full disk is not a broken
+    destination: the lines are lost while it lasts, and the first line that
+    fits again says how many.
     """
 
     def __init__(self, stream: IO[str] | LogFile, format: str):
         self._stream = stream
         self._formatter = line_formatter(format)
         self.broken = False
+        #: Lines not written because the disk was full.
+        self.lost = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.broken:
             return
+        line = self._formatter.format(_record(event)) + "\n"
+        if self.lost:
+            line = (f"({self.lost} log line(s) were lost while the disk was full)\n"
+                    f"{line}")
         try:
-            self._stream.write(self._formatter.format(_record(event)) + "\n")
+            self._stream.write(line)
             self._stream.flush()
-        except (OSError, ValueError):  # EPIPE, EIO, a closed stream
+        except OSError as error:
+            if error.errno in NO_SPACE:
+                self.lost += 1
+            else:  # EPIPE, EIO
+                self.broken = True
+            return
+        except ValueError:  # a closed stream
             self.broken = True
+            return
+        self.lost = 0
 
 
 def open_log_file(path: Path, config: LoggingConfig, owner: tuple[int, int] | None = None

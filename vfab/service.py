@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from vfab.audit import AuditLog
 from vfab.config import Config, sqlite_path
+from vfab.disk import DiskSpace
 from vfab.events import EventBus
 from vfab.hooks import HookService
 from vfab.jobs.queue import QueueService
@@ -67,13 +68,15 @@ class VfabService(MultiService):
         self._privileged_started = False
         self._lock = WorkspaceLock(workspace)
         self.bus = EventBus()
+        self.disk = DiskSpace(workspace, self.bus, reactor)
         self.store = JobStore(sqlite_path(config.database.url, workspace), reactor=reactor,
-                              pool_size=config.database.pool_size)
+                              pool_size=config.database.pool_size, drawings=workspace / "jobs",
+                              on_disk_full=self.disk.noticed_full)
         self.device = DeviceService(config.device, self.bus, reactor,
                                     record_dir=workspace / "simulator")
         self.queue = QueueService(store=self.store, device=self.device, bus=self.bus,
                                   settings=config.device, jobs_dir=workspace / "jobs",
-                                  reactor=reactor)
+                                  reactor=reactor, disk=self.disk)
         try:
             endpoint = activation_endpoint(reactor)
         except ActivationError as error:
@@ -97,9 +100,16 @@ class VfabService(MultiService):
                 and parent.getComponent(ILogObserver, None) is None:
             parent.setComponent(ILogObserver, self._log_observer)
 
-    def _health(self) -> bool:
-        """Whether the store can be used (False makes /health "unhealthy")."""
-        return self.store.is_open
+    def _health(self) -> dict[str, Any]:
+        """What the web face cannot see: a store that is closed or damaged makes
+        /health "unhealthy", a full disk "degraded"; `reason` says why."""
+        if not self.store.is_open:
+            return {"status": "unhealthy", "reason": "the database is closed"}
+        if self.store.damage is not None:
+            return {"status": "unhealthy", "reason": self.store.damage}
+        if self.disk.full is not None:
+            return {"status": "degraded", "disk": "full", "reason": self.disk.full}
+        return {}
 
     # -- start ------------------------------------------------------------------
 
@@ -117,6 +127,7 @@ class VfabService(MultiService):
     def startService(self) -> None:
         self.privilegedStartService()
         Service.startService(self)
+        self.disk.start()
         self._step("queue service", self.queue.startService)
         self._step("hooks", self.hooks.startService)
         self._reactor.callWhenRunning(self._ready)
@@ -211,6 +222,7 @@ class VfabService(MultiService):
         yield self._stop_step("HTTP/WebSocket server", self.web)
         _log.info("shutdown: parking the device (pen up, motors off)")
         yield self._stop_step("device", self.device)
+        self.disk.stop()
         self.store.close()
         self._lock.release()
         _log.info("shutdown complete")

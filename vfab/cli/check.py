@@ -42,7 +42,7 @@ def run_check(what: str, *, config_path: str | None, workspace: str | None) -> i
             path = sqlite_path(config.database.url, space)
         except ConfigError as error:
             return _problem(error.problems[0])
-        return _check_database(path)
+        return _check_database(path, space / "jobs")
     from vfab.plotter.check import check_device
     return check_device(config.device, _say, _problem)
 
@@ -90,13 +90,22 @@ def _check_config(config: Config, config_path: str | None) -> int:
     return 0
 
 
-def _check_database(path: Path) -> int:
+def _check_database(path: Path, drawings: Path) -> int:
+    found = len(list(drawings.glob("*.svg"))) if drawings.is_dir() else 0
+    if found and (not path.exists() or path.stat().st_size == 0):
+        what = "is empty (0 bytes)" if path.exists() else "is missing"
+        return _problem(f"database {path} {what} but {drawings} holds {found} job "
+                        f"drawing(s): restore the database from a backup")
     if not path.exists():
         return _problem(f"no database at {path} (the daemon creates it when it starts; "
                         f"is --workspace right?)")
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
+            damage = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
+            if damage != ["ok"]:
+                return _problem(f"database {path} is damaged ({damage[0]}): restore it "
+                                f"from a backup")
             version = schema_version(connection)
             connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
             jobs = connection.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] \
@@ -104,6 +113,8 @@ def _check_database(path: Path) -> int:
         finally:
             connection.close()
     except sqlite3.Error as error:
+        if (getattr(error, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_CORRUPT:
+            return _problem(f"database {path} is damaged ({error}): restore it from a backup")
         return _problem(f"database {path} cannot be read: {error}")
     if version > SCHEMA_VERSION:
         return _problem(f"database {path} has schema {version}, newer than this vfab "

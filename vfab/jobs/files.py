@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Callable
 
 from vfab.jobs.errors import DiskFull
 
@@ -20,8 +21,10 @@ NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 class DrawingFiles:
     """Reads, writes and removes the drawings of jobs."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, on_disk_full: Callable[[str], None] | None = None):
+        """`on_disk_full(what)` is told when a drawing does not fit on the disk."""
         self.directory = directory
+        self._on_disk_full = on_disk_full
 
     def create_directory(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -43,6 +46,8 @@ class DrawingFiles:
         except OSError as error:
             partial.unlink(missing_ok=True)
             if error.errno in NO_SPACE:
+                if self._on_disk_full is not None:
+                    self._on_disk_full(f"the drawing of job {job_id}")
                 raise DiskFull(f"the drawing of job {job_id}") from error
             raise
         return name

@@ -24,7 +24,8 @@ from twisted.python.threadpool import ThreadPool
 from vfab.config import DeviceConfig
 from vfab.events import EventBus
 from vfab.jobs import states
-from vfab.jobs.errors import InvalidJobInput, NotAccepting
+from vfab.disk import DiskSpace
+from vfab.jobs.errors import DiskFull, InvalidJobInput, NotAccepting
 from vfab.jobs.job import PRIORITY_RANGE, Job, iso8601
 from vfab.jobs.planning import DrawingSummary, PlanningProcess, summarize
 from vfab.jobs.planning import preview as read_preview
@@ -63,17 +64,20 @@ class QueueService(Service):
     name = "queue"
 
     def __init__(self, *, store: JobStore, device: Any, bus: EventBus, settings: DeviceConfig,
-                 jobs_dir: Path, reactor: Any, planning: Any = None, prepare_job: Any = None):
+                 jobs_dir: Path, reactor: Any, planning: Any = None, prepare_job: Any = None,
+                 disk: DiskSpace | None = None):
         """`planning` reads submissions and previews (a PlanningProcess by default);
         `prepare_job(svg, settings, use_lm=)` plans a job about to start (in a thread
-        by default). Tests inject both to run in-process on a Clock."""
+        by default). Tests inject both to run in-process on a Clock. `disk` is told
+        of a full disk and holds the room a delete needs then."""
+        self._disk = disk
         self._store = store
         self._device = device
         self._bus = bus
         self._settings = settings
         self._reactor = reactor
         self._accepting = True
-        self.files = DrawingFiles(jobs_dir)
+        self.files = DrawingFiles(jobs_dir, on_disk_full=disk.noticed_full if disk else None)
         self._previews = PreviewCache()
         self.recorder = StateRecorder(store, bus)
         # Submissions and previews are read in a child process (they may come
@@ -217,7 +221,14 @@ class QueueService(Service):
 
     @inlineCallbacks
     def delete(self, job_id: str) -> Deferred[None]:
-        job = yield self._store.delete(job_id)
+        try:
+            job = yield self._store.delete(job_id)
+        except DiskFull:
+            # Deleting is how space is freed through the API: give the database
+            # the room set aside for this, once.
+            if self._disk is None or not self._disk.release_reserve():
+                raise
+            job = yield self._store.delete(job_id)
         self.files.remove(job.svg_file)
         self._previews.forget(job_id)
         _log.info("job {job_id} deleted", job_id=job_id)

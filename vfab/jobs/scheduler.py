@@ -17,10 +17,12 @@ import enum
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vfab.jobs import states
+from vfab.jobs.errors import DiskFull
 from vfab.jobs.job import Job
 from vfab.jobs.position import Position
 from vfab.jobs.prepare import forget_frozen, release_freed_memory
@@ -239,6 +241,10 @@ class Scheduler:
         _log.info("job {job_id} plotting on the device", job_id=job.id)
         self._running = runner.run()
         self._running.addBoth(self._ended, runner)
+        # Whatever goes wrong while recording the end is logged here, not left as an
+        # "Unhandled error in Deferred" when the Deferred is collected.
+        self._running.addErrback(lambda failure: _log.failure(
+            "recording the end of job {job_id} failed", failure, job_id=job.id))
 
     # -- a plot's end ------------------------------------------------------------
 
@@ -272,7 +278,11 @@ class Scheduler:
                       if outcome.check(EBBError) else outcome.getErrorMessage())
             yield self._record(job_id, states.FAILED, reason,
                                error=outcome.getErrorMessage(), **fields)
-            yield self._device.park()
+            try:
+                yield self._device.park()
+            except Exception:  # the device: its own loss or error status says so
+                _log.failure("could not park the plotter after job {job_id} failed",
+                             job_id=job_id)
         elif outcome == states.COMPLETED:
             yield self._record(job_id, states.COMPLETED, "plot finished",
                                progress=1.0, position=None)
@@ -307,9 +317,23 @@ class Scheduler:
 
     @inlineCallbacks
     def _record(self, job_id: str, to_state: str, reason: str, **fields: Any) -> Deferred[None]:
-        """A state change that must not stop the queue if the store fails it."""
-        try:
-            yield self._recorder.change(job_id, to_state, reason, **fields)
-        except Exception:  # the store: logged, and the job is put right at the next start
-            _log.failure("could not record job {job_id} as {state}", job_id=job_id,
-                         state=to_state)
+        """A state change that must not stop the queue if the store fails it. On a
+        full disk it is tried again every RETRY_SECONDS until space is back (or
+        the daemon stops), so that a plot that ended is not left `plotting`."""
+        while True:
+            try:
+                yield self._recorder.change(job_id, to_state, reason, **fields)
+                return
+            except DiskFull:
+                if self._state is SchedulerState.STOPPED:
+                    _log.error("disk full: job {job_id} could not be recorded as {state}; "
+                               "the next start puts it right", job_id=job_id, state=to_state)
+                    return
+                _log.warn("disk full: recording job {job_id} as {state} again in "
+                          "{seconds:.0f} s", job_id=job_id, state=to_state,
+                          seconds=RETRY_SECONDS)
+                yield deferLater(self._clock, RETRY_SECONDS, lambda: None)
+            except Exception:  # the store: logged, and the job is put right at the next start
+                _log.failure("could not record job {job_id} as {state}", job_id=job_id,
+                             state=to_state)
+                return

@@ -17,11 +17,12 @@ from typing import Any, Callable
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from vfab.jobs.job import Job, iso8601
 from vfab.jobs.states import (ACTIVE, FINISHED, INTERRUPTED, PLOTTING, QUEUED,
                               InvalidTransition, check_transition)
-from vfab.jobs.errors import JobNotFound
+from vfab.jobs.errors import DiskFull, JobNotFound
 from vfab.store.migrations import SchemaTooNew, migrate
 
 _log = Logger()
@@ -34,6 +35,23 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 class DatabaseError(RuntimeError):
     """The database cannot be opened or used; the message says which file and why."""
+
+
+#: SQLite's primary result codes for a file that is damaged or not a database.
+_DAMAGED = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def _primary_code(error: sqlite3.Error) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF
+
+
+def _check_integrity(connection: sqlite3.Connection, path: Path) -> None:
+    """Refuse a damaged file now, rather than fail every request later."""
+    problems = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
+    if problems != ["ok"]:
+        raise DatabaseError(f"database {path} is damaged ({problems[0]}): restore it from "
+                            f"a backup, or move it away to start with an empty queue")
 
 
 def _configure(connection: sqlite3.Connection) -> None:
@@ -62,8 +80,17 @@ class JobStore:
     """Jobs and their history, kept in one SQLite file."""
 
     def __init__(self, path: Path, *, reactor: Any, pool_size: int = 1,
-                 now: Callable[[], float] | None = None):
+                 now: Callable[[], float] | None = None, drawings: Path | None = None,
+                 on_disk_full: Callable[[str], None] | None = None):
+        """`drawings` is the folder of the jobs' drawings: a new database beside
+        drawings has lost the jobs they belong to. `on_disk_full(what)` is told
+        when a write fails for want of space."""
         self.path = path
+        self._drawings = drawings
+        self._on_disk_full = on_disk_full
+        #: Why the file is unusable, once a request found it damaged (until restart:
+        #: damage does not mend itself).
+        self.damage: str | None = None
         self._reactor = reactor
         self._now = now or reactor.seconds
         if pool_size != 1:
@@ -79,19 +106,27 @@ class JobStore:
         database it cannot use stops the start with a one-line reason.
         """
         try:
+            self._refuse_lost_jobs()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
                 # Create the file ourselves so that it is private from the first byte.
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             connection = sqlite3.connect(str(self.path))
             try:
+                _check_integrity(connection, self.path)
                 _configure(connection)
                 before, after = migrate(connection)
                 with connection:
                     interrupted = self._interrupt_active(connection.cursor())
             finally:
                 connection.close()
-        except (OSError, sqlite3.Error, SchemaTooNew) as error:
+        except sqlite3.Error as error:
+            if _primary_code(error) in _DAMAGED:
+                raise DatabaseError(f"database {self.path} is damaged ({error}): restore it "
+                                    f"from a backup, or move it away to start with an empty "
+                                    f"queue") from None
+            raise DatabaseError(f"database {self.path}: {error}") from None
+        except (OSError, SchemaTooNew) as error:
             raise DatabaseError(f"database {self.path}: {error}") from None
         if before != after:
             _log.info("database {path} migrated from schema {before} to {after}",
@@ -102,6 +137,20 @@ class JobStore:
         self._pool = adbapi.ConnectionPool(
             "sqlite3", str(self.path), cp_min=1, cp_max=1, check_same_thread=False,
             cp_openfun=_configure, cp_reactor=self._reactor)
+
+    def _refuse_lost_jobs(self) -> None:
+        """A missing or zero-length database beside drawings in `jobs/` means the
+        queue was lost (a restore gone wrong, a damaged disk): starting empty would
+        orphan those drawings without a word."""
+        if self._drawings is None or (self.path.exists() and self.path.stat().st_size > 0):
+            return
+        drawings = sorted(self._drawings.glob("*.svg")) if self._drawings.is_dir() else []
+        if drawings:
+            what = "is empty (0 bytes)" if self.path.exists() else "is missing"
+            raise DatabaseError(
+                f"database {self.path} {what} but {self._drawings} holds {len(drawings)} "
+                f"job drawing(s): restore the database from a backup, or move "
+                f"{self._drawings} away to start with an empty queue")
 
     @property
     def is_open(self) -> bool:
@@ -126,7 +175,26 @@ class JobStore:
     def _run(self, interaction: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self._pool is None:
             return fail(DatabaseError("the database is closed"))
-        return self._pool.runInteraction(interaction, *args)
+        return self._pool.runInteraction(interaction, *args).addErrback(self._failed)
+
+    def _failed(self, failure: Failure) -> Failure:
+        """Name the two failures a person must act on: a full disk (DiskFull, 507)
+        and a damaged file (remembered in `damage`, which /health reports)."""
+        error = failure.value
+        if not isinstance(error, sqlite3.Error):
+            return failure
+        code = _primary_code(error)
+        if code == sqlite3.SQLITE_FULL:
+            if self._on_disk_full is not None:
+                self._on_disk_full("the job database")
+            raise DiskFull("the job database")
+        if code in _DAMAGED:
+            if self.damage is None:
+                self.damage = (f"database {self.path} is damaged ({error}): stop the "
+                               f"daemon and restore it from a backup")
+                _log.critical("{damage}", damage=self.damage)
+            raise DatabaseError(self.damage)
+        return failure
 
     def add(self, job: Job) -> Deferred[Job]:
         """Insert a new job with its first history row."""

@@ -1,0 +1,157 @@
+"""A damaged or lost database is found at start, by `vfab check database` and at
+run time, and named: never an empty queue or "healthy" over a broken file (issue 14.3)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from tests.daemon_process import run_vfab
+from vfab.config import Config, DeviceConfig
+from vfab.service import VfabService
+from vfab.store.jobstore import DatabaseError, JobStore
+from vfab.store.migrations import migrate
+
+PAGE = 4096
+
+
+def none_config(tmp_path: Path) -> str:
+    config = tmp_path / "config.yaml"
+    config.write_text("device:\n  type: none\n")
+    return str(config)
+
+
+def database_with_jobs(path: Path, jobs: int = 200) -> None:
+    """A real job database of several pages, checkpointed into the one file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    connection = sqlite3.connect(path)
+    migrate(connection)
+    with connection:
+        for number in range(jobs):
+            connection.execute(
+                "INSERT INTO jobs (id, name, state, created_at, svg_file) VALUES (?, ?, ?, ?, ?)",
+                (f"job{number}", "a name " * 10, "completed", "2026-12-07T10:00:00.000Z",
+                 f"job{number}.svg"))
+    connection.close()
+
+
+def write_garbage_page(path: Path, page: int = 3) -> None:
+    with open(path, "r+b") as file:
+        file.seek(PAGE * page)
+        file.write(b"\xde\xad\xbe\xef" * (PAGE // 4))
+
+
+def drawings_in(workspace: Path) -> Path:
+    jobs = workspace / "jobs"
+    jobs.mkdir(parents=True, mode=0o700)
+    (jobs / "0123456789ab.svg").write_bytes(b"<svg xmlns='http://www.w3.org/2000/svg'/>")
+    return jobs
+
+
+def start_daemon(tmp_path: Path, workspace: Path):
+    return run_vfab("daemon", "-h", "127.0.0.1", "-p", "0", "-w", str(workspace),
+                    "-c", none_config(tmp_path))
+
+
+def check_database(tmp_path: Path, workspace: Path):
+    return run_vfab("check", "database", "--config", none_config(tmp_path),
+                    "--workspace", str(workspace))
+
+
+# -- at start -------------------------------------------------------------------------
+
+def test_a_page_of_garbage_is_refused_at_open(tmp_path):
+    path = tmp_path / "vfab.db"
+    database_with_jobs(path)
+    write_garbage_page(path)
+    with pytest.raises(DatabaseError, match=f"database {path} is damaged"):
+        JobStore(path, reactor=reactor).open()
+
+
+@pytest.mark.parametrize("kind", ["empty", "missing"])
+def test_a_lost_database_beside_drawings_is_refused_naming_both(tmp_path, kind):
+    jobs = drawings_in(tmp_path)
+    path = tmp_path / "vfab.db"
+    if kind == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(DatabaseError) as raised:
+        JobStore(path, reactor=reactor, drawings=jobs).open()
+    assert str(path) in str(raised.value) and str(jobs) in str(raised.value)
+    assert "1 job drawing" in str(raised.value)
+    assert path.exists() == (kind == "empty")  # nothing was created over the loss
+
+
+def test_a_new_database_without_drawings_starts_as_before(tmp_path):
+    (tmp_path / "jobs").mkdir()
+    store = JobStore(tmp_path / "vfab.db", reactor=reactor, drawings=tmp_path / "jobs")
+    store.open()
+    store.close()
+
+
+def test_the_daemon_refuses_an_empty_database_beside_drawings_in_one_line(tmp_path):
+    workspace = tmp_path / "w"
+    jobs = drawings_in(workspace)
+    (workspace / "vfab.db").write_bytes(b"")
+    result = start_daemon(tmp_path, workspace)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert str(workspace / "vfab.db") in lines[0] and str(jobs) in lines[0]
+
+
+def test_the_daemon_refuses_a_damaged_database_in_one_line(tmp_path):
+    workspace = tmp_path / "w"
+    database_with_jobs(workspace / "vfab.db")
+    write_garbage_page(workspace / "vfab.db")
+    result = start_daemon(tmp_path, workspace)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"database {workspace / 'vfab.db'} is damaged" in lines[0]
+
+
+# -- vfab check database --------------------------------------------------------------
+
+def test_check_database_finds_a_page_of_garbage(tmp_path):
+    workspace = tmp_path / "w"
+    database_with_jobs(workspace / "vfab.db")
+    assert check_database(tmp_path, workspace).returncode == 0
+    write_garbage_page(workspace / "vfab.db")
+    result = check_database(tmp_path, workspace)
+    assert result.returncode == 1
+    assert f"database {workspace / 'vfab.db'} is damaged" in result.stderr
+    assert "OK" not in result.stdout
+
+
+def test_check_database_finds_an_empty_database_beside_drawings(tmp_path):
+    workspace = tmp_path / "w"
+    jobs = drawings_in(workspace)
+    (workspace / "vfab.db").write_bytes(b"")
+    result = check_database(tmp_path, workspace)
+    assert result.returncode == 1
+    assert str(workspace / "vfab.db") in result.stderr and str(jobs) in result.stderr
+
+
+# -- at run time ----------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_damage_found_at_run_time_makes_health_unhealthy_with_the_reason(tmp_path):
+    service = VfabService(Config(device=DeviceConfig(type="none")), tmp_path, reactor)
+    database_with_jobs(service.store.path)
+    service.store.open()
+    try:
+        assert service.web.monitor.health()["status"] == "healthy"
+        # Damaged after the check at start: every page but the schema's.
+        for page in range(1, service.store.path.stat().st_size // PAGE):
+            write_garbage_page(service.store.path, page)
+        with pytest.raises(DatabaseError, match="is damaged"):
+            yield service.store.list()
+        health = service.web.monitor.health()
+        assert health["status"] == "unhealthy"
+        assert f"database {service.store.path} is damaged" in health["reason"]
+    finally:
+        service.store.close()

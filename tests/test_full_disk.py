@@ -1,0 +1,303 @@
+"""A full disk: every write fails cleanly, deleting still frees space, and health
+and `system_alert` say so until space is back (issue 14.4).
+
+The tests that need a real full disk mount a small tmpfs (root only); they are
+skipped, with the reason, where that is not allowed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from websockets.sync.client import connect
+from twisted.internet import reactor
+from twisted.internet.testing import Clock
+from twisted.logger import formatEvent, globalLogPublisher
+
+from tests.daemon_process import DaemonProcess
+from vfab.audit import AuditLog
+from vfab.disk import CHECK_SECONDS, RESERVE_FILE, DiskSpace
+from vfab.events import EventBus
+from vfab.jobs.errors import DiskFull
+from vfab.logs import LineObserver
+from vfab.simulator.recording import Recording
+from vfab.store.jobstore import JobStore
+from tests.test_jobstore import make_job
+from plotting_site import Site
+from test_jobs_in_process import PAGE_FRAME
+from twisted.internet.defer import fail
+from vfab.jobs import states
+
+SQUARE = (b'<svg xmlns="http://www.w3.org/2000/svg" width="40mm" height="40mm" '
+          b'viewBox="0 0 40 40"><path d="M5 5 H35 V35 H5 Z"/></svg>')
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs of its own, unmounted after the test."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {result.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of `disk`; returns the file to remove to give them back."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"x" * size)
+            except OSError as error:
+                assert error.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def wait_until(condition, timeout: float = 60.0, what: str = "the condition"):
+    """Poll the daemon's state (the daemon's own clock decides when it changes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# -- the disk watch ------------------------------------------------------------------
+
+class Free:
+    def __init__(self, free: int):
+        self.free = free
+
+    def __call__(self) -> int:
+        return self.free
+
+
+def watch(tmp_path, free: Free):
+    bus, alerts, clock = EventBus(), [], Clock()
+    bus.subscribe(lambda channel, message: alerts.append((channel, message)))
+    disk = DiskSpace(tmp_path, bus, clock, free_bytes=free, min_free=1000, reserve=100)
+    disk.start()
+    return disk, alerts, clock
+
+
+def test_a_full_disk_is_alerted_once_and_clears_by_itself(tmp_path):
+    free = Free(10_000)
+    disk, alerts, clock = watch(tmp_path, free)
+    assert disk.full is None and alerts == []
+    disk.noticed_full("the drawing of job x")
+    disk.noticed_full("the job database")
+    assert "the drawing of job x" in disk.full
+    assert [(channel, message["type"], message["severity"], message["title"])
+            for channel, message in alerts] == [("system", "system_alert", "error", "Disk full")]
+    free.free = 10
+    clock.advance(CHECK_SECONDS)
+    assert disk.full is not None and len(alerts) == 1
+    free.free = 10_000
+    clock.advance(CHECK_SECONDS)
+    assert disk.full is None
+    assert [message["title"] for _, message in alerts] == ["Disk full", "Disk space back"]
+    disk.stop()
+
+
+def test_little_free_space_counts_as_full_without_a_failed_write(tmp_path):
+    disk, alerts, clock = watch(tmp_path, Free(10))
+    assert "KiB free" in disk.full and alerts[0][1]["title"] == "Disk full"
+    disk.stop()
+
+
+def test_the_reserve_is_kept_while_there_is_room_and_released_once(tmp_path):
+    free = Free(10_000)
+    disk, _, clock = watch(tmp_path, free)
+    assert (tmp_path / RESERVE_FILE).stat().st_size == 100
+    assert disk.release_reserve() is True
+    assert disk.release_reserve() is False
+    free.free = 10
+    clock.advance(CHECK_SECONDS)
+    assert not (tmp_path / RESERVE_FILE).exists()  # not taken back from a full disk
+    free.free = 10_000
+    clock.advance(CHECK_SECONDS)
+    assert (tmp_path / RESERVE_FILE).exists()
+    disk.stop()
+
+
+# -- the log ---------------------------------------------------------------------------
+
+class FullThenRoom:
+    """A stream on a disk that is full for the first `full` writes."""
+
+    def __init__(self, full: int):
+        self.full = full
+        self.written: list[str] = []
+
+    def write(self, text: str) -> None:
+        if self.full:
+            self.full -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.written.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_the_log_goes_on_after_a_full_disk_and_says_what_was_lost():
+    stream = FullThenRoom(full=2)
+    observer = LineObserver(stream, "%(levelname)s %(message)s")
+    for number in range(3):
+        observer({"log_format": f"line {number}", "log_level": None})
+    assert not observer.broken
+    assert stream.written == ["(2 log line(s) were lost while the disk was full)\n"
+                              "INFO line 2\n"]
+
+
+def test_a_security_event_on_a_full_disk_fails_nothing_and_is_counted_later():
+    stream = FullThenRoom(full=1)
+    audit = AuditLog(stream, clock=Clock())
+    audit.record("auth_failed", "127.0.0.1")  # would have been a 500 for the client
+    audit.record("auth_failed", "127.0.0.2")
+    lost, record = (json.loads(line) for line in stream.written[0].splitlines())
+    assert lost["event"] == "records_lost" and lost["detail"]["count"] == 1
+    assert record["client"] == "127.0.0.2"
+
+
+# -- the files on a real full disk -------------------------------------------------------
+
+def test_the_virtual_plotter_leaves_no_half_record_on_a_full_disk(small_disk):
+    recording = Recording()
+    recording.pen_changed(up=False)
+    recording.moved([(float(x % 100), float(x // 100)) for x in range(20000)])
+    fill(small_disk)
+    with pytest.raises(OSError):
+        recording.write(small_disk / "simulator")
+    assert [path.name for path in (small_disk / "simulator").iterdir()
+            if path.name.endswith(".part")] == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_the_store_names_a_full_disk(small_disk):
+    told = []
+    store = JobStore(small_disk / "vfab.db", reactor=reactor, on_disk_full=told.append)
+    store.open()
+    try:
+        yield store.add(make_job("before"))
+        fill(small_disk)
+        with pytest.raises(DiskFull):
+            for number in range(100):  # past what the last free pages hold
+                yield store.add(make_job(f"job{number}"))
+        assert told and told[0] == "the job database"
+    finally:
+        store.close()
+
+
+def test_the_daemon_on_a_full_disk(small_disk):
+    daemon = DaemonProcess(small_disk / "site", {
+        "device": {"type": "simulator", "simulator_speed": 20}}).start()
+    try:
+        status, done = daemon.submit(SQUARE, "done")
+        daemon.wait_for_job(done["id"], {"completed"})
+        assert (daemon.workspace / RESERVE_FILE).exists()
+        ws = connect(daemon.ws_url, open_timeout=10, close_timeout=10)
+        ws.send(json.dumps({"type": "SUBSCRIBE", "channels": ["system"]}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "subscribed"
+        filler = fill(small_disk)
+
+        status, body = daemon.submit(SQUARE, "on a full disk")
+        assert status == 507 and body["error"]["code"] == "insufficient_storage"
+        jobs = daemon.workspace / "jobs"
+        assert sorted(path.name for path in jobs.iterdir()) == [f"{done['id']}.svg"]
+        health = wait_until(lambda: (lambda h: h if h["status"] != "healthy" else None)(
+            daemon.request("GET", "/health")[1]), what="health to say the disk is full")
+        assert health["status"] == "degraded" and health["disk"] == "full"
+        assert "full" in health["reason"]
+
+        status, _ = daemon.request("DELETE", f"/api/jobs/{done['id']}")
+        assert status == 204
+        assert daemon.request("GET", f"/api/jobs/{done['id']}")[0] == 404
+        assert not (jobs / f"{done['id']}.svg").exists()
+
+        filler.unlink()
+        wait_until(lambda: daemon.request("GET", "/health")[1]["status"] == "healthy",
+                   what="health to clear once space is back")
+        alerts = []
+        while len(alerts) < 2:
+            message = json.loads(ws.recv(timeout=30))
+            if message["type"] == "system_alert":
+                alerts.append((message["severity"], message["title"]))
+        assert alerts == [("error", "Disk full"), ("info", "Disk space back")]
+        ws.close()
+        status, again = daemon.submit(SQUARE, "after")
+        assert status == 201
+        daemon.wait_for_job(again["id"], {"completed"})
+        assert daemon.request("GET", "/api/device")[1]["status"] == "idle"
+    finally:
+        assert daemon.stop() == 0
+    assert "Unhandled error in Deferred" not in daemon.log
+    assert "released the 256 KiB reserve" in daemon.log and "disk space is back" in daemon.log
+
+
+# -- the end of a plot on a full disk -----------------------------------------------------
+
+def test_a_plot_that_ends_on_a_full_disk_is_recorded_once_space_is_back(tmp_path):
+    site = Site(tmp_path)
+    store = site.life.store
+    real, full = store.transition, [True]
+
+    def transition(job_id, to_state, reason, **fields):
+        if full[0] and to_state == states.COMPLETED:
+            return fail(DiskFull("the job database"))
+        return real(job_id, to_state, reason, **fields)
+
+    store.transition = transition
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: site.life.queue.scheduler.state.value == "ending", limit=600)
+    site.advance(60)
+    assert site.state(job_id) == states.PLOTTING  # still waiting for room
+    full[0] = False
+    site.advance(10)
+    assert site.state(job_id) == states.COMPLETED
+
+
+def test_progress_that_cannot_be_saved_for_space_is_said_once_and_the_plot_goes_on(tmp_path):
+    site = Site(tmp_path)
+    store = site.life.store
+    store.save_progress = lambda job_id, progress, position: fail(DiskFull("the job database"))
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        job_id = site.submit(PAGE_FRAME)
+        site.wait_for(lambda: site.state(job_id) == states.COMPLETED, limit=600)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    said = [formatEvent(event) for event in events
+            if "save the progress" in str(event.get("log_format", ""))]
+    assert len(said) == 1 and job_id in said[0]  # once, not at every move
+
+
+def test_a_submission_the_database_cannot_hold_leaves_no_drawing(tmp_path):
+    site = Site(tmp_path)
+    store = site.life.store
+    real_transaction = store._pool.runInteraction
+    error = sqlite3.OperationalError("database or disk is full")  # SQLite's own answer
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL
+    store._pool.runInteraction = lambda interaction, *args: (
+        fail(error) if interaction.__name__ == "insert" else real_transaction(interaction, *args))
+    with pytest.raises(DiskFull):
+        site.submit(PAGE_FRAME)
+    assert list(site.life.queue.files.directory.glob("*")) == []

@@ -1,0 +1,123 @@
+"""Whether the workspace's disk is full, for /health and a `system_alert`.
+
+Writers that meet ENOSPC say so at once (`noticed_full`); the free space is
+looked at every CHECK_SECONDS, so the alert also clears by itself once space
+is back. A small reserve file is kept so that, on a full disk, deleting a job
+(`release_reserve`) can still free space through the API: SQLite needs a few
+pages of room even to delete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from vfab.events import EventBus
+
+_log = Logger()
+
+#: Below this much free space the disk counts as full.
+MIN_FREE_BYTES = 1 << 20
+#: Room set aside for deleting jobs on a full disk.
+RESERVE_BYTES = 256 << 10
+RESERVE_FILE = ".space-reserve"
+#: Seconds between two looks at the free space.
+CHECK_SECONDS = 5.0
+
+
+class DiskSpace:
+    """Knows whether the workspace's disk is full and tells the `system` channel."""
+
+    def __init__(self, directory: Path, bus: EventBus, clock: Any, *,
+                 free_bytes: Callable[[], int] | None = None,
+                 min_free: int = MIN_FREE_BYTES, reserve: int = RESERVE_BYTES):
+        """`free_bytes()` is how much space is left (the disk's own figure by default)."""
+        self.directory = directory
+        self._bus = bus
+        self._free_bytes = free_bytes or (lambda: shutil.disk_usage(directory).free)
+        self._min_free = min_free
+        self._reserve = reserve
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = clock
+        #: Why the disk counts as full, or None when there is room.
+        self.full: str | None = None
+
+    @property
+    def reserve_path(self) -> Path:
+        return self.directory / RESERVE_FILE
+
+    def start(self) -> None:
+        self._loop.start(CHECK_SECONDS, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def noticed_full(self, what: str) -> None:
+        """A write of `what` failed for want of space."""
+        self._set_full(f"the disk of {self.directory} is full: could not write {what}")
+
+    def check(self) -> None:
+        """Look at the free space: full below the minimum, else clear (and refill
+        the reserve)."""
+        try:
+            free = self._free_bytes()
+        except OSError as error:
+            _log.warn("cannot tell the free space of {directory}: {error}",
+                      directory=str(self.directory), error=error)
+            return
+        if free < self._min_free:
+            self._set_full(f"the disk of {self.directory} is full: {free // 1024} KiB free")
+            return
+        self._make_reserve()
+        if self.full is not None:
+            self.full = None
+            _log.info("disk space is back in {directory}", directory=str(self.directory))
+            self._bus.publish("system", {
+                "type": "system_alert", "severity": "info", "title": "Disk space back",
+                "message": f"The disk of {self.directory} has room again; jobs can be "
+                           f"submitted and progress is saved."})
+
+    def release_reserve(self) -> bool:
+        """Give the reserve back to the disk so that a delete can go through;
+        whether there was one."""
+        try:
+            self.reserve_path.unlink()
+        except FileNotFoundError:
+            return False
+        _log.warn("disk full: released the {size} KiB reserve to delete a job",
+                  size=self._reserve // 1024)
+        return True
+
+    def _make_reserve(self) -> None:
+        if self._reserve <= 0 or self.reserve_path.exists():
+            return
+        partial = self.reserve_path.with_name(RESERVE_FILE + ".part")
+        try:
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if os.write(fd, bytes(self._reserve)) < self._reserve:
+                    raise OSError(errno.ENOSPC, "the reserve was cut short")
+            finally:
+                os.close(fd)
+            os.replace(partial, self.reserve_path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            _log.warn("could not set aside {size} KiB for deleting jobs on a full disk: "
+                      "{error}", size=self._reserve // 1024, error=error)
+
+    def _set_full(self, reason: str) -> None:
+        if self.full is not None:
+            return
+        self.full = reason
+        _log.error("{reason}: free some space (deleting finished jobs helps)", reason=reason)
+        self._bus.publish("system", {
+            "type": "system_alert", "severity": "error", "title": "Disk full",
+            "message": f"{reason}. New jobs are refused (507) and progress may not be "
+                       f"saved until space is freed; deleting finished jobs helps."})
