@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -87,3 +88,23 @@ def test_twistd_and_vfab_know_the_plugin():
     assert listing.returncode == 0 and "vfab" in listing.stdout
     assert run_vfab("--help").returncode == 0
     assert run_vfab("--version").stdout.startswith("vfab ")
+
+
+def test_ctrl_c_ends_watch_quietly_with_130(tmp_path):
+    daemon = DaemonProcess(tmp_path).start()  # no plotter: the job stays queued
+    try:
+        drawing = tmp_path / "squares.svg"
+        drawing.write_bytes(ONE_LAYER)
+        job_id = run_vfab("add", "job", "squares", str(drawing), "--url",
+                          daemon.url).stdout.strip()
+        watcher = subprocess.Popen([sys.executable, "-m", "vfab", "watch", job_id,
+                                    "--url", daemon.url],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        daemon.wait_for_log(r"websocket client \S+ connected")
+        watcher.send_signal(signal.SIGINT)
+        _, stderr = watcher.communicate(timeout=60)
+        assert watcher.returncode == 130, stderr
+        assert "1006" not in stderr and "closed the connection" not in stderr
+        assert "Traceback" not in stderr
+    finally:
+        assert daemon.stop() == 0, daemon.log

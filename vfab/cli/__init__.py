@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     except ClientError as error:
         sys.stderr.write(f"vfab: {error}\n")
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # Ctrl-C: leave quietly, as the shell expects
     raise SystemExit(code or 0)
 
 
