@@ -108,3 +108,38 @@ def test_ctrl_c_ends_watch_quietly_with_130(tmp_path):
         assert "Traceback" not in stderr
     finally:
         assert daemon.stop() == 0, daemon.log
+
+
+def test_list_keeps_ids_whole_and_any_unique_prefix_names_a_job(tmp_path):
+    daemon = DaemonProcess(tmp_path).start()  # no plotter: the jobs stay queued
+    url = ["--url", daemon.url]
+    long_name = "a-drawing-whose-name-is-far-too-long-for-one-row-of-the-table"
+    try:
+        # 17 ids of hex digits: at least two begin with the same digit.
+        ids = [daemon.submit(ONE_LAYER, name=long_name)[1]["id"] for _ in range(17)]
+        daemon.request("POST", f"/api/jobs/{ids[1]}/cancel")  # a wider state column
+        listed = run_vfab("list", "jobs", *url, env={"COLUMNS": "80"})
+        assert listed.returncode == 0, listed.stderr
+        assert all(job_id in listed.stdout for job_id in ids), listed.stdout
+        assert long_name not in listed.stdout
+        assert max(len(line) for line in listed.stdout.splitlines()) <= 80
+
+        first = ids[0]
+        unique = next(first[:n] for n in range(1, len(first) + 1)
+                      if sum(job_id.startswith(first[:n]) for job_id in ids) == 1)
+        shown = run_vfab("status", unique, "--json", *url)
+        assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == first
+        cancelled = run_vfab("cancel", unique, *url)
+        assert cancelled.returncode == 0 and f"job {first} " in cancelled.stdout
+
+        shared = next(job_id[0] for job_id in ids
+                      if sum(other.startswith(job_id[0]) for other in ids) > 1)
+        ambiguous = run_vfab("pause", shared, *url)
+        assert ambiguous.returncode == 1
+        assert "give more of the id" in ambiguous.stderr
+        assert all(job_id in ambiguous.stderr for job_id in ids if job_id.startswith(shared))
+        unknown = run_vfab("resume", "zz", *url)
+        assert unknown.returncode == 1
+        assert "no job has an id beginning 'zz'" in unknown.stderr
+    finally:
+        assert daemon.stop() == 0, daemon.log
