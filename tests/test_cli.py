@@ -122,7 +122,10 @@ def test_list_keeps_ids_whole_and_any_unique_prefix_names_a_job(tmp_path):
         assert listed.returncode == 0, listed.stderr
         assert all(job_id in listed.stdout for job_id in ids), listed.stdout
         assert long_name not in listed.stdout
-        assert max(len(line) for line in listed.stdout.splitlines()) <= 80
+        lines = listed.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 80
+        assert lines[0].split() == ["ID", "NAME", "STATE", "PRIO", "PROGRESS", "ESTIMATE",
+                                    "CREATED"]
 
         first = ids[0]
         unique = next(first[:n] for n in range(1, len(first) + 1)

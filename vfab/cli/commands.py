@@ -51,7 +51,8 @@ def resolve_job_id(client: DaemonClient, given: str) -> str:
         return given
     matches = [job for job in jobs if job["id"].startswith(given)]
     if not matches:
-        raise ClientError(f"no job has an id beginning {given!r} (`vfab list jobs` shows them)")
+        raise ClientError(f"no job has an id beginning {given!r} "
+                          "(`vfab list jobs` shows them)")
     if len(matches) > 1:
         listed = ", ".join(f"{job['id']} '{job['name']}'" for job in matches)
         raise ClientError(f"{given!r} is the start of {len(matches)} job ids: {listed}; "
@@ -90,17 +91,19 @@ def list(client: DaemonClient, args: argparse.Namespace) -> int:  # noqa: A001 -
              f"{job['progress'] * 100:.0f}%", duration(job["estimated_seconds"]),
              job["created_at"].replace("T", " ")[:16]) for job in jobs]
     # Only the name gives way to a narrow terminal: an id must stay whole to be pasted.
+    headers = ("ID", "NAME", "STATE", "PRIO", "PROGRESS", "ESTIMATE", "CREATED")
+    widths = [max(len(header), *(len(row[index]) for row in rows))
+              for index, header in enumerate(headers)]
+    gaps = 2 * (len(headers) - 1)
+    widths[1] = max(4, min(widths[1], _out.width - gaps - sum(widths) + widths[1]))
     table = Table(box=None, header_style="bold", pad_edge=False)
-    for index, column in enumerate(("ID", "NAME", "STATE", "PRIO", "PROGRESS",
-                                    "ESTIMATE", "CREATED")):
-        if column == "NAME":
-            table.add_column(column, no_wrap=True, overflow="ellipsis")
-        else:
-            widest = max(len(column), *(len(row[index]) for row in rows))
-            table.add_column(column, no_wrap=True, min_width=widest)
+    for header, width in zip(headers, widths):
+        table.add_column(header, no_wrap=True, overflow="ellipsis", width=width)
     for row in rows:
         table.add_row(*row)
-    _out.print(table)
+    # Narrower than the other columns: let the terminal wrap the rows, not cut ids.
+    needed = sum(widths) + gaps
+    (_out if _out.width >= needed else Console(highlight=False, width=needed)).print(table)
     return 0
 
 
