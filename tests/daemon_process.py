@@ -27,7 +27,10 @@ class DaemonProcess:
     """`vfab daemon` (or `twistd -n vfab`) on port 0 with a private workspace."""
 
     def __init__(self, tmp_path: Path, config: dict[str, Any] | None = None, *,
-                 twistd: bool = False, extra: list[str] | None = None):
+                 twistd: bool = False, extra: list[str] | None = None,
+                 vfab: list[str] | None = None, env: dict[str, str] | None = None):
+        """`vfab`: the command to run [default: this Python's `-m vfab`]; `env`: the
+        environment [default: this one]."""
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.workspace = tmp_path / "workspace"
         self.config_path = tmp_path / "config.yaml"
@@ -41,7 +44,8 @@ class DaemonProcess:
             twistd = str(Path(sys.executable).parent / "twistd")
             self.argv = [twistd, "--nodaemon", "--pidfile=", "vfab", *options]
         else:
-            self.argv = [sys.executable, "-m", "vfab", "daemon", *options]
+            self.argv = [*(vfab or [sys.executable, "-m", "vfab"]), "daemon", *options]
+        self.env = env
         self.process: subprocess.Popen | None = None
         self.lines: list[str] = []
         self.port: int | None = None
@@ -62,7 +66,7 @@ class DaemonProcess:
 
     def start(self) -> "DaemonProcess":
         self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True)
+                                        stderr=subprocess.STDOUT, text=True, env=self.env)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         if not self._ready.wait(START_TIMEOUT):

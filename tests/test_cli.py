@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -128,5 +129,63 @@ def test_status_and_watch_say_which_interrupted_job_holds_the_queue(tmp_path):
         said = " ".join(stderr.split())  # as rich wrapped it for the terminal
         assert f"job {held} 'held' is interrupted and holds the queue" in said
         assert f"vfab resume {held}" in said
+    finally:
+        assert daemon.stop() == 0, daemon.log
+
+
+def test_ctrl_c_ends_watch_quietly_with_130(tmp_path):
+    daemon = DaemonProcess(tmp_path).start()  # no plotter: the job stays queued
+    try:
+        drawing = tmp_path / "squares.svg"
+        drawing.write_bytes(ONE_LAYER)
+        job_id = run_vfab("add", "job", "squares", str(drawing), "--url",
+                          daemon.url).stdout.strip()
+        watcher = subprocess.Popen([sys.executable, "-m", "vfab", "watch", job_id,
+                                    "--url", daemon.url],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        daemon.wait_for_log(r"websocket client \S+ connected")
+        watcher.send_signal(signal.SIGINT)
+        _, stderr = watcher.communicate(timeout=60)
+        assert watcher.returncode == 130, stderr
+        assert "1006" not in stderr and "closed the connection" not in stderr
+        assert "Traceback" not in stderr
+    finally:
+        assert daemon.stop() == 0, daemon.log
+
+
+def test_list_keeps_ids_whole_and_any_unique_prefix_names_a_job(tmp_path):
+    daemon = DaemonProcess(tmp_path).start()  # no plotter: the jobs stay queued
+    url = ["--url", daemon.url]
+    long_name = "a-drawing-whose-name-is-far-too-long-for-one-row-of-the-table"
+    try:
+        # 17 ids of hex digits: at least two begin with the same digit.
+        ids = [daemon.submit(ONE_LAYER, name=long_name)[1]["id"] for _ in range(17)]
+        daemon.request("POST", f"/api/jobs/{ids[1]}/cancel")  # a wider state column
+        listed = run_vfab("list", "jobs", *url, env={"COLUMNS": "80"})
+        assert listed.returncode == 0, listed.stderr
+        assert all(job_id in listed.stdout for job_id in ids), listed.stdout
+        assert long_name not in listed.stdout
+        lines = listed.stdout.splitlines()
+        assert max(len(line) for line in lines) <= 80
+        assert lines[0].split() == ["ID", "NAME", "STATE", "PRIO", "PROGRESS", "ESTIMATE",
+                                    "CREATED"]
+
+        first = ids[0]
+        unique = next(first[:n] for n in range(1, len(first) + 1)
+                      if sum(job_id.startswith(first[:n]) for job_id in ids) == 1)
+        shown = run_vfab("status", unique, "--json", *url)
+        assert shown.returncode == 0 and json.loads(shown.stdout)["id"] == first
+        cancelled = run_vfab("cancel", unique, *url)
+        assert cancelled.returncode == 0 and f"job {first} " in cancelled.stdout
+
+        shared = next(job_id[0] for job_id in ids
+                      if sum(other.startswith(job_id[0]) for other in ids) > 1)
+        ambiguous = run_vfab("pause", shared, *url)
+        assert ambiguous.returncode == 1
+        assert "give more of the id" in ambiguous.stderr
+        assert all(job_id in ambiguous.stderr for job_id in ids if job_id.startswith(shared))
+        unknown = run_vfab("resume", "zz", *url)
+        assert unknown.returncode == 1
+        assert "no job has an id beginning 'zz'" in unknown.stderr
     finally:
         assert daemon.stop() == 0, daemon.log

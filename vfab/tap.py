@@ -22,12 +22,13 @@ _log = Logger()
 
 
 def _port(value: str) -> int:
+    problem = f"expected an integer 0-65535 (0 = any free port), got {value!r}"
     try:
         port = int(value)
     except ValueError:
-        raise ValueError(f"expected an integer 1-65535, got {value!r}") from None
+        raise ValueError(problem) from None
     if not 0 <= port <= 65535:
-        raise ValueError(f"expected an integer 1-65535, got {value!r}")
+        raise ValueError(problem)
     return port
 
 
@@ -47,14 +48,9 @@ def _nice(value: str) -> int:
     return nice
 
 
-def _coerced(name: str, check: Any) -> Any:
-    def coerce(value: str) -> Any:
-        try:
-            return check(value)
-        except ValueError as error:
-            raise ValueError(f"--{name}: {error}") from None
-    coerce.coerceDoc = ""
-    return coerce
+# Checked in postOptions, not as usage.Options coercers: twistd wraps a
+# coercer's message in "Parameter type enforcement failed: ...".
+_CHECKS = (("port", _port), ("log-level", _log_level), ("nice", _nice))
 
 
 class Options(usage.Options):
@@ -66,14 +62,13 @@ class Options(usage.Options):
 
     optParameters = [
         ["host", "h", None, "Bind address of the HTTP/WebSocket server [default: localhost]."],
-        ["port", "p", None, "Its port; 0 = any free port [default: 8766].",
-         _coerced("port", _port)],
+        ["port", "p", None, "Its port; 0 = any free port [default: 8766]."],
         ["workspace", "w", None,
          "Jobs, database and logs [default: $XDG_DATA_HOME/vfab/workspace]."],
-        ["log-level", "l", None, "debug, info, warning, error or critical [default: info].",
-         _coerced("log-level", _log_level)],
+        ["log-level", "l", None,
+         "debug, info, warning, error or critical [default: info]."],
         ["config", "c", None, "Configuration file [default: $XDG_CONFIG_HOME/vfab/config.yaml]."],
-        ["nice", None, None, "Process priority (-20..19).", _coerced("nice", _nice)],
+        ["nice", None, None, "Process priority (-20..19)."],
     ]
 
     config: Config
@@ -89,6 +84,12 @@ class Options(usage.Options):
             _usage_exit(error.problems)
 
     def postOptions(self) -> None:
+        for name, check in _CHECKS:
+            if self[name] is not None:
+                try:
+                    self[name] = check(self[name])
+                except ValueError as error:
+                    raise usage.UsageError(f"--{name}: {error}") from None
         config = load_config(self["config"])
         self.config = with_overrides(config, host=self["host"], port=self["port"],
                                      log_level=self["log-level"])

@@ -1,10 +1,5 @@
 """twistd dropin: `twistd vfab`. Kept import-cheap: no reactor, no autobahn."""
 
-from twisted.application.service import ServiceMaker
+from vfab.service_maker import vfab
 
-vfab = ServiceMaker(
-    "vfab",
-    "vfab.tap",
-    "A job server for AxiDraw pen plotters, with HTTP and WebSocket monitoring.",
-    "vfab",
-)
+__all__ = ["vfab"]

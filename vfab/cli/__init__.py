@@ -16,6 +16,7 @@ from typing import Any
 from vfab import __version__
 from vfab.config import ConfigError, load_config
 
+JOB_ID_HELP = "a job id, or any start of one that no other job's id shares"
 COMMANDS = ("daemon", "add", "list", "status", "pause", "resume", "cancel", "watch", "check")
 
 
@@ -58,16 +59,16 @@ def parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="the daemon's or a job's status",
                                  parents=[shared])
-    status.add_argument("job_id", nargs="?")
+    status.add_argument("job_id", nargs="?", help=JOB_ID_HELP)
     status.add_argument("--json", action="store_true", help="print JSON")
 
     for verb in ("pause", "resume", "cancel"):
         control = commands.add_parser(verb, help=f"{verb} a job", parents=[shared])
-        control.add_argument("job_id")
+        control.add_argument("job_id", help=JOB_ID_HELP)
 
     watch = commands.add_parser("watch", help="live progress until the job(s) end",
                                 parents=[shared])
-    watch.add_argument("job_id", nargs="?")
+    watch.add_argument("job_id", nargs="?", help=JOB_ID_HELP)
 
     check = commands.add_parser("check", help="check the config, database or device")
     check.add_argument("what", choices=("config", "database", "device"))
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     except ClientError as error:
         sys.stderr.write(f"vfab: {error}\n")
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # Ctrl-C: leave quietly, as the shell expects
     raise SystemExit(code or 0)
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from vfab.cli.client import DaemonClient
+from vfab.cli.client import ClientError, DaemonClient
 
 _out = Console(highlight=False)
 _err = Console(stderr=True, highlight=False)
@@ -43,6 +43,23 @@ def _job_path(job_id: str, action: str = "") -> str:
     return f"/api/jobs/{urllib.parse.quote(job_id, safe='')}" + (f"/{action}" if action else "")
 
 
+def resolve_job_id(client: DaemonClient, given: str) -> str:
+    """The id of the one job whose id is `given` or begins with it, as git takes
+    a commit; the HTTP API takes whole ids only."""
+    jobs = client.request("GET", "/api/jobs")["jobs"]
+    if any(job["id"] == given for job in jobs):
+        return given
+    matches = [job for job in jobs if job["id"].startswith(given)]
+    if not matches:
+        raise ClientError(f"no job has an id beginning {given!r} "
+                          "(`vfab list jobs` shows them)")
+    if len(matches) > 1:
+        listed = ", ".join(f"{job['id']} '{job['name']}'" for job in matches)
+        raise ClientError(f"{given!r} is the start of {len(matches)} job ids: {listed}; "
+                          "give more of the id")
+    return matches[0]["id"]
+
+
 def add(client: DaemonClient, args: argparse.Namespace) -> int:
     try:
         svg = args.file.read_bytes()
@@ -70,20 +87,29 @@ def list(client: DaemonClient, args: argparse.Namespace) -> int:  # noqa: A001 -
     if not jobs:
         _out.print("no jobs" + (f" in state {args.state}" if args.state else ""))
         return 0
-    table = Table(box=None, header_style="bold")
-    for column in ("ID", "NAME", "STATE", "PRIORITY", "PROGRESS", "ESTIMATE", "CREATED"):
-        table.add_column(column)
-    for job in jobs:
-        table.add_row(job["id"], job["name"], job["state"], str(job["priority"]),
-                      f"{job['progress'] * 100:.0f}%", duration(job["estimated_seconds"]),
-                      job["created_at"].replace("T", " ")[:19])
-    _out.print(table)
+    rows = [(job["id"], job["name"], job["state"], str(job["priority"]),
+             f"{job['progress'] * 100:.0f}%", duration(job["estimated_seconds"]),
+             job["created_at"].replace("T", " ")[:16]) for job in jobs]
+    # Only the name gives way to a narrow terminal: an id must stay whole to be pasted.
+    headers = ("ID", "NAME", "STATE", "PRIO", "PROGRESS", "ESTIMATE", "CREATED")
+    widths = [max(len(header), *(len(row[index]) for row in rows))
+              for index, header in enumerate(headers)]
+    gaps = 2 * (len(headers) - 1)
+    widths[1] = max(4, min(widths[1], _out.width - gaps - sum(widths) + widths[1]))
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for header, width in zip(headers, widths):
+        table.add_column(header, no_wrap=True, overflow="ellipsis", width=width)
+    for row in rows:
+        table.add_row(*row)
+    # Narrower than the other columns: let the terminal wrap the rows, not cut ids.
+    needed = sum(widths) + gaps
+    (_out if _out.width >= needed else Console(highlight=False, width=needed)).print(table)
     return 0
 
 
 def status(client: DaemonClient, args: argparse.Namespace) -> int:
     if args.job_id:
-        job = client.request("GET", _job_path(args.job_id))
+        job = client.request("GET", _job_path(resolve_job_id(client, args.job_id)))
         if args.json:
             from vfab.cli import print_json
             print_json(job)
@@ -135,7 +161,7 @@ def _print_job(job: dict[str, Any]) -> None:
 
 
 def _control(client: DaemonClient, args: argparse.Namespace, action: str) -> int:
-    job = client.request("POST", _job_path(args.job_id, action))
+    job = client.request("POST", _job_path(resolve_job_id(client, args.job_id), action))
     _out.print(f"job {job['id']} '{job['name']}' is {job['state']}")
     return 0
 
@@ -154,4 +180,5 @@ def cancel(client: DaemonClient, args: argparse.Namespace) -> int:
 
 def watch(client: DaemonClient, args: argparse.Namespace) -> int:
     from vfab.cli.watch import watch_jobs
-    return watch_jobs(client, args.job_id)
+    return watch_jobs(client, None if args.job_id is None
+                      else resolve_job_id(client, args.job_id))

@@ -75,7 +75,19 @@ def twistd_argv(args: argparse.Namespace) -> list[str]:
 
 def run(argv: list[str]) -> None:
     args = parser().parse_args(argv)
-    from twisted.scripts.twistd import run as twistd_run
+    from twisted.application import app
+    from twisted.scripts.twistd import ServerOptions, runApp
+
+    from vfab.service_maker import vfab
+
+    class VfabServerOptions(ServerOptions):
+        """twistd's options with vfab's service maker handed over, not looked up:
+        plugin discovery misses the dropin after a modern editable install."""
+
+        @property
+        def subCommands(self) -> Any:
+            self.loadedPlugins = {vfab.tapname: vfab}
+            yield (vfab.tapname, None, vfab.options, vfab.description)
 
     sys.argv = ["vfab daemon", *twistd_argv(args)]
-    twistd_run()
+    app.run(runApp, VfabServerOptions)

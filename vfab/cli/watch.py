@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import urllib.parse
 from typing import Any
 
@@ -18,6 +19,7 @@ from vfab.cli.commands import duration
 
 ENDED = frozenset({"completed", "failed", "cancelled", "interrupted"})
 WATCHED = ("plotting", "paused", "awaiting_pen", "queued")
+INTERRUPTED = 130  # the shell's code for a command ended by Ctrl-C (128 + SIGINT)
 
 
 class JobBoard:
@@ -80,7 +82,8 @@ def _websocket_url(http_url: str, api_key: str | None) -> str:
 
 
 def watch_jobs(client: DaemonClient, job_id: str | None) -> int:
-    """Show progress until the watched jobs end: 0 if all completed, 1 otherwise."""
+    """Show progress until the watched jobs end: 0 if all completed, 1 otherwise,
+    130 when Ctrl-C ends the watch first."""
     if job_id is not None:
         jobs = [client.request("GET", f"/api/jobs/{urllib.parse.quote(job_id, safe='')}")]
     else:
@@ -109,9 +112,20 @@ def watch_jobs(client: DaemonClient, job_id: str | None) -> int:
     speed = client.request("GET", "/api/device").get("simulator_speed") or 1.0
     board = JobBoard(progress, console, pending, speed)
     problems: list[str] = []
+    interrupted: list[bool] = []
 
     def run(reactor: Any) -> Deferred:
         finished: Deferred = Deferred()
+
+        def stop_watching() -> None:
+            interrupted.append(True)
+            if not finished.called:
+                finished.callback(None)
+
+        # Replaces the reactor's SIGINT handler: Ctrl-C ends the watch, not a
+        # connection the reactor then drops with 1006.
+        signal.signal(signal.SIGINT,
+                      lambda number, frame: reactor.callFromThread(stop_watching))
 
         class Watcher(WebSocketClientProtocol):
             def onOpen(self) -> None:
@@ -124,7 +138,7 @@ def watch_jobs(client: DaemonClient, job_id: str | None) -> int:
                     self.sendClose(1000)
 
             def onClose(self, wasClean: bool, code: int, reason: str) -> None:
-                if not board.done:
+                if not board.done and not interrupted:
                     problems.append(f"the daemon closed the connection ({code}: {reason})")
                 if not finished.called:
                     finished.callback(None)
@@ -149,6 +163,8 @@ def watch_jobs(client: DaemonClient, job_id: str | None) -> int:
         pass  # react always exits; the outcome is in the board.
     finally:
         progress.stop()
+    if interrupted:
+        return INTERRUPTED
     if problems:
         raise ClientError(problems[0])
     return 0 if all(board.outcomes.get(job["id"]) == "completed" for job in pending) else 1
