@@ -26,7 +26,7 @@ from vfab.config import WebSocketConfig
 from vfab.jobs.states import PAUSED, PLOTTING
 from vfab.web.auth import APIKeyCheck
 from vfab.web.system import SystemMonitor
-from vfab.web.ws import AUTH_TIMEOUT, SLOW_READER_LIMIT, StreamFactory
+from vfab.web.ws import AUTH_TIMEOUT, KEYLESS_PER_ADDRESS, SLOW_READER_LIMIT, StreamFactory
 
 KEY = "s3cret-key"
 TIMEOUT = 10
@@ -489,6 +489,28 @@ async def test_max_connections(serve):
     await second.still_open()
     await first.ask({"type": "subscribe", "channels": ["system"]})
     assert (await first.next())["connections"] == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_keyless_clients_never_keep_out_a_client_with_a_key(serve):
+    """Upgrades without a key (waiting to AUTH) have a small budget of their own:
+    full, a keyless one is 503, and a client with a key still gets in."""
+    web = await serve(authenticate=True, api_key=KEY, max_connections=2)
+    waiting = [await connect(web) for _ in range(KEYLESS_PER_ADDRESS)]
+    status, head = await raw_upgrade(web)
+    assert status == 503 and b"too_many_unauthenticated" in head
+    keyed = [await connect(web, headers={"X-API-Key": KEY}) for _ in range(2)]
+    for client in keyed:
+        await client.still_open()
+    for client in waiting:  # still there, for AUTH alone
+        reply = await client.ask({"type": "PING"})
+        assert reply["error_code"] == "auth_required"
+    status, head = await raw_upgrade(web, X_API_Key=KEY)
+    assert status == 503 and b"too_many_connections" in head
+    # A waiting client whose AUTH would pass max_connections is told to come back.
+    waiting[0].send({"type": "AUTH", "api_key": KEY})
+    code, _ = await waiting[0].wait_closed()
+    assert code == 4503
 
 
 @pytest_twisted.ensureDeferred

@@ -37,6 +37,14 @@ CLOSE_GOING_AWAY = 1001
 CLOSE_UNAUTHORIZED = 4401
 #: Seconds a client that connected without a key has to send AUTH.
 AUTH_TIMEOUT = 10.0
+#: Clients that came without a key and have AUTH_TIMEOUT to send one get a small
+#: budget of their own, in all and per address, apart from max_connections: they
+#: can never keep out a client with a key.
+KEYLESS_CLIENTS = 10
+KEYLESS_PER_ADDRESS = 2
+#: Close code for a client let in to AUTH when every place for one is taken
+#: (as HTTP 503; autobahn sends only 1000 and 3000-4999 of its own accord).
+CLOSE_TRY_AGAIN_LATER = 4503
 #: Unanswered server pings after which a client is dropped.
 MAX_MISSED_PONGS = 2
 #: Least seconds between two job_progress messages of one job to one client.
@@ -240,6 +248,12 @@ class StreamProtocol(WebSocketServerProtocol):
         peer = self.transport.getPeer() if self.transport is not None else None
         return getattr(peer, "host", None) or str(peer)
 
+    @property
+    def address(self) -> str | None:
+        """The client's IP address (for the keyless budget)."""
+        peer = self.transport.getPeer() if self.transport is not None else None
+        return getattr(peer, "host", None)
+
     # -- heartbeat ---------------------------------------------------------
 
     def heartbeat(self, system_status: Event) -> None:
@@ -406,6 +420,12 @@ class StreamProtocol(WebSocketServerProtocol):
             if self._auth_timer is not None and self._auth_timer.active():
                 self._auth_timer.cancel()
             self._auth_timer = None
+            limit = self.factory.config.max_connections
+            if self.factory.authenticated_clients() >= limit:
+                self.sendClose(code=CLOSE_TRY_AGAIN_LATER,
+                               reason=f"{limit} clients are connected already "
+                                      f"(websocket.max_connections)")
+                return
             self.authenticated = True
             self.send_message({"type": "authenticated"})
             return
@@ -517,6 +537,10 @@ class StreamFactory(WebSocketServerFactory):
     def timestamp(self) -> str:
         return utc_timestamp(self.reactor.seconds())
 
+    def authenticated_clients(self) -> int:
+        """The clients max_connections counts: those with a key."""
+        return sum(1 for client in self.clients if client.authenticated)
+
     def publish(self, channel: str, message: dict[str, Any]) -> None:
         """The event bus subscriber: stamp the event once and hand it to every client."""
         if not self.clients:
@@ -611,7 +635,11 @@ class WebSocketGate(Resource):
         if factory.closing:
             return error_body(request, 503, "shutting_down",
                               "the daemon is shutting down and takes no new connections")
-        if len(factory.clients) >= config.max_connections:
+        if verdict is Verdict.MISSING:
+            refusal = self._keyless_refusal(request)
+            if refusal is not None:
+                return refusal
+        elif factory.authenticated_clients() >= config.max_connections:
             audit.record("connection_limit", client_address(request),
                          max_connections=config.max_connections)
             request.setHeader(b"Retry-After", b"10")
@@ -624,3 +652,18 @@ class WebSocketGate(Resource):
             return self._websocket.render(request)
         finally:
             factory.upgrade_verdict = None
+
+    def _keyless_refusal(self, request: IRequest) -> bytes | None:
+        """503 when the clients waiting to send AUTH have used their budget."""
+        address = getattr(request.getClientAddress(), "host", None)
+        waiting = [client for client in self._factory.clients if not client.authenticated]
+        from_here = sum(1 for client in waiting if client.address == address)
+        if len(waiting) < KEYLESS_CLIENTS and from_here < KEYLESS_PER_ADDRESS:
+            return None
+        self._factory.auth.audit.record("keyless_limit", client_address(request),
+                                        waiting=len(waiting), from_address=from_here)
+        request.setHeader(b"Retry-After", b"10")
+        return error_body(request, 503, "too_many_unauthenticated",
+                          f"{len(waiting)} WebSocket clients without a key are waiting to "
+                          f"send AUTH ({from_here} from this address); send the key with "
+                          f"the upgrade (X-API-Key header or ?api_key=), or try again later")
