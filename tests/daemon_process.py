@@ -148,3 +148,16 @@ def run_vfab(*args: str, env: dict[str, str] | None = None, timeout: float = 60.
     """Run the `vfab` command and capture what it prints."""
     return subprocess.run([sys.executable, "-m", "vfab", *args], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def wait_until(condition: Any, what: str, timeout: float = 60.0,
+               interval: float = 0.05) -> Any:
+    """Poll what a daemon process shows until `condition()` is true (its value),
+    at most `timeout` seconds: the daemon's own clock decides when it changes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -22,7 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.testing import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 
-from tests.daemon_process import DaemonProcess
+from tests.daemon_process import DaemonProcess, wait_until
 from vfab.audit import AuditLog
 from vfab.disk import CHECK_SECONDS, RESERVE_FILE, DiskSpace
 from vfab.events import EventBus
@@ -67,17 +67,6 @@ def fill(disk: Path) -> Path:
     finally:
         os.close(fd)
     return filler
-
-
-def wait_until(condition, timeout: float = 60.0, what: str = "the condition"):
-    """Poll the daemon's state (the daemon's own clock decides when it changes)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # -- the disk watch ------------------------------------------------------------------

@@ -20,7 +20,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from websockets.sync.client import connect
 
-from tests.daemon_process import DaemonProcess, run_vfab
+from tests.daemon_process import DaemonProcess, run_vfab, wait_until
 from vfab.config import ConfigError, LoggingConfig
 from vfab.logs import check_format, make_observer, open_log_file
 from vfab.events import EventBus
@@ -194,15 +194,6 @@ def test_the_performance_line_counts_plotting_time_only():
 
 # -- on the real daemon ------------------------------------------------------------
 
-def wait_for(predicate, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 def test_the_daemon_log_file_greps_and_reopens(tmp_path):
     daemon = DaemonProcess(tmp_path, {
@@ -232,7 +223,7 @@ def test_the_daemon_log_file_greps_and_reopens(tmp_path):
         # logrotate's way: rename, then SIGUSR1; the daemon writes a new file.
         log.rename(log.with_name("vfab.log.old"))
         daemon.process.send_signal(signal.SIGUSR1)
-        wait_for(lambda: log.exists() and "reopened (SIGUSR1)" in log.read_text(),
+        wait_until(lambda: log.exists() and "reopened (SIGUSR1)" in log.read_text(),
                  "a new log file")
         assert stat.S_IMODE(log.stat().st_mode) == 0o600
         assert "reopened" not in log.with_name("vfab.log.old").read_text()
@@ -240,7 +231,7 @@ def test_the_daemon_log_file_greps_and_reopens(tmp_path):
 
         if shutil.which("logrotate"):
             run_shipped_logrotate(tmp_path, log, daemon.process.pid)
-            wait_for(lambda: log.exists() and "reopened (SIGUSR1)" in log.read_text(),
+            wait_until(lambda: log.exists() and "reopened (SIGUSR1)" in log.read_text(),
                      "a new log file after logrotate")
             assert "reopened" in log.with_name("vfab.log.1").read_text()
     finally:
