@@ -507,7 +507,10 @@ async def test_keyless_clients_never_keep_out_a_client_with_a_key(serve):
         assert reply["error_code"] == "auth_required"
     status, head = await raw_upgrade(web, X_API_Key=KEY)
     assert status == 503 and b"too_many_connections" in head
-    # A waiting client whose AUTH would pass max_connections is told to come back.
+    # One already in that sends AUTH again stays; a waiting client whose AUTH
+    # would pass max_connections is told to come back.
+    assert (await keyed[0].ask({"type": "AUTH", "api_key": KEY}))["type"] == "authenticated"
+    await keyed[0].still_open()
     waiting[0].send({"type": "AUTH", "api_key": KEY})
     code, _ = await waiting[0].wait_closed()
     assert code == 4503

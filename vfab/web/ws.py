@@ -421,7 +421,7 @@ class StreamProtocol(WebSocketServerProtocol):
                 self._auth_timer.cancel()
             self._auth_timer = None
             limit = self.factory.config.max_connections
-            if self.factory.authenticated_clients() >= limit:
+            if not self.authenticated and self.factory.authenticated_clients() >= limit:
                 self.sendClose(code=CLOSE_TRY_AGAIN_LATER,
                                reason=f"{limit} clients are connected already "
                                       f"(websocket.max_connections)")
