@@ -42,6 +42,10 @@ AUTH_TIMEOUT = 10.0
 #: can never keep out a client with a key.
 KEYLESS_CLIENTS = 10
 KEYLESS_PER_ADDRESS = 2
+#: A refusal for that budget is audited once this many seconds per address
+#: (remembered for this many addresses at most).
+KEYLESS_AUDIT_SECONDS = 60.0
+KEYLESS_AUDIT_ADDRESSES = 1024
 #: Close code for a client let in to AUTH when every place for one is taken
 #: (as HTTP 503; autobahn sends only 1000 and 3000-4999 of its own accord).
 CLOSE_TRY_AGAIN_LATER = 4503
@@ -533,6 +537,9 @@ class StreamFactory(WebSocketServerFactory):
         #: The gate's verdict on the upgrade being handed to autobahn, which
         #: calls onConnect before WebSocketResource.render returns.
         self.upgrade_verdict: Verdict | None = None
+        #: When a keyless refusal from each address was last audited: one record
+        #: a window, so that a flood fills no disk.
+        self.keyless_reported: dict[str | None, float] = {}
 
     def timestamp(self) -> str:
         return utc_timestamp(self.reactor.seconds())
@@ -660,8 +667,14 @@ class WebSocketGate(Resource):
         from_here = sum(1 for client in waiting if client.address == address)
         if len(waiting) < KEYLESS_CLIENTS and from_here < KEYLESS_PER_ADDRESS:
             return None
-        self._factory.auth.audit.record("keyless_limit", client_address(request),
-                                        waiting=len(waiting), from_address=from_here)
+        now = self._factory.reactor.seconds()
+        reported = self._factory.keyless_reported
+        if now - reported.get(address, float("-inf")) >= KEYLESS_AUDIT_SECONDS:
+            if len(reported) >= KEYLESS_AUDIT_ADDRESSES:
+                reported.clear()
+            reported[address] = now
+            self._factory.auth.audit.record("keyless_limit", client_address(request),
+                                            waiting=len(waiting), from_address=from_here)
         request.setHeader(b"Retry-After", b"10")
         return error_body(request, 503, "too_many_unauthenticated",
                           f"{len(waiting)} WebSocket clients without a key are waiting to "
