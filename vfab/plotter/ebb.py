@@ -371,12 +371,16 @@ class EBBProtocol(Protocol):
 
     def query_utility(self, parameter: int) -> defer.Deferred:
         """QU (3.x): fires with the value, from `QU,32` (3.0.2+) or `QU,2,32` (3.0.0-3.0.1)."""
+        return self._query_number(f"QU,{parameter}")
+
+    def _query_number(self, name: str) -> defer.Deferred:
+        """A query answered with a value line whose last field is an integer, then OK."""
         def parsed(line: str) -> int:
             try:
                 return int(line.split(",")[-1])
             except ValueError:
-                raise EBBError(f"QU,{parameter}", f"unexpected answer {line!r}") from None
-        return self._one(f"QU,{parameter}").addCallback(parsed)
+                raise EBBError(name, f"unexpected answer {line!r}") from None
+        return self._one(name).addCallback(parsed)
 
     def enable_motors(self, microstepping: int = 16) -> defer.Deferred:
         """EM: energise both motors at `microstepping` (16, 8, 4, 2, 1); 0 turns them off.
@@ -406,12 +410,7 @@ class EBBProtocol(Protocol):
     def power_kept(self) -> defer.Deferred:
         """Without QE: fires True when the board still holds the mark vfab set with
         the motors on (QL), i.e. it kept power and its counters since."""
-        def parsed(line: str) -> bool:
-            try:
-                return int(line.split(",")[-1]) == POWER_MARK
-            except ValueError:
-                raise EBBError("QL", f"unexpected answer {line!r}") from None
-        return self._one("QL").addCallback(parsed)
+        return self._query_number("QL").addCallback(lambda layer: layer == POWER_MARK)
 
     def configure_pen(self, config: DeviceConfig) -> defer.Deferred:
         """SC: pen-up/down servo positions and raise/lower rates from the plot settings."""
