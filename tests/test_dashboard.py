@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from tests.daemon_process import DaemonProcess
+from tests.keyless_flood import KeylessFlood
 
 CHROMIUM = Path(os.environ.get("VFAB_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -324,3 +325,36 @@ def test_api_key(browser: Any, locked_daemon: DaemonProcess, tmp_path: Path) -> 
                               b'width="30" height="30" stroke="black" fill="none"/></svg>')
     page.wait_for('#upload-message[data-kind="ok"]')
     page.wait_for("#jobs tr[data-job-id]")
+
+
+def test_the_dashboard_gets_in_through_a_keyless_flood(browser: Any, locked_daemon: DaemonProcess,
+                                                       tmp_path: Path) -> None:
+    """Twenty keyless clients from the same address keep the keyless budget full;
+    the dashboard sends its key in the upgrade (a subprotocol token), so it is
+    live at every load all the same (issue 14 item 1)."""
+    with KeylessFlood(locked_daemon.ws_url):
+        page = Page(browser, locked_daemon, f"/?api_key={KEY}", tmp_path)  # waits for live
+        for _ in range(3):
+            page.page.reload()
+            page.wait_for("#link-state[data-state=live]")
+            page.wait_for('#device-badge[data-state="idle"]')
+    assert page.errors == []
+
+
+def test_a_wrong_key_refused_at_the_upgrade_asks_for_the_key(
+        browser: Any, locked_daemon: DaemonProcess, tmp_path: Path) -> None:
+    """A browser sees a refused upgrade only as 1006: the dashboard asks the HTTP
+    API whether the key was the reason, and asks for it rather than retrying."""
+    page = Page(browser, locked_daemon, f"/?api_key={KEY}", tmp_path)
+    page.page.evaluate("() => document.querySelector('#key-dialog').showModal()")
+    page.page.fill("#key-input", "stale")
+    page.page.click("#key-dialog button[type=submit]")
+    page.wait_for('#link-state[data-state="locked"]')
+    page.wait_for("#key-dialog[open]")
+    assert "refused the key" in page.text("#key-why")
+    page.page.fill("#key-input", KEY)
+    page.page.click("#key-dialog button[type=submit]")
+    page.wait_for('#link-state[data-state="live"]')
+    # The browser reports the refused upgrade and the API's 401 on its console.
+    assert all("401" in error or "Authentication failed" in error
+               for error in page.errors), page.errors

@@ -499,6 +499,9 @@ const stream = new Stream(() => api.key, {
   onMessage: handle,
   onState: showLink,
   onAuthRequired: askForKey,
+  // A 401 here calls api.onUnauthorized, which locks the stream and asks for
+  // the key; any other answer leaves the stream to try again.
+  onRefused: () => api.request("GET", "/api/device").catch(() => {}),
 });
 stream.connect();
 render();
