@@ -733,6 +733,30 @@ def _open_protocol(**config: Any) -> tuple[Any, StringTransport, Clock, StreamFa
     return protocol, transport, clock, factory
 
 
+@pytest.mark.parametrize("token, answer", [
+    (key_token(KEY), b"HTTP/1.1 101"), (key_token("wrong"), b"HTTP/1.1 401"),
+    ("vfab.key.czNjc", b"HTTP/1.1 401"),
+])
+def test_the_protocol_reads_a_key_token_itself(token, answer):
+    """Not through WebSocketGate (which strips the key before autobahn reads the
+    upgrade), the protocol checks the token on its own."""
+    clock = Clock()
+    jobs, device = FakeJobs(), FakeDevice()
+    factory = StreamFactory(WebSocketConfig(), jobs, device, SystemMonitor(jobs, device, clock),
+                            APIKeyCheck(KEY, True, clock), ClockedReactor(clock))
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(UPGRADE.format(
+        path="/ws", extra=f"Sec-WebSocket-Protocol: vfab, {token}\r\n").encode())
+    assert transport.value().startswith(answer), transport.value()
+    if answer.endswith(b"101"):
+        assert b"Sec-WebSocket-Protocol: vfab\r\n" in transport.value()
+        assert protocol.authenticated
+    assert b"vfab.key." not in transport.value()
+
+
 def test_heartbeat_timing_on_a_clock():
     protocol, transport, clock, factory = _open_protocol(heartbeat_interval=30)
     protocol.channels.add("system")
