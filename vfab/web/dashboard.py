@@ -176,28 +176,31 @@ class _Markup:
     def __init__(self, template: str):
         self.text = template
 
-    def _tag(self, element_id: str) -> re.Match[str]:
-        found = list(re.finditer(r'<([a-z0-9]+)\b([^>]*\sid="%s"[^>]*)>' % re.escape(element_id),
-                                 self.text))
-        if len(found) != 1:
-            raise ValueError(f"index.html has {len(found)} elements with id {element_id!r}")
-        return found[0]
+    def _tag(self, element_id: str) -> tuple[int, int, str, str]:
+        """Where the opening tag of the element is: start, end, name, attributes."""
+        marker = f' id="{element_id}"'
+        at = self.text.find(marker)
+        if at < 0 or self.text.find(marker, at + 1) >= 0:
+            raise ValueError(f"index.html must have one element with id {element_id!r}")
+        start, end = self.text.rindex("<", 0, at), self.text.index(">", at) + 1
+        name, _, attributes = self.text[start + 1:end - 1].partition(" ")
+        return start, end, name, " " + attributes
 
     def set(self, element_id: str, **attributes: str | bool | None) -> None:
         """Set attributes (True: present without a value; None or False: absent);
         `data_for` names `data-for`."""
-        tag = self._tag(element_id)
-        pairs = re.findall(r'\s([a-z-]+)(?:="([^"]*)")?', tag.group(2))
-        values: dict[str, str | None] = {name: value or None for name, value in pairs}
-        for name, value in attributes.items():
-            name = name.replace("_", "-")
+        start, end, name, inside = self._tag(element_id)
+        pairs = re.findall(r'\s([a-z-]+)(?:="([^"]*)")?', inside)
+        values: dict[str, str | None] = {key: value or None for key, value in pairs}
+        for key, value in attributes.items():
+            key = key.replace("_", "-")
             if value is None or value is False:
-                values.pop(name, None)
+                values.pop(key, None)
             else:
-                values[name] = None if value is True else html.escape(str(value))
-        inside = "".join(f" {name}" if value is None else f' {name}="{value}"'
-                         for name, value in values.items())
-        self.text = f"{self.text[:tag.start()]}<{tag.group(1)}{inside}>{self.text[tag.end():]}"
+                values[key] = None if value is True else html.escape(str(value))
+        written = "".join(f" {key}" if value is None else f' {key}="{value}"'
+                          for key, value in values.items())
+        self.text = f"{self.text[:start]}<{name}{written}>{self.text[end:]}"
 
     def fill(self, element_id: str, text: str) -> None:
         """Replace the content of a leaf element with `text`."""
@@ -205,9 +208,9 @@ class _Markup:
 
     def inner(self, element_id: str, markup: str) -> None:
         """Replace the content of a leaf element with `markup` (already escaped)."""
-        tag = self._tag(element_id)
-        end = self.text.index(f"</{tag.group(1)}>", tag.end())
-        self.text = self.text[:tag.end()] + markup + self.text[end:]
+        _, end, name, _ = self._tag(element_id)
+        close = self.text.index(f"</{name}>", end)
+        self.text = self.text[:end] + markup + self.text[close:]
 
     def badge(self, element_id: str, state: Any) -> None:
         self.set(element_id, data_state=state or "unknown")
@@ -322,9 +325,9 @@ class FirstPaint:
 
     def _jobs(self, jobs: list[dict[str, Any]]) -> None:
         page = self._page
-        page.inner("jobs", "".join(self._row(job) for job in jobs))
         page.set("jobs-empty", hidden=bool(jobs))
         page.set("jobs-table", hidden=not jobs)
+        page.inner("jobs", "".join(self._row(job) for job in jobs))
 
     def _row(self, job: dict[str, Any]) -> str:
         """One row, as app.js's newRow and fillRow make it."""
