@@ -670,8 +670,9 @@ class StreamFactory(WebSocketServerFactory):
 class WebSocketGate(Resource):
     """/ws: checks Origin, key and capacity at the upgrade, then hands over to autobahn.
 
-    A client without a key is let in to send AUTH (for browsers, which cannot
-    set headers); a wrong key is refused here. An Origin header must be in a
+    A key comes as for HTTP or as a KEY_TOKEN subprotocol (the dashboard's
+    way: a browser cannot set headers here); a client without one is let in to
+    send AUTH, within the keyless budget; a wrong key is refused here. An Origin header must be in a
     non-empty `allowed_origins`; clients that send none (not browsers) pass.
     """
 
