@@ -22,6 +22,7 @@ import pytest
 
 from tests.daemon_process import DaemonProcess
 from tests.keyless_flood import KeylessFlood
+from vfab.web.ws import key_token
 
 CHROMIUM = Path(os.environ.get("VFAB_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -341,6 +342,12 @@ def test_the_dashboard_gets_in_through_a_keyless_flood(browser: Any, locked_daem
             page.page.reload()
             page.wait_for("#link-state[data-state=live]")
             page.wait_for('#device-badge[data-state="idle"]')
+    # The browser's token is the daemon's, for any key.
+    for key in (KEY, "ключ 🔑 ü?>", "a"):
+        token = page.page.evaluate(
+            "async ([key, query]) => (await import(`./stream.js${query}`)).keyToken(key)",
+            [key, f"?api_key={KEY}"])
+        assert token == key_token(key)
     assert page.errors == []
 
 
