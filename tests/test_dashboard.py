@@ -9,15 +9,20 @@ fixed times. Screenshots go to the test's tmp_path and to test-output/dashboard/
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
 
 from tests.daemon_process import DaemonProcess
+from tests.keyless_flood import KeylessFlood
+from vfab.web.ws import key_token
 
 CHROMIUM = Path(os.environ.get("VFAB_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
@@ -324,3 +329,135 @@ def test_api_key(browser: Any, locked_daemon: DaemonProcess, tmp_path: Path) -> 
                               b'width="30" height="30" stroke="black" fill="none"/></svg>')
     page.wait_for('#upload-message[data-kind="ok"]')
     page.wait_for("#jobs tr[data-job-id]")
+
+
+def test_the_dashboard_gets_in_through_a_keyless_flood(browser: Any, locked_daemon: DaemonProcess,
+                                                       tmp_path: Path) -> None:
+    """Twenty keyless clients from the same address keep the keyless budget full;
+    the dashboard sends its key in the upgrade (a subprotocol token), so it is
+    live at every load all the same (issue 14 item 1)."""
+    with KeylessFlood(locked_daemon.ws_url):
+        page = Page(browser, locked_daemon, f"/?api_key={KEY}", tmp_path)  # waits for live
+        for _ in range(3):
+            page.page.reload()
+            page.wait_for("#link-state[data-state=live]")
+            page.wait_for('#device-badge[data-state="idle"]')
+    # The browser's token is the daemon's, for any key.
+    for key in (KEY, "ключ 🔑 ü?>", "a"):
+        token = page.page.evaluate(
+            "async ([key, query]) => (await import(`./stream.js${query}`)).keyToken(key)",
+            [key, f"?api_key={KEY}"])
+        assert token == key_token(key)
+    assert page.errors == []
+
+
+def test_a_wrong_key_refused_at_the_upgrade_asks_for_the_key(
+        browser: Any, locked_daemon: DaemonProcess, tmp_path: Path) -> None:
+    """A browser sees a refused upgrade only as 1006: the dashboard asks the HTTP
+    API whether the key was the reason, and asks for it rather than retrying."""
+    page = Page(browser, locked_daemon, f"/?api_key={KEY}", tmp_path)
+    page.page.evaluate("() => document.querySelector('#key-dialog').showModal()")
+    page.page.fill("#key-input", "stale")
+    page.page.click("#key-dialog button[type=submit]")
+    page.wait_for('#link-state[data-state="locked"]')
+    page.wait_for("#key-dialog[open]")
+    assert "refused the key" in page.text("#key-why")
+    page.page.fill("#key-input", KEY)
+    page.page.click("#key-dialog button[type=submit]")
+    page.wait_for('#link-state[data-state="live"]')
+    # The browser reports the refused upgrade and the API's 401 on its console.
+    assert all("401" in error or "Authentication failed" in error
+               for error in page.errors), page.errors
+
+
+#: A job name a browser must show as text, never run.
+HOSTILE_NAME = '<script>document.title="owned"</script> & co'
+#: Seconds one headless Chromium run may take.
+CHROMIUM_SECONDS = 60
+
+
+def headless(url: str, profile: Path, *args: str) -> str:
+    """What a plain `chromium --headless URL` prints, in a session of its own
+    that is killed whole (renderers and all) when it is done or too slow."""
+    if not CHROMIUM.exists():
+        _unavailable(f"{CHROMIUM} is missing: apt-get install -y chromium")
+    process = subprocess.Popen(
+        [str(CHROMIUM), *CHROMIUM_ARGS, f"--user-data-dir={profile}", *args, url],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, _ = process.communicate(timeout=CHROMIUM_SECONDS)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+    return out.decode("utf-8", "replace")
+
+
+def test_the_first_paint_shows_the_queue_and_the_plotter(daemon: DaemonProcess,
+                                                         tmp_path: Path) -> None:
+    """`chromium --headless --dump-dom` of the dashboard (issue 15 item 9) dumps
+    the page at its load event, before app.js (imported after it) has opened the
+    WebSocket: the job and the plotter's state must be there all the same."""
+    status, job = daemon.submit(drawing(["1", "2"]), name=HOSTILE_NAME)
+    assert status == 201
+    daemon.wait_for_job(job["id"], {"plotting"})
+    dom = headless(daemon.url + "/", tmp_path / "profile-dump", "--dump-dom")
+    row = re.search(r'<tr data-job-id="%s">(.*?)</tr>' % job["id"], dom)
+    assert row, dom
+    escaped = html.escape(HOSTILE_NAME, quote=False)
+    assert f'<span class="job-name">{escaped}</span>' in row.group(1)
+    assert re.search(r'id="current-name">%s<' % re.escape(escaped), dom), dom
+    assert 'id="device-badge" data-state="plotting">plotting<' in dom, dom
+    assert re.search(r"<title>vfab</title>", dom)  # the name's script never ran
+    shot = tmp_path / "first-paint.png"
+    headless(daemon.url + "/", tmp_path / "profile-shot", f"--screenshot={shot}",
+             "--window-size=1280,900")
+    assert shot.stat().st_size > 10_000
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shutil.copy(shot, SHOTS / shot.name)
+    daemon.request("POST", f"/api/jobs/{job['id']}/cancel")
+
+
+#: Records every queue row ever put in the page, by job id, from the parser on.
+ROW_WATCH = """
+window.vfabRows = new Map();
+new MutationObserver((records) => {
+  for (const record of records) {
+    for (const node of record.addedNodes) {
+      if (node.nodeType !== 1) continue;
+      const rows = node.matches("tr[data-job-id]") ? [node]
+        : [...node.querySelectorAll("tr[data-job-id]")];
+      for (const row of rows) {
+        if (!window.vfabRows.has(row.dataset.jobId)) window.vfabRows.set(row.dataset.jobId, new Set());
+        window.vfabRows.get(row.dataset.jobId).add(row);
+      }
+    }
+  }
+}).observe(document, { childList: true, subtree: true });
+"""
+#: Per job id, how many row elements it ever had.
+ROWS_MADE = "() => Object.fromEntries([...window.vfabRows].map(([id, rows]) => [id, rows.size]))"
+
+
+def test_app_js_takes_the_rendered_rows_over(browser: Any, daemon: DaemonProcess,
+                                             tmp_path: Path) -> None:
+    """The rows the daemon rendered become app.js's rows: live updates change
+    them in place, and no job ever has two rows or loses its row."""
+    ids = [daemon.submit(drawing(["1", "2"]), name=f"job {n}")[1]["id"] for n in range(3)]
+    browser.add_init_script(ROW_WATCH)
+    page = Page(browser, daemon, "/", tmp_path)  # waits for live
+    page.wait_for(f'#jobs tr[data-job-id="{ids[0]}"] .badge[data-state="plotting"]')
+    assert page.page.evaluate(ROWS_MADE) == {job_id: 1 for job_id in ids}
+    late = daemon.submit(drawing(["1", "2"]), name="late")[1]["id"]
+    page.wait_for(f'#jobs tr[data-job-id="{late}"]')
+    assert page.page.evaluate(ROWS_MADE) == {job_id: 1 for job_id in [*ids, late]}
+    shown = page.page.eval_on_selector_all("#jobs tr[data-job-id]",
+                                           "(rows) => rows.map((row) => row.dataset.jobId)")
+    assert sorted(shown) == sorted([*ids, late])
+    for job_id in [late, *reversed(ids)]:
+        daemon.request("POST", f"/api/jobs/{job_id}/cancel")
+    page.wait_for(f'#jobs tr[data-job-id="{ids[0]}"] .badge[data-state="cancelled"]')
+    assert page.page.evaluate(ROWS_MADE) == {job_id: 1 for job_id in [*ids, late]}
+    assert page.errors == []

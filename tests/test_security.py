@@ -28,7 +28,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.daemon_process import DaemonProcess, run_vfab
+from tests.keyless_flood import KeylessFlood
 from vfab.web.auth import exposure_warning, limit_unit
+from vfab.web.ws import key_token
 
 KEY = "k3y-THAT-must-never-be-logged-7f3a9c"
 GOOD_ORIGIN = "http://dashboard.example"
@@ -58,10 +60,10 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
 
 
 def ws(daemon: DaemonProcess, query: str = "", headers: dict[str, str] | None = None,
-       origin: str | None = None) -> ClientConnection:
+       origin: str | None = None, subprotocols: list[str] | None = None) -> ClientConnection:
     return connect(daemon.ws_url + query, additional_headers=headers, origin=origin,
-                   proxy=None, compression=None, open_timeout=WAIT, close_timeout=WAIT,
-                   ping_interval=None, max_size=None)
+                   subprotocols=subprotocols, proxy=None, compression=None,
+                   open_timeout=WAIT, close_timeout=WAIT, ping_interval=None, max_size=None)
 
 
 def receive(client: ClientConnection, kind: str | None = None) -> dict[str, Any]:
@@ -226,6 +228,7 @@ def test_the_key_is_never_logged_however_it_is_sent(tmp_path: Path) -> None:
         "logging": {"audit": True, "security_events": True, "level": "debug"}})
     daemon.config_path.chmod(0o600)
     encoded = "".join(f"%{byte:02X}" for byte in KEY.encode())
+    token = key_token(KEY)  # the dashboard's way: a Sec-WebSocket-Protocol token
     daemon.start()
     try:
         accepted = [
@@ -253,12 +256,16 @@ def test_the_key_is_never_logged_however_it_is_sent(tmp_path: Path) -> None:
             assert daemon.request(method, path, body, headers)[0] == 401, path
         for client in (ws(daemon, headers=AUTH), ws(daemon, query=f"?api_key={KEY}"),
                        ws(daemon, query=f"?api_key={encoded}"),
-                       ws(daemon, query=f"?x=1;api_key={KEY}"), ws(daemon)):
+                       ws(daemon, query=f"?x=1;api_key={KEY}"), ws(daemon),
+                       ws(daemon, subprotocols=["vfab", token])):
             with client:
                 client.send(json.dumps({"type": "AUTH", "api_key": KEY}))
                 assert receive(client)["type"] == "authenticated"
                 client.send(json.dumps({"type": "PING"}))
                 assert receive(client)["type"] == "pong"
+        with pytest.raises(InvalidStatus) as refused:  # a bad token: wrong, and not logged
+            ws(daemon, subprotocols=["vfab", token + "%"])
+        assert refused.value.response.status_code == 401
     finally:
         assert daemon.stop() == 0
     logs = {path: path.read_text(errors="replace")
@@ -266,8 +273,28 @@ def test_the_key_is_never_logged_however_it_is_sent(tmp_path: Path) -> None:
     assert {path.name for path in logs} >= {"vfab.log", "audit.log"}
     assert '"GET /api/jobs?limit=1" 200' in logs[daemon.workspace / "logs" / "vfab.log"]
     for where, text in [*logs.items(), ("stdout", daemon.log)]:
-        for form in (KEY, encoded, encoded.lower()):
+        for form in (KEY, encoded, encoded.lower(), token.removeprefix("vfab.key.")):
             assert form not in text, (where, form)
+
+
+def test_a_keyless_flood_never_keeps_out_the_dashboard(tmp_path: Path) -> None:
+    """Issue 14 item 1 against the real daemon: twenty keyless clients from one
+    address reopen as each is refused or closed, while the dashboard's way in (the
+    key as a subprotocol token) is tried twenty times: it gets in every time."""
+    daemon = DaemonProcess(tmp_path, {"websocket": {"authenticate": True, "api_key": KEY}})
+    daemon.config_path.chmod(0o600)
+    daemon.start()
+    try:
+        admitted = 0
+        with KeylessFlood(daemon.ws_url):
+            for _ in range(20):
+                with ws(daemon, subprotocols=["vfab", key_token(KEY)]) as client:
+                    assert client.subprotocol == "vfab"
+                    client.send(json.dumps({"type": "PING"}))
+                    admitted += receive(client)["type"] == "pong"
+        assert admitted == 20
+    finally:
+        assert daemon.stop() == 0
 
 
 # -- 3. limits --------------------------------------------------------------------------

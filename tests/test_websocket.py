@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from hypothesis import given, strategies as st
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredQueue
@@ -26,7 +27,15 @@ from vfab.config import WebSocketConfig
 from vfab.jobs.states import PAUSED, PLOTTING
 from vfab.web.auth import APIKeyCheck
 from vfab.web.system import SystemMonitor
-from vfab.web.ws import AUTH_TIMEOUT, KEYLESS_PER_ADDRESS, SLOW_READER_LIMIT, StreamFactory
+from vfab.web.ws import (
+    AUTH_TIMEOUT,
+    KEYLESS_PER_ADDRESS,
+    SLOW_READER_LIMIT,
+    KeyTokenError,
+    StreamFactory,
+    key_from_token,
+    key_token,
+)
 
 KEY = "s3cret-key"
 TIMEOUT = 10
@@ -138,8 +147,9 @@ async def serve():
 
 
 async def connect(web: WebHarness, path: str = "/ws", headers: dict[str, str] | None = None,
-                  origin: str | None = None) -> Client:
-    factory = ClientFactory(web.ws_url(path), headers=headers, origin=origin, reactor=reactor)
+                  origin: str | None = None, protocols: list[str] | None = None) -> Client:
+    factory = ClientFactory(web.ws_url(path), headers=headers, origin=origin,
+                            protocols=protocols, reactor=reactor)
     connector = reactor.connectTCP("127.0.0.1", web.port, factory)
     try:
         await _built(factory)
@@ -520,6 +530,104 @@ async def test_keyless_clients_never_keep_out_a_client_with_a_key(serve):
     assert code == 4503
 
 
+#: RFC 7230 token characters: what a Sec-WebSocket-Protocol entry may hold.
+TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+@given(st.text(min_size=1))
+def test_a_key_token_is_a_token_that_gives_the_key_back(key):
+    token = key_token(key)
+    assert TOKEN.fullmatch(token) and token.startswith("vfab.key.") and "=" not in token
+    assert key_from_token(token) == key
+
+
+def test_the_key_token_is_base64url_without_padding():
+    assert key_token("s3cret-key") == "vfab.key.czNjcmV0LWtleQ"
+    assert key_token("\u00fc?>") == "vfab.key.w7w_Pg"  # - and _, never + and /
+
+
+@pytest.mark.parametrize("token", [
+    "vfab.key.", "vfab.key.czNjcmV0LWtleQ==", "vfab.key.czNj+mV0", "vfab.key.czNj/mV0",
+    "vfab.key.czNjc", "vfab.key.__8", "vfab.key.czNj%mV0",
+])
+def test_a_bad_key_token_is_refused(token):
+    with pytest.raises(KeyTokenError):
+        key_from_token(token)
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_as_a_subprotocol_token(serve):
+    """The dashboard's way (a browser cannot set headers): in at the upgrade with
+    the key, answered with the subprotocol "vfab" and never the key token."""
+    web = await serve(authenticate=True, api_key=KEY)
+    client = await connect(web, protocols=["vfab", key_token(KEY)])
+    assert client.websocket_protocol_in_use == "vfab"
+    assert (await client.ask({"type": "PING"}))["type"] == "pong"  # no AUTH needed
+    alone = await connect(web, protocols=[key_token(KEY)])
+    assert alone.websocket_protocol_in_use is None
+    await alone.still_open()
+    status, head = await raw_upgrade(web, Sec_WebSocket_Protocol=f"vfab, {key_token(KEY)}")
+    assert status == 101
+    assert re.search(rb"(?i)\r\nsec-websocket-protocol: vfab\r\n", head), head
+    assert b"vfab.key." not in head
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_offering_no_or_other_subprotocols_works_as_before(serve):
+    web = await serve(authenticate=True, api_key=KEY)
+    for protocols in (None, ["chat"]):
+        client = await connect(web, headers={"X-API-Key": KEY}, protocols=protocols)
+        assert client.websocket_protocol_in_use is None
+        await client.still_open()
+    keyless = await connect(web, protocols=["vfab"])
+    assert keyless.websocket_protocol_in_use == "vfab"
+    assert (await keyless.ask({"type": "PING"}))["error_code"] == "auth_required"
+    assert (await keyless.ask({"type": "AUTH", "api_key": KEY}))["type"] == "authenticated"
+
+
+@pytest.mark.parametrize("token, message", [
+    (key_token("wrong"), b"the API key is wrong"),
+    ("vfab.key.czNjc", b"not the base64url of a UTF-8 key"),
+    ("vfab.key.", b"not the key in base64url"),
+])
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_or_bad_key_token_is_401_at_the_upgrade(serve, token, message):
+    web = await serve(authenticate=True, api_key=KEY)
+    failures = []
+    web.service.auth.audit.record = lambda event, *args, **detail: failures.append(event)
+    status, head = await raw_upgrade(web, Sec_WebSocket_Protocol=f"vfab, {token}")
+    assert status == 401 and message in head, head
+    assert failures == ["auth_failed"]  # it counts towards the wrong-key limit
+
+
+@pytest_twisted.ensureDeferred
+async def test_keyless_flood_never_keeps_out_a_subprotocol_key(serve):
+    """The lock-out of issue 14 item 1 as the dashboard met it: twenty keyless
+    clients from one address, each trying again as soon as it is refused (503)
+    or closed (4401, no AUTH in time). A client that comes without a key to send
+    AUTH (the dashboard until now) is kept out every time; one that offers the
+    key as a subprotocol token gets in every time."""
+    web = await serve(authenticate=True, api_key=KEY)
+    flood, rounds = 20, 10
+    token_admitted = auth_kept_out = 0
+    for _ in range(rounds):
+        waiting = [await connect(web) for _ in range(KEYLESS_PER_ADDRESS)]
+        for _ in range(flood - KEYLESS_PER_ADDRESS):
+            status, head = await raw_upgrade(web)
+            assert status == 503 and b"too_many_unauthenticated" in head
+        status, _ = await raw_upgrade(web)  # the old dashboard, to send AUTH
+        auth_kept_out += status == 503
+        dashboard = await connect(web, protocols=["vfab", key_token(KEY)])
+        reply = await dashboard.ask({"type": "SUBSCRIBE", "channels": ["device"]})
+        token_admitted += reply["type"] == "subscribed"
+        dashboard.sendClose()
+        await dashboard.wait_closed()
+        web.clock.advance(AUTH_TIMEOUT)
+        for client in waiting:
+            assert (await client.wait_closed())[0] == 4401
+    assert (token_admitted, auth_kept_out) == (rounds, rounds)
+
+
 @pytest_twisted.ensureDeferred
 async def test_plain_http_to_ws_is_426(serve):
     web = await serve()
@@ -623,6 +731,30 @@ def _open_protocol(**config: Any) -> tuple[Any, StringTransport, Clock, StreamFa
     assert transport.value().startswith(b"HTTP/1.1 101"), transport.value()
     transport.clear()
     return protocol, transport, clock, factory
+
+
+@pytest.mark.parametrize("token, answer", [
+    (key_token(KEY), b"HTTP/1.1 101"), (key_token("wrong"), b"HTTP/1.1 401"),
+    ("vfab.key.czNjc", b"HTTP/1.1 401"),
+])
+def test_the_protocol_reads_a_key_token_itself(token, answer):
+    """Not through WebSocketGate (which strips the key before autobahn reads the
+    upgrade), the protocol checks the token on its own."""
+    clock = Clock()
+    jobs, device = FakeJobs(), FakeDevice()
+    factory = StreamFactory(WebSocketConfig(), jobs, device, SystemMonitor(jobs, device, clock),
+                            APIKeyCheck(KEY, True, clock), ClockedReactor(clock))
+    factory.setProtocolOptions(openHandshakeTimeout=0, closeHandshakeTimeout=0)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    protocol.dataReceived(UPGRADE.format(
+        path="/ws", extra=f"Sec-WebSocket-Protocol: vfab, {token}\r\n").encode())
+    assert transport.value().startswith(answer), transport.value()
+    if answer.endswith(b"101"):
+        assert b"Sec-WebSocket-Protocol: vfab\r\n" in transport.value()
+        assert protocol.authenticated
+    assert b"vfab.key." not in transport.value()
 
 
 def test_heartbeat_timing_on_a_clock():

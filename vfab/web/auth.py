@@ -2,7 +2,8 @@
 
 A key can come as `X-API-Key: KEY`, `Authorization: Bearer KEY` or
 `?api_key=KEY` (for clients that cannot set headers), and in no other way:
-not in a form body, not in a `;`-separated query (see vfab.web.query). Keys are compared in
+not in a form body, not in a `;`-separated query (see vfab.web.query). A
+WebSocket upgrade may also carry it as a subprotocol token (vfab.web.ws). Keys are compared in
 constant time, and an address that keeps sending wrong keys is made to wait,
 so that the key cannot be guessed by brute force.
 """

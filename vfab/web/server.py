@@ -32,6 +32,7 @@ from vfab.events import EventBus
 from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.web.api import APIResource, HealthResource
 from vfab.web.auth import APIKeyCheck, Verdict, client_address, exposure_warning
+from vfab.web.dashboard import DashboardPage
 from vfab.web.metrics import MetricsResource, WebMetrics
 from vfab.web.query import scrubbed_uri
 from vfab.web.responses import NotFound, error_body, method_not_allowed, not_found
@@ -43,6 +44,8 @@ _log = Logger()
 STATIC = Path(__file__).parent / "static"
 #: Paths that do their own access checks (/health needs none, /ws allows AUTH later).
 _OWN_ACCESS = (b"health", b"ws")
+#: The dashboard's page, rendered with a snapshot rather than served as a file.
+_PAGE = (b"", b"index.html")
 #: Every method some path of the API answers.
 _METHODS = b"GET, HEAD, POST, DELETE"
 
@@ -173,9 +176,10 @@ class StaticFiles(File):
 class Root(Resource):
     """The top of the tree: asks for the API key on every path but /health and /ws."""
 
-    def __init__(self, auth: APIKeyCheck, dashboard: Resource):
+    def __init__(self, auth: APIKeyCheck, page: Resource, dashboard: Resource):
         super().__init__()
         self._auth = auth
+        self._page = page
         self._dashboard = dashboard
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> Resource:
@@ -189,6 +193,8 @@ class Root(Resource):
                 return _Refusal(self._auth, verdict)
         if name in self.children:
             return self.children[name]
+        if name in _PAGE:
+            return self._page
         return self._dashboard.getChildWithDefault(name, request)
 
 
@@ -241,7 +247,10 @@ class WebService(Service):
         self.factory = StreamFactory(self.config, self._jobs, self._device, self.monitor,
                                      self.auth, self._reactor, clients=self._clients,
                                      messages_sent=self.metrics.messages_sent.inc)
-        root = Root(self.auth, StaticFiles(str(STATIC)))
+        page = DashboardPage((STATIC / "index.html").read_text(encoding="utf-8"),
+                             self.factory.snapshot, self._reactor,
+                             holds_data=not self.config.authenticate)
+        root = Root(self.auth, page, StaticFiles(str(STATIC)))
         root.putChild(b"health", HealthResource(self.monitor))
         root.putChild(b"api", APIResource(self._jobs, self._device, self._reactor))
         root.putChild(b"metrics", MetricsResource(self.metrics))

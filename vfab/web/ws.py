@@ -7,7 +7,9 @@ out to the clients and runs the heartbeat; `StreamProtocol` is one client.
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from typing import Any, Callable
 
 from autobahn.twisted.resource import WebSocketResource
@@ -25,7 +27,14 @@ from zope.interface import implementer
 from vfab.config import WebSocketConfig
 from vfab.events import CHANNELS
 from vfab.jobs.control import DeviceStatus, JobControl
-from vfab.web.auth import APIKeyCheck, Verdict, client_address, key_from, strip_credentials
+from vfab.web.auth import (
+    APIKeyCheck,
+    Verdict,
+    client_address,
+    key_from,
+    request_key,
+    strip_credentials,
+)
 from vfab.web.errors import client_error
 from vfab.web.responses import error_body
 from vfab.web.system import SystemMonitor
@@ -60,6 +69,51 @@ CLOSE_TIMEOUT = 5.0
 
 CHANNEL_ALIASES = {"all": CHANNELS, "devices": ("device",)}
 COMMANDS = ("pause", "resume", "cancel")
+
+#: The WebSocket subprotocol the server answers with when a client offers it.
+SUBPROTOCOL = "vfab"
+#: A browser cannot set headers on a WebSocket, and a key in the URL ends up in
+#: proxy logs: it may offer the key as the subprotocol token KEY_TOKEN + the
+#: key in base64url without padding (token characters only), beside SUBPROTOCOL.
+KEY_TOKEN = "vfab.key."
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]+")
+
+
+class KeyTokenError(ValueError):
+    """A key token that is not the base64url of a UTF-8 key."""
+
+
+def key_token(key: str) -> str:
+    """The Sec-WebSocket-Protocol token that carries `key`."""
+    encoded = base64.urlsafe_b64encode(key.encode("utf-8")).rstrip(b"=")
+    return KEY_TOKEN + encoded.decode("ascii")
+
+
+def key_from_token(token: str) -> str:
+    """The key a key token carries; KeyTokenError if it carries none."""
+    encoded = token[len(KEY_TOKEN):]
+    # The alphabet is checked first: the decoder would skip stray characters.
+    if not _BASE64URL.fullmatch(encoded):
+        raise KeyTokenError(f"the {KEY_TOKEN} token is not the key in base64url "
+                            f"without padding (A-Z a-z 0-9 - _)")
+    try:
+        return base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4)).decode("utf-8")
+    except ValueError:  # a length no encoding has, or not UTF-8
+        raise KeyTokenError(f"the {KEY_TOKEN} token is not the base64url of a "
+                            f"UTF-8 key") from None
+
+
+def offered_protocols(header: str | None) -> list[str]:
+    """The subprotocols a Sec-WebSocket-Protocol header offers, in order."""
+    return [name.strip() for name in (header or "").split(",") if name.strip()]
+
+
+def protocol_key(protocols: list[str]) -> str | None:
+    """The key offered as a subprotocol token, or None; KeyTokenError if malformed."""
+    for name in protocols:
+        if name.startswith(KEY_TOKEN):
+            return key_from_token(name)
+    return None
 
 
 class MessageError(ValueError):
@@ -182,17 +236,24 @@ class StreamProtocol(WebSocketServerProtocol):
             self.transport.unregisterProducer()
         self.transport.registerProducer(self._watermark, True)
 
-    def onConnect(self, request: ConnectionRequest) -> None:
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        """Admit the client (or refuse it) and answer SUBPROTOCOL if it was offered;
+        never a key token, which must not come back in the answer."""
         verdict = self.factory.upgrade_verdict
         if verdict is None:
             # Not through WebSocketGate (which checked the key and removed it).
             key = key_from(request.headers.get, (request.params.get("api_key") or [None])[0])
+            try:
+                key = key or protocol_key(request.protocols)
+            except KeyTokenError:
+                key = ""  # never the key (a blank one is refused at start-up): a wrong one
             verdict = self.factory.auth.verify(key, self._client(), "websocket")
         if verdict is Verdict.WRONG:
             raise ConnectionDeny(401, "the API key is wrong")
         if verdict is Verdict.BLOCKED:
             raise ConnectionDeny(429, "too many wrong API keys from this address")
         self.authenticated = verdict is Verdict.ALLOWED
+        return SUBPROTOCOL if SUBPROTOCOL in request.protocols else None
 
     def onOpen(self) -> None:
         _log.info("websocket client {peer} connected ({count} open)",
@@ -609,8 +670,9 @@ class StreamFactory(WebSocketServerFactory):
 class WebSocketGate(Resource):
     """/ws: checks Origin, key and capacity at the upgrade, then hands over to autobahn.
 
-    A client without a key is let in to send AUTH (for browsers, which cannot
-    set headers); a wrong key is refused here. An Origin header must be in a
+    A key comes as for HTTP or as a KEY_TOKEN subprotocol (the dashboard's
+    way: a browser cannot set headers here); a client without one is let in to
+    send AUTH, within the keyless budget; a wrong key is refused here. An Origin header must be in a
     non-empty `allowed_origins`; clients that send none (not browsers) pass.
     """
 
@@ -636,7 +698,16 @@ class WebSocketGate(Resource):
                              origin=origin.decode("utf-8", "replace"))
                 return error_body(request, 403, "origin_not_allowed",
                                   "this Origin is not in websocket.allowed_origins")
-        verdict = factory.auth.verify_request(request, "websocket")
+        protocols = offered_protocols(_header(request, b"sec-websocket-protocol"))
+        try:
+            key = request_key(request) or protocol_key(protocols)
+            token_error = None
+        except KeyTokenError as error:
+            key, token_error = "", error  # never the key (a blank one is refused at start-up)
+        verdict = factory.auth.verify(key, client_address(request), "websocket")
+        if verdict is Verdict.WRONG and token_error is not None:
+            request.setHeader(b"WWW-Authenticate", b'Bearer realm="vfab"')
+            return error_body(request, 401, "unauthorized", str(token_error))
         if verdict in (Verdict.WRONG, Verdict.BLOCKED):
             return factory.auth.refusal(request, verdict)
         if factory.closing:
@@ -654,6 +725,7 @@ class WebSocketGate(Resource):
                               f"{config.max_connections} WebSocket clients are connected "
                               f"already (websocket.max_connections)")
         strip_credentials(request)
+        _strip_key_token(request, protocols)
         factory.upgrade_verdict = verdict
         try:
             return self._websocket.render(request)
@@ -679,4 +751,24 @@ class WebSocketGate(Resource):
         return error_body(request, 503, "too_many_unauthenticated",
                           f"{len(waiting)} WebSocket clients without a key are waiting to "
                           f"send AUTH ({from_here} from this address); send the key with "
-                          f"the upgrade (X-API-Key header or ?api_key=), or try again later")
+                          f"the upgrade (X-API-Key header, a {KEY_TOKEN} subprotocol token "
+                          f"or ?api_key=), or try again later")
+
+
+def _header(request: IRequest, name: bytes) -> str | None:
+    """Every value of header `name`, joined as one list (as autobahn reads it)."""
+    values = request.requestHeaders.getRawHeaders(name)
+    return b",".join(values).decode("latin-1") if values else None
+
+
+def _strip_key_token(request: IRequest, protocols: list[str]) -> None:
+    """Remove a key token from the offered subprotocols, so that autobahn (which
+    re-reads the upgrade and logs it at debug level) never sees the key."""
+    kept = [name for name in protocols if not name.startswith(KEY_TOKEN)]
+    if kept == protocols:
+        return
+    if kept:
+        request.requestHeaders.setRawHeaders(b"sec-websocket-protocol",
+                                             [", ".join(kept).encode("latin-1")])
+    else:
+        request.requestHeaders.removeHeader(b"sec-websocket-protocol")

@@ -31,6 +31,7 @@ const ALERT_SECONDS = { info: 15, success: 15 };
 
 const state = {
   jobs: new Map(),      // id -> job, as the daemon last described it
+  jobsKnown: false,     // whether `jobs` holds what the daemon said (not just nothing yet)
   progress: new Map(),  // id -> the last job_progress message
   reasons: new Map(),   // id -> the reason of its last state change
   device: null,
@@ -52,6 +53,7 @@ function handle(message) {
   switch (message.type) {
     case "job_list":
       state.jobs = new Map((message.jobs || []).map((job) => [job.id, job]));
+      state.jobsKnown = true;
       break;
     case "job_state_change":
       jobChanged(message);
@@ -97,8 +99,11 @@ function jobChanged(message) {
 function render() {
   renderSystem();
   renderDevice();
-  renderCurrent();
-  renderJobs();
+  // Until the daemon has said, the page keeps what it came with (see takeOver).
+  if (state.jobsKnown) {
+    renderCurrent();
+    renderJobs();
+  }
 }
 
 function setBadge(element, value) {
@@ -481,6 +486,29 @@ api.onUnauthorized = (error) => {
   stream.lock(error.message);
 };
 
+// -- the first paint -------------------------------------------------------------------
+
+// The daemon renders index.html with the snapshot a new WebSocket subscriber
+// gets (vfab/web/dashboard.py), and puts that snapshot beside it as JSON: the
+// state starts from it and the rows it rendered become this module's rows, so
+// that live updates change them in place. With the API key required the page
+// holds no data and no snapshot.
+function takeOver() {
+  const element = $("first-paint");
+  if (!element) {
+    return;
+  }
+  const snapshot = JSON.parse(element.textContent);
+  state.jobs = new Map(snapshot.jobs.map((job) => [job.id, job]));
+  state.jobsKnown = true;
+  state.device = snapshot.device;
+  state.system = snapshot.system;
+  state.systemReceived = Date.now();
+  for (const row of $("jobs").querySelectorAll("tr[data-job-id]")) {
+    rows.set(row.dataset.jobId, row);
+  }
+}
+
 // -- the connection -------------------------------------------------------------------
 
 function showLink(linkState, detail) {
@@ -499,7 +527,11 @@ const stream = new Stream(() => api.key, {
   onMessage: handle,
   onState: showLink,
   onAuthRequired: askForKey,
+  // A 401 here calls api.onUnauthorized, which locks the stream and asks for
+  // the key; any other answer leaves the stream to try again.
+  onRefused: () => api.request("GET", "/api/device").catch(() => {}),
 });
+takeOver();
 stream.connect();
 render();
 setInterval(renderUptime, 1000);

@@ -2,14 +2,19 @@
 // and come back after the daemon restarts or the network drops.
 
 const CHANNELS = ["system", "jobs", "device"];
+// The subprotocol the daemon answers; the key goes beside it as a token.
+const SUBPROTOCOL = "vfab";
+const KEY_TOKEN = "vfab.key.";
 const CLOSE_UNAUTHORIZED = 4401;
 const FIRST_RETRY_MS = 1000;
 const LONGEST_RETRY_MS = 30000;
 
 export class Stream {
-  // handlers: onMessage(message), onState(state, detail), onAuthRequired(reason);
-  // state is "connecting", "live", "waiting" (detail: seconds to the retry)
-  // or "locked" (the key is missing or wrong; connect() again once there is one).
+  // handlers: onMessage(message), onState(state, detail), onAuthRequired(reason),
+  // onRefused() (an upgrade with the key failed: the HTTP API can say whether
+  // the key was why); state is "connecting", "live", "waiting" (detail: seconds
+  // to the retry) or "locked" (the key is missing or wrong; connect() again
+  // once there is one).
   constructor(getKey, handlers) {
     this.getKey = getKey;
     this.handlers = handlers;
@@ -28,17 +33,19 @@ export class Stream {
       old.close();
     }
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    // The key goes in the first message rather than in the URL, where it could
-    // end up in proxy logs; a wrong key then closes with 4401 and a reason.
-    const socket = new WebSocket(`${scheme}//${location.host}/ws`);
+    // A browser cannot set headers on a WebSocket, and a key in the URL could
+    // end up in proxy logs: the key goes in the upgrade as a subprotocol token,
+    // so that the daemon counts this as a client with a key from the start
+    // (clients without one share a small budget that a flood can fill).
+    const key = this.getKey();
+    const protocols = key ? [SUBPROTOCOL, keyToken(key)] : [SUBPROTOCOL];
+    const socket = new WebSocket(`${scheme}//${location.host}/ws`, protocols);
     this.socket = socket;
     this.handlers.onState("connecting");
+    let opened = false;
 
     socket.addEventListener("open", () => {
-      const key = this.getKey();
-      if (key) {
-        socket.send(JSON.stringify({ type: "AUTH", api_key: key }));
-      }
+      opened = true;
       socket.send(JSON.stringify({ type: "SUBSCRIBE", channels: CHANNELS }));
     });
 
@@ -72,10 +79,17 @@ export class Stream {
         return;
       }
       this.scheduleRetry();
+      if (!opened && key) {
+        // A refused upgrade (401 for a wrong key, but also 503 or a daemon that
+        // is down) shows in a browser only as 1006; the HTTP API tells them apart.
+        this.handlers.onRefused();
+      }
     });
   }
 
   lock(reason) {
+    clearTimeout(this.retryTimer);
+    this.retryTimer = null;
     const socket = this.socket;
     this.socket = null;
     if (socket) {
@@ -93,4 +107,16 @@ export class Stream {
     this.handlers.onState("waiting", Math.round(delay / 1000));
     this.retryTimer = setTimeout(() => this.connect(), delay);
   }
+}
+
+// The key as a Sec-WebSocket-Protocol token: "vfab.key." and its UTF-8 bytes in
+// base64url without padding, which holds only token characters.
+export function keyToken(key) {
+  const bytes = new TextEncoder().encode(key);
+  let binary = "";
+  for (const byte of bytes) {
+    binary += String.fromCharCode(byte);
+  }
+  const base64url = btoa(binary).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  return KEY_TOKEN + base64url;
 }
