@@ -10,6 +10,7 @@ import pytest
 
 from plotting_site import Site
 from test_every_stroke_once import BOARDS, finish
+from test_jobs_in_process import PAGE_FRAME
 from test_runner import distance_to_strokes, drawn_length
 from vfab.jobs import states
 from vfab.jobs.position import Position
@@ -53,9 +54,9 @@ def assert_nothing_skipped(strokes: list[np.ndarray], reference: list[np.ndarray
         <= drawn_length(reference) * 1.002 + again_mm
 
 
-def reference_of(tmp_path, board: dict) -> list[np.ndarray]:
+def reference_of(tmp_path, board: dict, svg: bytes = ZIGZAG) -> list[np.ndarray]:
     site = Site(tmp_path / "reference", **board)
-    finish(site, site.submit(ZIGZAG))
+    finish(site, site.submit(svg))
     strokes = site.strokes
     site.stop()
     return strokes
@@ -120,3 +121,27 @@ def test_a_position_keeps_where_a_power_loss_goes_on():
     assert Position.from_dict(saved.to_dict()).after_power_loss() == behind
     assert saved.parked_here().behind is None  # exact: nothing in flight
     assert Position(0, 1, 3).with_behind(behind).behind is None  # nothing between
+
+
+@pytest.mark.parametrize("board", ["2.6.5", "2.8.1"])
+def test_a_daemon_killed_after_a_power_cut_leaves_no_counters_that_look_kept(tmp_path, board):
+    """After a cut the board's counters are gone. A daemon that connects and is killed
+    before it resumes must not leave the motors on: the next one would read counters
+    zeroed at home as the carriage's place and skip to where the plan passes home."""
+    reference = reference_of(tmp_path, BOARDS[board], PAGE_FRAME)
+    site = Site(tmp_path / "twice", **BOARDS[board])
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: drawn_length(site.strokes) > 30.0, limit=60.0)
+    site.settle(site.life.queue.pause(job_id), limit=30.0)
+    site.kill()
+    site.power_cut()
+    site.start()
+    site.advance(2.0)  # connected, the job held as interrupted
+    site.kill()
+    site.start()
+    site.advance(2.0)
+    assert not site.life.device.position_kept
+    assert finish(site, job_id) == states.COMPLETED
+    strokes = site.strokes
+    site.stop()
+    assert_nothing_skipped(strokes, reference, again_mm=0.0)

@@ -320,6 +320,16 @@ class PlotRunner:
 
     @inlineCallbacks
     def _run(self) -> Deferred[str]:
+        if self._resuming and not self._position_kept and not self._start.parked:
+            # Turning the motors on zeroes the board's counters, so from then on
+            # they cannot confirm the saved position: say so in the store first,
+            # or a run after a kill -9 would take the carriage at home for one
+            # that went on from there.
+            if self._stepped_back:
+                _log.info("job {job_id}: the plotter lost power; going on from the last "
+                          "moves it may not have drawn (a few strokes may be drawn twice)",
+                          job_id=self.job_id)
+            yield self._save_durably(self._start.parked_here())
         yield self._plotter.ensure_motors_on()
         # After a reconnect the board may still be drawing what it took before:
         # the carriage's place is known once it has stopped.
@@ -330,11 +340,6 @@ class PlotRunner:
         if self._resuming and self._position_kept and not self._start.parked:
             self._confirm_start(self._here_steps)
         self._reach(self._start)
-        if self._stepped_back:
-            _log.info("job {job_id}: the plotter lost power; going on from the last "
-                      "moves it may not have drawn (a few strokes may be drawn twice)",
-                      job_id=self.job_id)
-            yield self._save_durably(self._position)
         # The pen may be down: a killed daemon, a lost cable, another program.
         yield self._send(self._pen_up)
         yield self._plotter.wait_idle()
