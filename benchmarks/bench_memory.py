@@ -32,7 +32,8 @@ GROWTH_LIMIT = 0.10
 def plot(daemon: DaemonProcess, svg: bytes, timeout: float) -> float:
     """Submit the drawing, wait until it has completed; seconds it took."""
     started = time.monotonic()
-    status, job = daemon.submit(svg, name="memory")
+    # A big drawing is read in a child at submission: minutes on a loaded machine.
+    status, job = daemon.submit(svg, name="memory", timeout=timeout)
     assert status == 201, job
     done = daemon.wait_for_job(job["id"], {"completed", "failed", "cancelled"},
                                timeout=timeout)

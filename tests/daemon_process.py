@@ -116,21 +116,23 @@ class DaemonProcess:
             self.process.wait(10)
 
     def request(self, method: str, path: str, body: bytes | None = None,
-                headers: dict[str, str] | None = None) -> tuple[int, Any]:
+                headers: dict[str, str] | None = None,
+                timeout: float = 30.0) -> tuple[int, Any]:
         """An HTTP call; returns (status, decoded JSON or None)."""
         request = urllib.request.Request(self.url + path, data=body, method=method,
                                          headers=headers or {})
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 status, data = response.status, response.read()
         except urllib.error.HTTPError as error:
             status, data = error.code, error.read()
         return status, (json.loads(data) if data else None)
 
-    def submit(self, svg: bytes, name: str = "test", **query: Any) -> tuple[int, Any]:
+    def submit(self, svg: bytes, name: str = "test", timeout: float = 30.0,
+               **query: Any) -> tuple[int, Any]:
         params = urllib.parse.urlencode({"name": name, **query})
         return self.request("POST", f"/api/jobs?{params}", svg,
-                            {"Content-Type": "image/svg+xml"})
+                            {"Content-Type": "image/svg+xml"}, timeout=timeout)
 
     def wait_for_job(self, job_id: str, states: set[str], timeout: float = 120.0) -> dict:
         deadline = time.monotonic() + timeout

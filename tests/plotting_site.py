@@ -178,6 +178,12 @@ class Site:
         """The USB cable is pulled and put back: the board keeps power."""
         self.board.drop()
 
+    def power_cut(self) -> None:
+        """The plotter loses power and comes back; its operator pushes the carriage
+        home, as the daemon's alert asks."""
+        self.board.power_cut()
+        self.board.move_home_by_hand()
+
     # -- time --------------------------------------------------------------------
 
     def advance(self, seconds: float) -> None:

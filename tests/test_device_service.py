@@ -16,7 +16,7 @@ from vfab.plotter.service import DeviceService
 from vfab.simulator import EBBEmulator, LoopbackPort
 
 HANDSHAKE = ["V", "CU,1,1", "SC,8,8", "SC,4,20641", "SC,5,15248", "SC,11,1618", "SC,12,1079",
-             "SP,1,130", "SR,60000", "QE", "EM,1,1"]
+             "SP,1,130", "SR,60000", "QE"]
 
 
 class FakePorts:
@@ -321,24 +321,36 @@ def test_park_when_disconnected_is_safe(harness):
     assert fired(harness.service.park()) is None
 
 
-def test_firmware_without_qe_is_enabled_without_asking(harness):
+def test_firmware_without_qe_is_asked_through_its_layer_mark(harness):
     board = harness.ports.plug("/dev/ttyACM0")
     board.firmware_version = "2.6.5"
     harness.service.startService()
     harness.run(2.0)
     assert harness.service.status()["status"] == "idle"
     commands = harness.ports.commands()
-    assert "QE" not in commands and "EM,1,1" in commands
+    assert "QE" not in commands and "QL" in commands
+    assert not harness.service.position_kept
 
 
-def test_a_board_that_refuses_qe_is_enabled_anyway(harness):
+def test_motors_that_are_off_stay_off_until_a_plot_needs_them(harness):
+    """The carriage can be pushed home by hand, and a later connection still sees
+    a board that lost power (enabling would zero the counters as if kept)."""
+    harness.ports.plug("/dev/ttyACM0")
+    harness.service.startService()
+    harness.run(2.0)
+    assert harness.service.status()["status"] == "idle"
+    assert "EM,1,1" not in harness.ports.commands()
+    assert not harness.service.position_kept
+
+
+def test_a_board_that_refuses_qe_is_not_trusted_to_have_kept_its_position(harness):
     board = harness.ports.plug("/dev/ttyACM0")
     board.motors = (1, 1)  # on at 16x: a QE answer would say the position was kept
     board._cmd_QE = lambda args: b"!8 Err: Unknown command 'QE:'\r\n"
     harness.service.startService()
     harness.run(2.0)
     assert harness.service.status()["status"] == "idle"
-    assert "EM,1,1" in harness.ports.commands()
+    assert not harness.service.position_kept
 
 
 def test_a_board_that_kept_power_keeps_its_position(harness):

@@ -261,7 +261,10 @@ def test_a_board_without_qe_says_it_kept_power_through_its_layer_mark(tmp_path):
     them (QL, zero at power-up) tells a pulled cable from a power cut or a stop."""
     site = Site(tmp_path, firmware="2.6.5")
     site.advance(1.0)
-    assert not site.life.device.position_kept  # at first it is only home
+    assert not site.life.device.position_kept  # nothing has driven it yet
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: site.state(job_id) == states.PLOTTING)
+    site.advance(0.5)
     site.pull_cable()
     site.advance(2.0)
     assert site.life.device.plotter is not None

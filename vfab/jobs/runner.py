@@ -135,6 +135,13 @@ class PlotRunner:
         self._transition = transition
         self._save_progress = save_progress
         self._resuming = start is not None
+        #: The board lost power since `start` was saved: the moves it had taken
+        #: and not executed are drawn again, from where they began.
+        self._stepped_back = (start is not None and not position_kept
+                              and start.behind is not None)
+        if start is not None:
+            start = start.after_power_loss() if self._stepped_back \
+                else attr.evolve(start, behind=None)
         self._start = start or Position()
         self._position_kept = position_kept
         self._use_lm = use_lm
@@ -271,13 +278,13 @@ class PlotRunner:
         took may never have been drawn: step back over them, but not behind
         the last durable save (from which the walk of `locate` is certain).
         If the board kept power, the next run finds from its step counters how
-        far it really got.
+        far it really got; if it lost power, the next run goes on from `behind`.
         """
         if self._durable is None and self._position.at is None:
             return None  # a new job, lost before it learnt where the carriage is
         sent = self._history[0] if self._history else self._position
         if self._durable is not None and self._durable >= sent:
-            return self._durable
+            return self._durable.with_behind(sent)
         return sent
 
     def position_after_loss(self, steps: tuple[int, int]) -> Position | None:
@@ -313,6 +320,16 @@ class PlotRunner:
 
     @inlineCallbacks
     def _run(self) -> Deferred[str]:
+        if self._resuming and not self._position_kept and not self._start.parked:
+            # Turning the motors on zeroes the board's counters, so from then on
+            # they cannot confirm the saved position: say so in the store first,
+            # or a run after a kill -9 would take the carriage at home for one
+            # that went on from there.
+            if self._stepped_back:
+                _log.info("job {job_id}: the plotter lost power; going on from the last "
+                          "moves it may not have drawn (a few strokes may be drawn twice)",
+                          job_id=self.job_id)
+            yield self._save_durably(self._start.parked_here())
         yield self._plotter.ensure_motors_on()
         # After a reconnect the board may still be drawing what it took before:
         # the carriage's place is known once it has stopped.
@@ -722,7 +739,8 @@ class PlotRunner:
                                       f"the daemon stops before a save succeeds, a resume "
                                       f"may draw a few strokes again."})
 
-        saving = self._save_progress(self.progress, position.to_dict())
+        stored = position.with_behind(self._history[0]) if self._history else position
+        saving = self._save_progress(self.progress, stored.to_dict())
         saving.addCallbacks(saved, failed)
         return saving
 

@@ -303,7 +303,8 @@ class DeviceService(Service):
 
     @defer.inlineCallbacks
     def _handshake(self, protocol: EBBProtocol):
-        """Version, pen servo settings, pen up, motors on (here is home), servo power timeout."""
+        """Version, pen servo settings, pen up, servo power timeout; whether the board
+        kept its step counters."""
         version = yield protocol.version()
         log.info("plotter on {port}: {text}", port=self._port, text=protocol.version_text)
         yield protocol.take_over()
@@ -316,7 +317,10 @@ class DeviceService(Service):
             yield protocol.servo_timeout(int(self.config.servo_timeout * 1000))
         # Motors still on at our microstepping mean the board kept power since we
         # last drove it: its step counters still say where the carriage is, and
-        # enabling the motors again would zero them.
+        # enabling the motors again would zero them. Motors that are off stay off
+        # until a plot needs them: the carriage can be pushed home by hand, and a
+        # board that lost power still says so to the next connection (a daemon
+        # killed before it plots must not leave counters that look kept).
         kept = yield motors_kept(protocol, self.config.microstepping)
         self._position_kept = kept
         if kept:
@@ -325,7 +329,6 @@ class DeviceService(Service):
             log.info("the plotter kept its position: the carriage is at "
                      "({x:.1f}, {y:.1f}) mm", x=self._position[0], y=self._position[1])
         else:
-            yield protocol.enable_motors(self.config.microstepping)
             self._position = (0.0, 0.0)
         return version
 

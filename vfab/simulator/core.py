@@ -173,11 +173,25 @@ class EBBEmulator:
         self._accumulators = (0, 0)
 
     def power_cut(self) -> None:
-        """Fault: the board loses power and comes back (the USB link drops too):
-        everything as at boot, the counters zero where the carriage stands."""
+        """Fault: the board loses power and comes back (the USB link drops too): the
+        carriage stops where it is, the moves it had taken are gone, the pen is up,
+        and everything is as at boot, the counters zero where the carriage stands."""
+        self._abort()
+        self._input.clear()
+        self._buffer = b""
+        self._idle_since = None
+        if not self.pen_up:
+            self.recording.pen_changed(True)
         self.drop()
         self.reset_counters()
         self._power_on()
+
+    def move_home_by_hand(self) -> None:
+        """Someone pushes the carriage to the home corner (the motors are off, so the
+        counters do not change): what vfab asks for after a power loss."""
+        if self._running is not None or self._waiting or any(self.motors):
+            raise RuntimeError("the carriage cannot be moved by hand while the motors are on")
+        self.recording.jumped((0.0, 0.0))
 
     def press_button(self) -> None:
         """The PRG button is pressed: the next QB (or QG) reports it once."""

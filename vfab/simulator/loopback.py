@@ -35,7 +35,13 @@ class LoopbackPort:
     def write(self, data: bytes) -> None:
         if self.connected:
             self.written.append(data)
-            self.clock.callLater(self.delay, self.emulator.data_received, data)
+            self.clock.callLater(self.delay, self._to_board, data)
+
+    def _to_board(self, data: bytes) -> None:
+        # Bytes still on the way when the cable was pulled are lost with it; they
+        # must not reach the board's next connection.
+        if self.connected:
+            self.emulator.data_received(data)
 
     def writeSequence(self, data) -> None:  # noqa: N802 (Twisted name)
         for chunk in data:

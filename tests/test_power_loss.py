@@ -1,0 +1,147 @@
+"""A plotter that loses power mid-plot forgets the moves it had taken and where its
+carriage is; its operator pushes the carriage home, as the daemon asks. The resume
+must not skip a stroke: it goes on from before the moves the board may not have
+executed, so that at most those are drawn twice (issue 12 item 2, issue 11)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from plotting_site import Site
+from test_every_stroke_once import BOARDS, finish
+from test_jobs_in_process import PAGE_FRAME
+from test_runner import distance_to_strokes, drawn_length
+from vfab.jobs import states
+from vfab.jobs.position import Position
+
+#: One long zigzag of 2 mm strokes: a deep FIFO holds many of them at once.
+ZIGZAG = ("<svg xmlns='http://www.w3.org/2000/svg' width='100mm' height='100mm' "
+          "viewBox='0 0 100 100'><polyline fill='none' stroke='black' points='"
+          + " ".join(f"{10 + 2 * i},{10 + 2 * (i % 2)}" for i in range(40))
+          + "'/></svg>").encode()
+STROKE_MM = np.hypot(2.0, 2.0)
+ZIGZAG_MM = 39 * STROKE_MM
+DEEP_BOARDS = ["2.8.1", "3.0.3", "3.0.3 left by other software"]
+
+
+def stored(site: Site, job_id: str) -> Position | None:
+    return Position.from_dict(site.settle(site.life.store.get(job_id)).position)
+
+
+def saved_with_moves_in_flight(site: Site, job_id: str) -> None:
+    """Until a progress save of a plot under way (not the first, before the pen went
+    down) while the board holds moves it has not executed yet."""
+    saves = []
+
+    def just_saved() -> bool:
+        position = stored(site, job_id)
+        if position is None or position.parked or position in saves:
+            return False
+        saves.append(position)
+        return len(saves) > 1 and site.board.queued_seconds() > 0
+
+    site.wait_for(just_saved, limit=60.0, step=0.01)
+
+
+def assert_nothing_skipped(strokes: list[np.ndarray], reference: list[np.ndarray],
+                           again_mm: float) -> None:
+    """Every point of the drawing is on the paper, nothing off it, and no more than
+    `again_mm` drawn twice."""
+    assert distance_to_strokes(np.vstack(reference), strokes).max() < 0.05
+    assert distance_to_strokes(np.vstack(strokes), reference).max() < 0.05
+    assert drawn_length(reference) * 0.998 <= drawn_length(strokes) \
+        <= drawn_length(reference) * 1.002 + again_mm
+
+
+def reference_of(tmp_path, board: dict, svg: bytes = ZIGZAG) -> list[np.ndarray]:
+    site = Site(tmp_path / "reference", **board)
+    finish(site, site.submit(svg))
+    strokes = site.strokes
+    site.stop()
+    return strokes
+
+
+@pytest.mark.parametrize("board", DEEP_BOARDS)
+def test_a_power_cut_just_after_a_save_skips_no_stroke(tmp_path, board):
+    reference = reference_of(tmp_path, BOARDS[board])
+    site = Site(tmp_path / "cut", **BOARDS[board])
+    job_id = site.submit(ZIGZAG)
+    saved_with_moves_in_flight(site, job_id)
+    site.power_cut()
+    site.wait_for(lambda: site.state(job_id) == states.INTERRUPTED, limit=30.0)
+    site.advance(2.0)  # the board is back, without its counters
+    assert not site.life.device.position_kept
+    assert finish(site, job_id) == states.COMPLETED
+    strokes = site.strokes
+    site.stop()
+    # At most the moves the board may have held: its FIFO and the one running.
+    fifo = BOARDS[board].get("fifo_depth", 1)
+    assert_nothing_skipped(strokes, reference, again_mm=(fifo + 2) * STROKE_MM)
+
+
+@pytest.mark.parametrize("board", DEEP_BOARDS)
+def test_a_blackout_of_daemon_and_plotter_skips_no_stroke(tmp_path, board):
+    """The daemon dies with the plotter (a site's power): the store's last save is
+    all there is, and the board had taken moves beyond it."""
+    reference = reference_of(tmp_path, BOARDS[board])
+    site = Site(tmp_path / "blackout", **BOARDS[board])
+    job_id = site.submit(ZIGZAG)
+    saved_with_moves_in_flight(site, job_id)
+    site.kill()
+    site.power_cut()
+    site.start()
+    site.advance(2.0)
+    assert finish(site, job_id) == states.COMPLETED
+    strokes = site.strokes
+    site.stop()
+    assert_nothing_skipped(strokes, reference, again_mm=ZIGZAG_MM)
+
+
+def test_a_pulled_cable_after_a_save_still_draws_each_stroke_once(tmp_path):
+    """The board kept power: its counters, not the step back, say where to go on."""
+    board = BOARDS["3.0.3 left by other software"]
+    reference = reference_of(tmp_path, board)
+    site = Site(tmp_path / "cable", **board)
+    job_id = site.submit(ZIGZAG)
+    saved_with_moves_in_flight(site, job_id)
+    site.pull_cable()
+    site.wait_for(lambda: site.state(job_id) == states.INTERRUPTED, limit=30.0)
+    site.advance(2.0)
+    assert site.life.device.position_kept
+    assert finish(site, job_id) == states.COMPLETED
+    strokes = site.strokes
+    site.stop()
+    assert_nothing_skipped(strokes, reference, again_mm=0.0)
+
+
+def test_a_position_keeps_where_a_power_loss_goes_on():
+    behind = Position(0, 1, 3, at=(5, 5))
+    saved = Position(0, 1, 9).with_behind(behind)
+    assert Position.from_dict(saved.to_dict()).after_power_loss() == behind
+    assert saved.parked_here().behind is None  # exact: nothing in flight
+    assert Position(0, 1, 3).with_behind(behind).behind is None  # nothing between
+
+
+@pytest.mark.parametrize("board", ["2.6.5", "2.8.1"])
+def test_a_daemon_killed_after_a_power_cut_leaves_no_counters_that_look_kept(tmp_path, board):
+    """After a cut the board's counters are gone. A daemon that connects and is killed
+    before it resumes must not leave the motors on: the next one would read counters
+    zeroed at home as the carriage's place and skip to where the plan passes home."""
+    reference = reference_of(tmp_path, BOARDS[board], PAGE_FRAME)
+    site = Site(tmp_path / "twice", **BOARDS[board])
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: drawn_length(site.strokes) > 30.0, limit=60.0)
+    site.settle(site.life.queue.pause(job_id), limit=30.0)
+    site.kill()
+    site.power_cut()
+    site.start()
+    site.advance(2.0)  # connected, the job held as interrupted
+    site.kill()
+    site.start()
+    site.advance(2.0)
+    assert not site.life.device.position_kept
+    assert finish(site, job_id) == states.COMPLETED
+    strokes = site.strokes
+    site.stop()
+    assert_nothing_skipped(strokes, reference, again_mm=0.0)
