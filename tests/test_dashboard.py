@@ -114,7 +114,8 @@ class Page:
     daemon's log, which usually says why the page never got there.
     """
 
-    def __init__(self, context: Any, daemon: DaemonProcess, path: str, shots: Path):
+    def __init__(self, context: Any, daemon: DaemonProcess, path: str, shots: Path,
+                 ready: str = "#link-state[data-state=live]"):
         self.page = context.new_page()
         self.daemon = daemon
         self.errors: list[str] = []
@@ -122,7 +123,7 @@ class Page:
         self.page.on("console", self._console)
         self.shots = shots
         self.page.goto(daemon.url + path)
-        self.wait_for("#link-state[data-state=live]")
+        self.wait_for(ready)
 
     def _console(self, message: Any) -> None:
         if message.type == "error":
@@ -306,8 +307,11 @@ def test_upload_errors_and_dropping(browser: Any, daemon: DaemonProcess, tmp_pat
 
 
 def test_api_key(browser: Any, locked_daemon: DaemonProcess, tmp_path: Path) -> None:
-    """With authentication on, /?api_key=KEY opens it; a refused key brings up the form."""
-    assert locked_daemon.request("GET", "/")[0] == 401
+    """With authentication on, the page loads without a key and asks for it;
+    /?api_key=KEY opens it; a refused key brings up the form."""
+    asking = Page(browser, locked_daemon, "/", tmp_path, ready="#key-dialog[open]")
+    asking.wait_for('#link-state[data-state="locked"]')
+    asking.page.close()
     page = Page(browser, locked_daemon, f"/?api_key={KEY}", tmp_path)
     page.wait_for('#device-badge[data-state="idle"]')
 

@@ -446,7 +446,7 @@ async def test_unknown_path_and_wrong_method_answer_json(serve, method, path, st
 
 # -- authentication ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["/api/jobs", "/api/device", "/metrics", "/", "/nothing"])
+@pytest.mark.parametrize("path", ["/api/jobs", "/api/device", "/metrics", "/nothing"])
 @pytest_twisted.ensureDeferred
 async def test_auth_required_everywhere_but_health(serve, path):
     web = await serve(authenticate=True, api_key=KEY)

@@ -99,12 +99,29 @@ def wait_for_audit(daemon: DaemonProcess, event: str) -> dict[str, Any]:
 # -- 1. authentication -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", ["/api/jobs", "/api/device", "/metrics", "/",
+@pytest.mark.parametrize("path", ["/api/jobs", "/api/device", "/metrics",
                                   "/api/jobs/nope", "/nothing-here"])
 def test_every_endpoint_but_health_needs_the_key(daemon: DaemonProcess, path: str) -> None:
     status, body = daemon.request("GET", path)
     assert status == 401 and body["error"]["code"] == "unauthorized"
     assert daemon.request("GET", "/health")[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/", "/index.html", "/app.js", "/style.css"])
+def test_the_dashboards_files_need_no_key_and_hold_no_data(daemon: DaemonProcess,
+                                                          path: str) -> None:
+    """SPEC section 3: a browser loads the dashboard, then asks its user for the key."""
+    status, job = daemon.request(
+        "POST", "/api/jobs?name=secret-name",
+        b'<svg xmlns="http://www.w3.org/2000/svg" width="10mm" height="10mm">'
+        b'<line x1="1" y1="1" x2="5" y2="5" stroke="black"/></svg>',
+        {"Content-Type": "image/svg+xml", "X-API-Key": KEY})
+    assert status == 201, job
+    request = urllib.request.Request(daemon.url + path)
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    assert "secret-name" not in text and job["id"] not in text
 
 
 @pytest.mark.parametrize("headers, query", [

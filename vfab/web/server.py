@@ -174,20 +174,26 @@ class StaticFiles(File):
 
 
 class Root(Resource):
-    """The top of the tree: asks for the API key on every path but /health and /ws."""
+    """The top of the tree: asks for the API key on the API and the metrics. /health
+    and /ws do their own checks; the dashboard's page and files hold no data (with a
+    key required the page is rendered empty), so a browser can load them and then
+    ask its user for the key."""
 
     def __init__(self, auth: APIKeyCheck, page: Resource, dashboard: Resource):
         super().__init__()
         self._auth = auth
         self._page = page
         self._dashboard = dashboard
+        self._dashboard_files = frozenset(
+            path.name.encode() for path in STATIC.iterdir() if path.is_file())
 
     def getChildWithDefault(self, name: bytes, request: IRequest) -> Resource:
         try:
             name.decode("utf-8")
         except UnicodeDecodeError:
             return NotFound()
-        if name not in _OWN_ACCESS:
+        keyless = name in _OWN_ACCESS or name in _PAGE or name in self._dashboard_files
+        if not keyless:
             verdict = self._auth.verify_request(request)
             if verdict is not Verdict.ALLOWED:
                 return _Refusal(self._auth, verdict)
