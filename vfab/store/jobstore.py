@@ -23,7 +23,7 @@ from vfab.jobs.job import Job, iso8601
 from vfab.jobs.states import (ACTIVE, FINISHED, INTERRUPTED, PLOTTING, QUEUED,
                               InvalidTransition, check_transition)
 from vfab.jobs.errors import DiskFull, JobNotFound
-from vfab.store.migrations import SchemaTooNew, migrate
+from vfab.store.migrations import SchemaTooNew, integrity_problem, migrate
 
 _log = Logger()
 
@@ -48,9 +48,9 @@ def _primary_code(error: sqlite3.Error) -> int | None:
 
 def _check_integrity(connection: sqlite3.Connection, path: Path) -> None:
     """Refuse a damaged file now, rather than fail every request later."""
-    problems = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
-    if problems != ["ok"]:
-        raise DatabaseError(f"database {path} is damaged ({problems[0]}): restore it from "
+    problem = integrity_problem(connection)
+    if problem is not None:
+        raise DatabaseError(f"database {path} is damaged ({problem}): restore it from "
                             f"a backup, or move it away to start with an empty queue")
 
 
