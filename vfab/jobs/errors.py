@@ -2,7 +2,8 @@
 
 from vfab.jobs.states import InvalidTransition
 
-__all__ = ["InvalidTransition", "JobNotFound", "NotAccepting", "InvalidJobInput", "DiskFull"]
+__all__ = ["InvalidTransition", "JobNotFound", "NotAccepting", "InvalidJobInput", "DiskFull",
+           "DatabaseDamaged"]
 
 
 class JobNotFound(KeyError):
@@ -36,3 +37,10 @@ class DiskFull(OSError):
 
     def __str__(self) -> str:
         return f"the disk is full: could not write {self.what}; free some space and try again"
+
+
+class DatabaseDamaged(RuntimeError):
+    """The job database was found damaged while the daemon runs (HTTP 503): nothing
+    is read or written until a person restores it; the message says how.
+
+    The store logs it once; whoever meets it later need not log it again."""

@@ -13,9 +13,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from vfab.events import EventBus
 from vfab.jobs import states
+from vfab.jobs.errors import DatabaseDamaged
 from vfab.jobs.job import Job
 
 _log = Logger()
@@ -32,13 +34,16 @@ class StateRecorder:
     def refresh(self) -> Deferred[None]:
         """Read the counts again; never fails (a failure is logged, the old counts stay)."""
         reading = self._store.counts()
-        reading.addCallback(self._set_counts)
-        reading.addErrback(lambda failure: _log.failure(
-            "could not count the jobs in the database", failure))
+        reading.addCallbacks(self._set_counts, self._counting_failed)
         return reading
 
     def _set_counts(self, counts: dict[str, int]) -> None:
         self._counts = dict(counts)
+
+    @staticmethod
+    def _counting_failed(failure: Failure) -> None:
+        if not failure.check(DatabaseDamaged):  # the store has said that once
+            _log.failure("could not count the jobs in the database", failure)
 
     @inlineCallbacks
     def change(self, job_id: str, to_state: str, reason: str, **fields: Any) -> Deferred[Job]:

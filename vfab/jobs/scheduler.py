@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vfab.jobs import states
-from vfab.jobs.errors import DiskFull
+from vfab.jobs.errors import DatabaseDamaged, DiskFull
 from vfab.jobs.job import Job
 from vfab.jobs.position import Position
 from vfab.jobs.prepare import forget_frozen, release_freed_memory
@@ -187,8 +187,9 @@ class Scheduler:
             yield self._settle_held_job(held, plotter)
 
     def _choosing_failed(self, failure: Failure) -> None:
-        _log.failure("could not choose the next job; trying again in {seconds:.0f} s",
-                     failure, seconds=RETRY_SECONDS)
+        if not failure.check(DatabaseDamaged):  # the store has said that once
+            _log.failure("could not choose the next job; trying again in {seconds:.0f} s",
+                         failure, seconds=RETRY_SECONDS)
         self._idle()
         if self._state is SchedulerState.STOPPED:
             return
