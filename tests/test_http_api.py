@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from io import BytesIO
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 from typing import Any
 
 import pytest
@@ -272,7 +272,8 @@ async def test_list_jobs_bad_query_is_400(serve, query):
 
 
 OUT_OF_RANGE = [str(10**30), str(10**23), str(-10**30), "1000001", "-1000001",
-                "1_000", "\u0663", "9" * 5000, "0x10", "1e3"]
+                "1_000", "\u0663", "9" * 5000, "0x10", "1e3", "0" * 30 + "1000001",
+                "-" + "0" * 30 + "1000001", "0" * 5000 + "9" * 5000, "--1", "+-1", "0-1"]
 
 
 @pytest.mark.parametrize("value", OUT_OF_RANGE)
@@ -303,12 +304,27 @@ def _form_with_priority(value: str) -> tuple[bytes, dict[str, str]]:
 
 @pytest.mark.parametrize("query, priority", [("?priority=1000000", 1_000_000),
                                              ("?priority=-1000000", -1_000_000),
-                                             ("?priority=+7", 7), ("?priority=%207%20", 7)])
+                                             ("?priority=+7", 7), ("?priority=%207%20", 7),
+                                             ("?priority=0000000000000000000000005", 5),
+                                             ("?priority=-" + "0" * 5000 + "1000000",
+                                              -1_000_000),
+                                             ("?priority=+" + "0" * 40, 0)])
 @pytest_twisted.ensureDeferred
 async def test_priorities_at_the_ends_of_the_range_are_taken(serve, query, priority):
     web = await serve()
     reply = await call(web, "POST", f"/api/jobs{query}", SVG, {"Content-Type": "image/svg+xml"})
     assert reply.status == 201 and web.jobs.submitted[0]["priority"] == priority
+    reply = await call(web, "POST", "/api/jobs", *_form_with_priority(unquote(query[10:])))
+    assert reply.status == 201 and web.jobs.submitted[1]["priority"] == priority
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_limit_is_read_by_its_value_however_many_zeros_lead(serve):
+    web = await serve()
+    web.jobs.add("first")
+    second = web.jobs.add("second")
+    reply = await call(web, "GET", "/api/jobs?limit=" + "0" * 30 + "1")
+    assert reply.status == 200 and [j["id"] for j in reply.json()["jobs"]] == [second["id"]]
 
 
 @pytest_twisted.ensureDeferred
