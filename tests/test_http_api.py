@@ -15,6 +15,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.test.requesthelper import DummyRequest
@@ -606,6 +607,61 @@ async def test_headers_just_within_the_limit_are_served(serve):
     status, _, body = await raw(web, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
                                 + b"a" * 15_000 + b"\r\nConnection: close\r\n\r\n")
     assert status == 200 and body["status"] == "healthy"
+
+
+@pytest.mark.parametrize("extra, status", [(0, 200), (1, 431)])
+@pytest_twisted.ensureDeferred
+async def test_the_header_limit_is_counted_as_twisted_counts_it(serve, extra, status):
+    """The 431 check keeps its own count of header bytes (twisted.web's is
+    private): it must agree with twisted.web's to the byte, or a request just
+    over the limit gets twisted.web's bare 400 instead of our 431."""
+    web = await serve()
+    head = [b"GET /health HTTP/1.1", b"Host: x", b"Connection: close", b"X-Big: "]
+    fill = HTTPChannel.totalHeadersSize - sum(len(line) for line in head) + extra
+    head[-1] += b"a" * fill
+    answer, _, body = await raw(web, b"\r\n".join(head) + b"\r\n\r\n")
+    assert answer == status
+    if status == 431:
+        assert body["error"]["code"] == "headers_too_large"
+
+
+@pytest.mark.parametrize("length", [b"1000000000000000000000000000000", b"9" * 5000,
+                                    b"1025", b"0" * 100 + b"1025"])
+@pytest_twisted.ensureDeferred
+async def test_a_body_declared_too_large_is_413_at_once(serve, length):
+    """No body follows: the answer must not wait for one (it did, until the idle
+    timeout), nor read the number with int() (5000 digits is a ValueError)."""
+    web = await serve(max_upload_size=1024)
+    status, headers, body = await raw(
+        web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+             b"Content-Length: " + length + b"\r\n\r\n")
+    assert status == 413 and body["error"]["code"] == "too_large"
+    assert "1024 bytes" in body["error"]["message"] and len(body["error"]["message"]) < 160
+    assert headers["Connection"] == "close"
+    assert web.jobs.submitted == []
+    assert (await call(web, "GET", "/health")).status == 200
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-1", b"1e3", b"0x10", b"1_000", b"",
+                                    "\u0663".encode(), b"12 34"])
+@pytest_twisted.ensureDeferred
+async def test_a_content_length_that_is_not_a_number_is_400_in_json(serve, length):
+    web = await serve()
+    status, _, body = await raw(
+        web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
+             + b"\r\n\r\n")
+    assert status == 400 and body["error"]["code"] == "invalid_content_length"
+    assert body["error"]["message"].startswith("Content-Length: expected a number of bytes")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_of_exactly_the_limit_is_read(serve):
+    svg = SVG + b" " * (1024 - len(SVG))
+    web = await serve(max_upload_size=1024)
+    status, _, body = await raw(
+        web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+             b"Connection: close\r\nContent-Length: 0001024\r\n\r\n" + svg)
+    assert status == 201 and web.jobs.submitted[0]["svg"] == svg
 
 
 # -- deferred answers and lifecycle --------------------------------------------------------
