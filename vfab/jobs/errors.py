@@ -29,14 +29,16 @@ class InvalidJobInput(ValueError):
 
 
 class DiskFull(OSError):
-    """The workspace's disk cannot hold what a job needs (HTTP 507); nothing was left behind."""
+    """The workspace's disk cannot hold what a job needs (HTTP 507); nothing was left
+    behind. `then` says what the person should do next."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, then: str = "free some space and try again"):
         self.what = what
+        self.then = then
         super().__init__(what)
 
     def __str__(self) -> str:
-        return f"the disk is full: could not write {self.what}; free some space and try again"
+        return f"the disk is full: could not write {self.what}; {self.then}"
 
 
 class DatabaseDamaged(RuntimeError):
