@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from io import BytesIO
 from urllib.parse import quote, unquote
 from typing import Any
@@ -25,6 +26,7 @@ from tests.web_fakes import WebHarness
 from vfab.jobs.states import COMPLETED, PAUSED, PLOTTING, QUEUED
 from vfab.web.api import render_later
 from vfab.web.query import scrubbed_uri
+from vfab.web import server
 from vfab.web.server import ListenError, WebService
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10mm" height="10mm"><path d="M0 0L5 5"/></svg>'
@@ -546,10 +548,12 @@ async def test_a_key_in_a_form_body_is_refused(serve):
 
 
 class RawExchange(Protocol):
-    """Sends bytes as they are and keeps everything the server answers until it hangs up."""
+    """Sends bytes as they are and keeps everything the server answers until it
+    hangs up, or until the answer is complete (`hang_up`: then this side hangs up)."""
 
-    def __init__(self, request: bytes):
+    def __init__(self, request: bytes, hang_up: bool = True):
         self.request = request
+        self.hang_up = hang_up
         self.received = b""
         self.lost: Deferred[bytes] = Deferred()
 
@@ -558,14 +562,19 @@ class RawExchange(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        head, found, body = self.received.partition(b"\r\n\r\n")
+        length = re.search(rb"\r\nContent-Length: (\d+)", head)
+        if self.hang_up and found and length and len(body) >= int(length.group(1)):
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:
         self.lost.callback(self.received)
 
 
-async def raw(web: WebHarness, request: bytes) -> tuple[int, dict[str, str], Any]:
+async def raw(web: WebHarness, request: bytes, hang_up: bool = True
+              ) -> tuple[int, dict[str, str], Any]:
     """(status, headers, decoded JSON body) of one raw request."""
-    exchange = RawExchange(request)
+    exchange = RawExchange(request, hang_up)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", web.port), exchange)
     answer = await exchange.lost.addTimeout(TIMEOUT, reactor)
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -640,6 +649,26 @@ async def test_a_body_declared_too_large_is_413_at_once(serve, length):
     assert headers["Connection"] == "close"
     assert web.jobs.submitted == []
     assert (await call(web, "GET", "/health")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_sends_the_body_anyway_still_reads_the_413(serve):
+    """Closing with the body unread would reset the connection under a client
+    that is still sending it (urllib does), and it would never see the 413."""
+    web = await serve(max_upload_size=1024)
+    status, _, body = await raw(
+        web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+             b"Content-Length: 8000000\r\n\r\n" + b" " * 8_000_000)
+    assert status == 413 and body["error"]["code"] == "too_large"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_client_that_never_hangs_up_is_let_go(serve, monkeypatch):
+    monkeypatch.setattr(server, "LINGER_SECONDS", 0.2)
+    web = await serve(max_upload_size=1024)
+    status, _, _ = await raw(web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 2048\r\n\r\n", hang_up=False)
+    assert status == 413  # and the server hung up: raw() waits for that
 
 
 @pytest.mark.parametrize("length", [b"abc", b"-1", b"1e3", b"0x10", b"1_000", b"",

@@ -16,7 +16,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,6 +48,9 @@ _OWN_ACCESS = (b"health", b"ws")
 _PAGE = (b"", b"index.html")
 #: Every method some path of the API answers.
 _METHODS = b"GET, HEAD, POST, DELETE"
+#: How long the connection of a request refused before it was read stays open
+#: to take (and throw away) what the client still sends.
+LINGER_SECONDS = 5.0
 
 
 class ListenError(RuntimeError):
@@ -119,6 +122,8 @@ class APIChannel(HTTPChannel):
     #: twisted.web counts them against totalHeadersSize (a line without its
     #: CRLF). Its own count is private (_receivedHeaderSize), so we keep ours.
     _header_bytes = 0
+    #: The close that ends a refused request's connection (see _refuse).
+    _linger: IDelayedCall | None = None
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse_headers()
@@ -177,10 +182,17 @@ class APIChannel(HTTPChannel):
                              b"Content-Type: application/json; charset=utf-8\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                              % (status, len(body), body))
-        self.loseConnection()
-        # Nothing else that arrives on this connection is read, as twisted.web
-        # does for a connection it is done with.
+        # Whatever else arrives is read and thrown away until the client hangs up,
+        # for LINGER_SECONDS at most: closing with its body unread would reset the
+        # connection, and a client still sending that body would lose the answer.
+        self.clearLineBuffer()
         self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self._linger = self.callLater(LINGER_SECONDS, self.loseConnection)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
 
 
 class APISite(Site):
