@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,8 @@ def test_a_database_damaged_under_the_daemon_is_a_503_that_says_what_to_do(tmp_p
             assert "vfab check database" in message and "backup" in message
         health = daemon.request("GET", "/health")[1]
         assert health["status"] == "unhealthy" and "is damaged" in health["reason"]
+        with urllib.request.urlopen(daemon.url + "/", timeout=30) as page:
+            assert page.status == 200  # the dashboard, waiting for what the WebSocket says
         with connect(daemon.ws_url, open_timeout=10, close_timeout=10) as ws:
             ws.send(json.dumps({"type": "SUBSCRIBE", "channels": ["jobs"]}))
             assert json.loads(ws.recv(timeout=10))["type"] == "subscribed"
