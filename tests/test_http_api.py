@@ -634,6 +634,20 @@ async def test_the_header_limit_is_counted_as_twisted_counts_it(serve, extra, st
         assert body["error"]["code"] == "headers_too_large"
 
 
+@pytest.mark.parametrize("extra, status", [(0, 200), (1, 431)])
+@pytest_twisted.ensureDeferred
+async def test_the_header_count_is_limited_as_twisted_limits_it(serve, extra, status):
+    web = await serve()
+    fields = b"".join(b"X%d: a\r\n" % number
+                      for number in range(HTTPChannel.maxHeaders - 2 + extra))
+    answer, _, body = await raw(web, b"GET /health HTTP/1.1\r\nHost: x\r\n" + fields
+                                + b"Connection: close\r\n\r\n")
+    assert answer == status
+    if status == 431:
+        assert body["error"]["message"] == (
+            f"the request has more than {HTTPChannel.maxHeaders} header fields")
+
+
 @pytest.mark.parametrize("length", [b"1000000000000000000000000000000", b"9" * 5000,
                                     b"1025", b"0" * 100 + b"1025"])
 @pytest_twisted.ensureDeferred

@@ -112,8 +112,8 @@ class APIChannel(HTTPChannel):
 
     twisted.web drops a connection whose request line or a header line is
     longer than MAX_LENGTH without a word, answers a bare 400 when all the
-    headers together pass totalHeadersSize or the Content-Length is not a
-    number, and waits for a body of any declared length (a client that
+    headers together pass totalHeadersSize, when there are more than
+    maxHeaders of them or the Content-Length is not a number, and waits for a body of any declared length (a client that
     declares 10**30 bytes and sends none holds the connection until the idle
     timeout). Each of these is answered here, in JSON, before twisted.web sees it.
     """
@@ -122,6 +122,8 @@ class APIChannel(HTTPChannel):
     #: twisted.web counts them against totalHeadersSize (a line without its
     #: CRLF). Its own count is private (_receivedHeaderSize), so we keep ours.
     _header_bytes = 0
+    #: This request's header fields so far (twisted.web's count is private too).
+    _header_fields = 0
     #: The close that ends a refused request's connection (see _refuse).
     _linger: IDelayedCall | None = None
 
@@ -136,10 +138,15 @@ class APIChannel(HTTPChannel):
         super().lineReceived(line)
 
     def allHeadersReceived(self) -> None:
-        self._header_bytes = 0  # the next line is the next request's
+        self._header_bytes = self._header_fields = 0  # the next line is the next request's
         super().allHeadersReceived()
 
     def headerReceived(self, line: bytes) -> bool:
+        self._header_fields += 1
+        if self._header_fields > self.maxHeaders:
+            self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
+                         f"the request has more than {self.maxHeaders} header fields")
+            return False
         name, _, value = line.partition(b":")
         if name.lower() == b"content-length":
             return self._length_acceptable(value.strip(b" \t")) \
