@@ -35,6 +35,7 @@ from plotting_site import Site
 from test_jobs_in_process import PAGE_FRAME
 from twisted.internet.defer import fail
 from vfab.jobs import states
+from vfab.jobs.runner import RunnerState
 
 SQUARE = (b'<svg xmlns="http://www.w3.org/2000/svg" width="40mm" height="40mm" '
           b'viewBox="0 0 40 40"><path d="M5 5 H35 V35 H5 Z"/></svg>')
@@ -116,8 +117,8 @@ def test_the_reserve_is_kept_while_there_is_room_and_released_once(tmp_path):
     free = Free(10_000)
     disk, _, clock = watch(tmp_path, free)
     assert (tmp_path / RESERVE_FILE).stat().st_size == 100
-    assert disk.release_reserve() is True
-    assert disk.release_reserve() is False
+    assert disk.release_reserve("delete job x") is True
+    assert disk.release_reserve("delete job y") is False
     free.free = 10
     clock.advance(CHECK_SECONDS)
     assert not (tmp_path / RESERVE_FILE).exists()  # not taken back from a full disk
@@ -277,6 +278,8 @@ def test_progress_that_cannot_be_saved_for_space_is_said_once_and_the_plot_goes_
     said = [formatEvent(event) for event in events
             if "save the progress" in str(event.get("log_format", ""))]
     assert len(said) == 1 and job_id in said[0]  # once, not at every move
+    assert "the disk is full" in said[0]
+    assert not [event for event in events if event.get("log_failure")]  # one line
 
 
 def test_a_submission_the_database_cannot_hold_leaves_no_drawing(tmp_path):
@@ -290,3 +293,91 @@ def test_a_submission_the_database_cannot_hold_leaves_no_drawing(tmp_path):
     with pytest.raises(DiskFull):
         site.submit(PAGE_FRAME)
     assert list(site.life.queue.files.directory.glob("*")) == []
+
+
+def lines_svg(count: int) -> bytes:
+    """A drawing of `count` long strokes: minutes of plotting at the real speed."""
+    paths = "".join(f'<path d="M10 {10 + 2 * n} H200"/>' for n in range(count))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="220mm" height="200mm" '
+            f'viewBox="0 0 220 200">{paths}</svg>').encode()
+
+
+def test_cancel_works_on_a_full_disk_so_that_delete_can_free_space(small_disk):
+    """Every job unfinished and the disk full: DELETE is 409 (finished jobs only),
+    so cancel must still go through, for a queued job and for the plotting one."""
+    daemon = DaemonProcess(small_disk / "site", {"device": {"type": "simulator"}}).start()
+    try:
+        _, plotting = daemon.submit(lines_svg(80), "plotting")
+        _, queued = daemon.submit(SQUARE, "queued")
+        daemon.wait_for_job(plotting["id"], {"plotting"})
+        assert (daemon.workspace / RESERVE_FILE).exists()
+        fill(small_disk)
+        assert daemon.request("DELETE", f"/api/jobs/{queued['id']}")[0] == 409
+
+        status, job = daemon.request("POST", f"/api/jobs/{queued['id']}/cancel")
+        assert (status, job["state"]) == (200, "cancelled"), job
+        assert daemon.request("DELETE", f"/api/jobs/{queued['id']}")[0] == 204
+
+        started = time.monotonic()
+        status, job = daemon.request("POST", f"/api/jobs/{plotting['id']}/cancel")
+        assert time.monotonic() - started < 20
+        assert (status, job["state"]) == (200, "cancelled"), job
+        device = daemon.request("GET", "/api/device")[1]
+        assert device["pen"] == "up" and device["current_job_id"] is None
+    finally:
+        assert daemon.stop() == 0
+    assert "Unhandled error in Deferred" not in daemon.log
+
+
+def test_cancelling_the_plot_when_its_end_cannot_be_recorded_answers_at_once(tmp_path):
+    """No room even for the cancel (the reserve is gone): the plot stops, pen up,
+    and the request fails with a 507 that says so, rather than wait for space;
+    the cancel is recorded by itself once there is room."""
+    site = Site(tmp_path)
+    store = site.life.store
+    real, full = store.transition, [True]
+
+    def transition(job_id, to_state, reason, **fields):
+        if full[0] and to_state == states.CANCELLED:
+            return fail(DiskFull("the job database"))
+        return real(job_id, to_state, reason, **fields)
+
+    store.transition = transition
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: site.state(job_id) == states.PLOTTING)
+    site.advance(2)
+    with pytest.raises(DiskFull) as refused:
+        site.settle(site.life.queue.cancel(job_id), limit=60)
+    assert f"that job {job_id} is cancelled" in str(refused.value)
+    assert "recorded by itself once space is freed" in str(refused.value)
+    assert site.board.pen_up
+    assert site.life.queue.scheduler.runner.state is RunnerState.DONE  # the plot stopped
+    full[0] = False
+    site.advance(10)
+    assert site.state(job_id) == states.CANCELLED
+
+
+def test_cancelling_the_plot_on_a_full_disk_without_a_reserve_never_hangs(small_disk):
+    daemon = DaemonProcess(small_disk / "site", {"device": {"type": "simulator"}}).start()
+    try:
+        _, plotting = daemon.submit(lines_svg(80), "plotting")
+        daemon.wait_for_job(plotting["id"], {"plotting"})
+        (daemon.workspace / RESERVE_FILE).unlink()
+        filler = fill(small_disk)
+        time.sleep(3)  # the plot goes on: its progress saves meet the full disk
+        started = time.monotonic()
+        status, body = daemon.request("POST", f"/api/jobs/{plotting['id']}/cancel")
+        took = time.monotonic() - started
+        assert took < 20, took
+        if status == 507:  # no room at all: said so, and recorded once there is
+            assert body["error"]["code"] == "insufficient_storage"
+            assert "recorded by itself" in body["error"]["message"]
+        else:
+            assert (status, body["state"]) == (200, "cancelled"), body
+        assert daemon.request("GET", "/api/device")[1]["pen"] == "up"
+        filler.unlink()
+        daemon.wait_for_job(plotting["id"], {"cancelled"}, timeout=30)
+        assert daemon.request("GET", "/api/device")[1]["current_job_id"] is None
+    finally:
+        assert daemon.stop() == 0
+    assert "Unhandled error in Deferred" not in daemon.log

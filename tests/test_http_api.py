@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from io import BytesIO
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http import HTTPChannel
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.test.requesthelper import DummyRequest
@@ -24,6 +26,7 @@ from tests.web_fakes import WebHarness
 from vfab.jobs.states import COMPLETED, PAUSED, PLOTTING, QUEUED
 from vfab.web.api import render_later
 from vfab.web.query import scrubbed_uri
+from vfab.web import server
 from vfab.web.server import ListenError, WebService
 
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" width="10mm" height="10mm"><path d="M0 0L5 5"/></svg>'
@@ -272,7 +275,8 @@ async def test_list_jobs_bad_query_is_400(serve, query):
 
 
 OUT_OF_RANGE = [str(10**30), str(10**23), str(-10**30), "1000001", "-1000001",
-                "1_000", "\u0663", "9" * 5000, "0x10", "1e3"]
+                "1_000", "\u0663", "9" * 5000, "0x10", "1e3", "0" * 30 + "1000001",
+                "-" + "0" * 30 + "1000001", "0" * 5000 + "9" * 5000, "--1", "+-1", "0-1"]
 
 
 @pytest.mark.parametrize("value", OUT_OF_RANGE)
@@ -303,12 +307,27 @@ def _form_with_priority(value: str) -> tuple[bytes, dict[str, str]]:
 
 @pytest.mark.parametrize("query, priority", [("?priority=1000000", 1_000_000),
                                              ("?priority=-1000000", -1_000_000),
-                                             ("?priority=+7", 7), ("?priority=%207%20", 7)])
+                                             ("?priority=+7", 7), ("?priority=%207%20", 7),
+                                             ("?priority=0000000000000000000000005", 5),
+                                             ("?priority=-" + "0" * 5000 + "1000000",
+                                              -1_000_000),
+                                             ("?priority=+" + "0" * 40, 0)])
 @pytest_twisted.ensureDeferred
 async def test_priorities_at_the_ends_of_the_range_are_taken(serve, query, priority):
     web = await serve()
     reply = await call(web, "POST", f"/api/jobs{query}", SVG, {"Content-Type": "image/svg+xml"})
     assert reply.status == 201 and web.jobs.submitted[0]["priority"] == priority
+    reply = await call(web, "POST", "/api/jobs", *_form_with_priority(unquote(query[10:])))
+    assert reply.status == 201 and web.jobs.submitted[1]["priority"] == priority
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_limit_is_read_by_its_value_however_many_zeros_lead(serve):
+    web = await serve()
+    web.jobs.add("first")
+    second = web.jobs.add("second")
+    reply = await call(web, "GET", "/api/jobs?limit=" + "0" * 30 + "1")
+    assert reply.status == 200 and [j["id"] for j in reply.json()["jobs"]] == [second["id"]]
 
 
 @pytest_twisted.ensureDeferred
@@ -529,10 +548,12 @@ async def test_a_key_in_a_form_body_is_refused(serve):
 
 
 class RawExchange(Protocol):
-    """Sends bytes as they are and keeps everything the server answers until it hangs up."""
+    """Sends bytes as they are and keeps everything the server answers until it
+    hangs up, or until the answer is complete (`hang_up`: then this side hangs up)."""
 
-    def __init__(self, request: bytes):
+    def __init__(self, request: bytes, hang_up: bool = True):
         self.request = request
+        self.hang_up = hang_up
         self.received = b""
         self.lost: Deferred[bytes] = Deferred()
 
@@ -541,14 +562,19 @@ class RawExchange(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+        head, found, body = self.received.partition(b"\r\n\r\n")
+        length = re.search(rb"\r\nContent-Length: (\d+)", head)
+        if self.hang_up and found and length and len(body) >= int(length.group(1)):
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: Any) -> None:
         self.lost.callback(self.received)
 
 
-async def raw(web: WebHarness, request: bytes) -> tuple[int, dict[str, str], Any]:
+async def raw(web: WebHarness, request: bytes, hang_up: bool = True
+              ) -> tuple[int, dict[str, str], Any]:
     """(status, headers, decoded JSON body) of one raw request."""
-    exchange = RawExchange(request)
+    exchange = RawExchange(request, hang_up)
     await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", web.port), exchange)
     answer = await exchange.lost.addTimeout(TIMEOUT, reactor)
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -590,6 +616,95 @@ async def test_headers_just_within_the_limit_are_served(serve):
     status, _, body = await raw(web, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: "
                                 + b"a" * 15_000 + b"\r\nConnection: close\r\n\r\n")
     assert status == 200 and body["status"] == "healthy"
+
+
+@pytest.mark.parametrize("extra, status", [(0, 200), (1, 431)])
+@pytest_twisted.ensureDeferred
+async def test_the_header_limit_is_counted_as_twisted_counts_it(serve, extra, status):
+    """The 431 check keeps its own count of header bytes (twisted.web's is
+    private): it must agree with twisted.web's to the byte, or a request just
+    over the limit gets twisted.web's bare 400 instead of our 431."""
+    web = await serve()
+    head = [b"GET /health HTTP/1.1", b"Host: x", b"Connection: close", b"X-Big: "]
+    fill = HTTPChannel.totalHeadersSize - sum(len(line) for line in head) + extra
+    head[-1] += b"a" * fill
+    answer, _, body = await raw(web, b"\r\n".join(head) + b"\r\n\r\n")
+    assert answer == status
+    if status == 431:
+        assert body["error"]["code"] == "headers_too_large"
+
+
+@pytest.mark.parametrize("extra, status", [(0, 200), (1, 431)])
+@pytest_twisted.ensureDeferred
+async def test_the_header_count_is_limited_as_twisted_limits_it(serve, extra, status):
+    web = await serve()
+    fields = b"".join(b"X%d: a\r\n" % number
+                      for number in range(HTTPChannel.maxHeaders - 2 + extra))
+    answer, _, body = await raw(web, b"GET /health HTTP/1.1\r\nHost: x\r\n" + fields
+                                + b"Connection: close\r\n\r\n")
+    assert answer == status
+    if status == 431:
+        assert body["error"]["message"] == (
+            f"the request has more than {HTTPChannel.maxHeaders} header fields")
+
+
+@pytest.mark.parametrize("length", [b"1000000000000000000000000000000", b"9" * 5000,
+                                    b"1025", b"0" * 100 + b"1025"])
+@pytest_twisted.ensureDeferred
+async def test_a_body_declared_too_large_is_413_at_once(serve, length):
+    """No body follows: the answer must not wait for one (it did, until the idle
+    timeout), nor read the number with int() (5000 digits is a ValueError)."""
+    web = await serve(max_upload_size=1024)
+    status, headers, body = await raw(
+        web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+             b"Content-Length: " + length + b"\r\n\r\n")
+    assert status == 413 and body["error"]["code"] == "too_large"
+    assert "1024 bytes" in body["error"]["message"] and len(body["error"]["message"]) < 160
+    assert headers["Connection"] == "close"
+    assert web.jobs.submitted == []
+    assert (await call(web, "GET", "/health")).status == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_sends_the_body_anyway_still_reads_the_413(serve):
+    """Closing with the body unread would reset the connection under a client
+    that is still sending it (urllib does), and it would never see the 413."""
+    web = await serve(max_upload_size=1024)
+    status, _, body = await raw(
+        web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+             b"Content-Length: 8000000\r\n\r\n" + b" " * 8_000_000)
+    assert status == 413 and body["error"]["code"] == "too_large"
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_client_that_never_hangs_up_is_let_go(serve, monkeypatch):
+    monkeypatch.setattr(server, "LINGER_SECONDS", 0.2)
+    web = await serve(max_upload_size=1024)
+    status, _, _ = await raw(web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Length: 2048\r\n\r\n", hang_up=False)
+    assert status == 413  # and the server hung up: raw() waits for that
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-1", b"1e3", b"0x10", b"1_000", b"",
+                                    "\u0663".encode(), b"12 34"])
+@pytest_twisted.ensureDeferred
+async def test_a_content_length_that_is_not_a_number_is_400_in_json(serve, length):
+    web = await serve()
+    status, _, body = await raw(
+        web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Length: " + length
+             + b"\r\n\r\n")
+    assert status == 400 and body["error"]["code"] == "invalid_content_length"
+    assert body["error"]["message"].startswith("Content-Length: expected a number of bytes")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_body_of_exactly_the_limit_is_read(serve):
+    svg = SVG + b" " * (1024 - len(SVG))
+    web = await serve(max_upload_size=1024)
+    status, _, body = await raw(
+        web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+             b"Connection: close\r\nContent-Length: 0001024\r\n\r\n" + svg)
+    assert status == 201 and web.jobs.submitted[0]["svg"] == svg
 
 
 # -- deferred answers and lifecycle --------------------------------------------------------

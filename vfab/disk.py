@@ -2,9 +2,9 @@
 
 Writers that meet ENOSPC say so at once (`noticed_full`); the free space is
 looked at every CHECK_SECONDS, so the alert also clears by itself once space
-is back. A small reserve file is kept so that, on a full disk, deleting a job
-(`release_reserve`) can still free space through the API: SQLite needs a few
-pages of room even to delete.
+is back. A small reserve file is kept so that, on a full disk, cancelling and
+then deleting a job (`release_reserve`) can still free space through the API:
+SQLite needs a few pages of room even to delete.
 """
 
 from __future__ import annotations
@@ -84,15 +84,15 @@ class DiskSpace:
                 "message": f"The disk of {self.directory} has room again; jobs can be "
                            f"submitted and progress is saved."})
 
-    def release_reserve(self) -> bool:
-        """Give the reserve back to the disk so that a delete can go through;
-        whether there was one."""
+    def release_reserve(self, purpose: str) -> bool:
+        """Give the reserve back to the disk so that a write that frees space (a
+        delete, a job's end) can go through; whether there was one."""
         try:
             self.reserve_path.unlink()
         except FileNotFoundError:
             return False
-        _log.warn("disk full: released the {size} KiB reserve to delete a job",
-                  size=self._reserve // 1024)
+        _log.warn("disk full: released the {size} KiB reserve to {purpose}",
+                  size=self._reserve // 1024, purpose=purpose)
         return True
 
     def _make_reserve(self) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from vfab.config import (Config, ConfigError, default_config_path, default_workspace,
                          load_config, sqlite_path)
-from vfab.store.migrations import SCHEMA_VERSION, schema_version
+from vfab.store.migrations import SCHEMA_VERSION, integrity_problem, schema_version
 
 
 def _say(line: str) -> None:
@@ -102,9 +102,9 @@ def _check_database(path: Path, drawings: Path) -> int:
     try:
         connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
         try:
-            damage = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
-            if damage != ["ok"]:
-                return _problem(f"database {path} is damaged ({damage[0]}): restore it "
+            damage = integrity_problem(connection)
+            if damage is not None:
+                return _problem(f"database {path} is damaged ({damage}): restore it "
                                 f"from a backup")
             version = schema_version(connection)
             connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()

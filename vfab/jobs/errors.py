@@ -2,7 +2,8 @@
 
 from vfab.jobs.states import InvalidTransition
 
-__all__ = ["InvalidTransition", "JobNotFound", "NotAccepting", "InvalidJobInput", "DiskFull"]
+__all__ = ["InvalidTransition", "JobNotFound", "NotAccepting", "InvalidJobInput", "DiskFull",
+           "DatabaseDamaged"]
 
 
 class JobNotFound(KeyError):
@@ -28,11 +29,20 @@ class InvalidJobInput(ValueError):
 
 
 class DiskFull(OSError):
-    """The workspace's disk cannot hold what a job needs (HTTP 507); nothing was left behind."""
+    """The workspace's disk cannot hold what a job needs (HTTP 507); nothing was left
+    behind. `then` says what the person should do next."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, then: str = "free some space and try again"):
         self.what = what
+        self.then = then
         super().__init__(what)
 
     def __str__(self) -> str:
-        return f"the disk is full: could not write {self.what}; free some space and try again"
+        return f"the disk is full: could not write {self.what}; {self.then}"
+
+
+class DatabaseDamaged(RuntimeError):
+    """The job database was found damaged while the daemon runs (HTTP 503): nothing
+    is read or written until a person restores it; the message says how.
+
+    The store logs it once; whoever meets it later need not log it again."""

@@ -79,7 +79,8 @@ class QueueService(Service):
         self._accepting = True
         self.files = DrawingFiles(jobs_dir, on_disk_full=disk.noticed_full if disk else None)
         self._previews = PreviewCache()
-        self.recorder = StateRecorder(store, bus)
+        self.recorder = StateRecorder(store, bus,
+                                      release_reserve=disk.release_reserve if disk else None)
         # Submissions and previews are read in a child process (they may come
         # while another job plots); a job about to start is planned in a thread
         # of its own, when no plot is running to be held up.
@@ -211,7 +212,12 @@ class QueueService(Service):
         if runner is not None:
             ended = self.scheduler.when_ended()
             runner.cancel()
-            yield ended
+            try:
+                yield ended
+            except DiskFull:
+                raise DiskFull(f"that job {job_id} is cancelled",
+                               "its plot has stopped (pen up, carriage home), and the "
+                               "cancel is recorded by itself once space is freed") from None
         else:
             states.check_transition(job_id, job.state, states.CANCELLED)
             yield self.recorder.change(job_id, states.CANCELLED, "cancelled by request")
@@ -226,7 +232,7 @@ class QueueService(Service):
         except DiskFull:
             # Deleting is how space is freed through the API: give the database
             # the room set aside for this, once.
-            if self._disk is None or not self._disk.release_reserve():
+            if self._disk is None or not self._disk.release_reserve(f"delete job {job_id}"):
                 raise
             job = yield self._store.delete(job_id)
         self.files.remove(job.svg_file)

@@ -9,13 +9,15 @@ answer is always the newest and no count is ever adjusted by hand.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from vfab.events import EventBus
 from vfab.jobs import states
+from vfab.jobs.errors import DatabaseDamaged, DiskFull
 from vfab.jobs.job import Job
 
 _log = Logger()
@@ -24,21 +26,28 @@ _log = Logger()
 class StateRecorder:
     """Records and announces job state changes; knows how many jobs are in each state."""
 
-    def __init__(self, store: Any, bus: EventBus):
+    def __init__(self, store: Any, bus: EventBus, *,
+                 release_reserve: Callable[[str], bool] | None = None):
+        """`release_reserve(purpose)` gives the disk the room set aside for a full disk
+        (whether there was any): a job's end is recorded with it (see `change`)."""
         self._store = store
         self._bus = bus
+        self._release_reserve = release_reserve
         self._counts: dict[str, int] = {}
 
     def refresh(self) -> Deferred[None]:
         """Read the counts again; never fails (a failure is logged, the old counts stay)."""
         reading = self._store.counts()
-        reading.addCallback(self._set_counts)
-        reading.addErrback(lambda failure: _log.failure(
-            "could not count the jobs in the database", failure))
+        reading.addCallbacks(self._set_counts, self._counting_failed)
         return reading
 
     def _set_counts(self, counts: dict[str, int]) -> None:
         self._counts = dict(counts)
+
+    @staticmethod
+    def _counting_failed(failure: Failure) -> None:
+        if not failure.check(DatabaseDamaged):  # the store has said that once
+            _log.failure("could not count the jobs in the database", failure)
 
     @inlineCallbacks
     def change(self, job_id: str, to_state: str, reason: str, **fields: Any) -> Deferred[Job]:
@@ -50,7 +59,16 @@ class StateRecorder:
             fields.setdefault("error", reason)
         elif to_state in (states.QUEUED, states.PLOTTING):
             fields.setdefault("error", None)
-        before, after = yield self._store.transition(job_id, to_state, reason, **fields)
+        try:
+            before, after = yield self._store.transition(job_id, to_state, reason, **fields)
+        except DiskFull:
+            # A job's end is a tiny write that must get through a full disk: only
+            # a finished job can be deleted, and deleting is how space is freed
+            # through the API (cancel, then DELETE). Use the room set aside, once.
+            if to_state not in states.FINISHED or self._release_reserve is None \
+                    or not self._release_reserve(f"record job {job_id} as {to_state}"):
+                raise
+            before, after = yield self._store.transition(job_id, to_state, reason, **fields)
         _log.info("job {job_id}: {from_state} -> {to_state} ({reason})", job_id=job_id,
                   from_state=before.state, to_state=to_state, reason=reason)
         self.announce(after, before.state, reason)

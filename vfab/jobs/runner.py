@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from vfab.config import DeviceConfig
 from vfab.jobs import states
 from vfab.jobs.carriage import Trail, locate
+from vfab.jobs.errors import DatabaseDamaged, DiskFull
 from vfab.jobs.position import Position
 from vfab.motion import (Move, MotionPlan, PathPlan, PenMove, pen_moves, plan_travel,
                          resume_path)
@@ -730,8 +731,13 @@ class PlotRunner:
             self._failed_saves += 1
             if self._failed_saves > 1:
                 return
-            _log.failure("could not save the progress of job {job_id}; plotting on and "
-                         "trying again", failure, job_id=self.job_id)
+            if failure.check(DiskFull, DatabaseDamaged):  # known, and said in a line
+                _log.error("could not save the progress of job {job_id}; plotting on and "
+                           "trying again: {why}", job_id=self.job_id,
+                           why=failure.getErrorMessage())
+            else:
+                _log.failure("could not save the progress of job {job_id}; plotting on and "
+                             "trying again", failure, job_id=self.job_id)
             self._publish({"type": "system_alert", "severity": "warning",
                            "title": "Progress not saved",
                            "message": f"Job {self.job_id}: the progress could not be saved "

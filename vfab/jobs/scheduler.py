@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vfab.jobs import states
-from vfab.jobs.errors import DiskFull
+from vfab.jobs.errors import DatabaseDamaged, DiskFull
 from vfab.jobs.job import Job
 from vfab.jobs.position import Position
 from vfab.jobs.prepare import forget_frozen, release_freed_memory
@@ -74,6 +74,8 @@ class Scheduler:
         self._lost: PlotRunner | None = None
         #: The connection on which the held job was last checked against the counters.
         self._checked_on: Any = None
+        #: Who waits for the running plot's end to be recorded (see when_ended).
+        self._end_waiters: list[Deferred[None]] = []
 
     @property
     def state(self) -> SchedulerState:
@@ -111,10 +113,24 @@ class Scheduler:
         _log.debug("scheduler stopped (it was {state})", state=state.value)
 
     def when_ended(self) -> Deferred[None]:
-        """Fires once the running plot's end is recorded (at once when none runs)."""
+        """Fires once the running plot's end is recorded (at once when none runs).
+
+        Fails with DiskFull if the disk has no room to record it: the plot has
+        stopped, and its end is recorded once there is room, but whoever asked
+        (a cancel request) is told now rather than left waiting for space."""
         if self._running is None:
             return succeed(None)
-        return when_fired(self._running)
+        waiter: Deferred[None] = Deferred()
+        self._end_waiters.append(waiter)
+        return waiter
+
+    def _tell_end_waiters(self, result: None | Failure) -> None:
+        waiters, self._end_waiters = self._end_waiters, []
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
 
     # -- choosing the next job ---------------------------------------------------
 
@@ -187,8 +203,9 @@ class Scheduler:
             yield self._settle_held_job(held, plotter)
 
     def _choosing_failed(self, failure: Failure) -> None:
-        _log.failure("could not choose the next job; trying again in {seconds:.0f} s",
-                     failure, seconds=RETRY_SECONDS)
+        if not failure.check(DatabaseDamaged):  # the store has said that once
+            _log.failure("could not choose the next job; trying again in {seconds:.0f} s",
+                         failure, seconds=RETRY_SECONDS)
         self._idle()
         if self._state is SchedulerState.STOPPED:
             return
@@ -291,6 +308,7 @@ class Scheduler:
         # INTERRUPTED by a stop: the runner recorded it.
         self.runner = None
         self._running = None
+        self._tell_end_waiters(None)
         forget_frozen()
         self._device.set_job(None)
         if self._state is SchedulerState.STOPPED:
@@ -324,7 +342,8 @@ class Scheduler:
             try:
                 yield self._recorder.change(job_id, to_state, reason, **fields)
                 return
-            except DiskFull:
+            except DiskFull as error:
+                self._tell_end_waiters(Failure(error))  # only a plot's end has waiters
                 if self._state is SchedulerState.STOPPED:
                     _log.error("disk full: job {job_id} could not be recorded as {state}; "
                                "the next start puts it right", job_id=job_id, state=to_state)

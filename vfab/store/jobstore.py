@@ -22,8 +22,8 @@ from twisted.python.failure import Failure
 from vfab.jobs.job import Job, iso8601
 from vfab.jobs.states import (ACTIVE, FINISHED, INTERRUPTED, PLOTTING, QUEUED,
                               InvalidTransition, check_transition)
-from vfab.jobs.errors import DiskFull, JobNotFound
-from vfab.store.migrations import SchemaTooNew, migrate
+from vfab.jobs.errors import DatabaseDamaged, DiskFull, JobNotFound
+from vfab.store.migrations import SchemaTooNew, integrity_problem, migrate
 
 _log = Logger()
 
@@ -48,9 +48,9 @@ def _primary_code(error: sqlite3.Error) -> int | None:
 
 def _check_integrity(connection: sqlite3.Connection, path: Path) -> None:
     """Refuse a damaged file now, rather than fail every request later."""
-    problems = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
-    if problems != ["ok"]:
-        raise DatabaseError(f"database {path} is damaged ({problems[0]}): restore it from "
+    problem = integrity_problem(connection)
+    if problem is not None:
+        raise DatabaseError(f"database {path} is damaged ({problem}): restore it from "
                             f"a backup, or move it away to start with an empty queue")
 
 
@@ -175,6 +175,10 @@ class JobStore:
     def _run(self, interaction: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self._pool is None:
             return fail(DatabaseError("the database is closed"))
+        if self.damage is not None:
+            # Writing over a damaged b-tree spreads the damage; reads of what is
+            # left would show a queue that is not the real one.
+            return fail(DatabaseDamaged(self.damage))
         return self._pool.runInteraction(interaction, *args).addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> Failure:
@@ -191,9 +195,11 @@ class JobStore:
         if code in _DAMAGED:
             if self.damage is None:
                 self.damage = (f"database {self.path} is damaged ({error}): stop the "
-                               f"daemon and restore it from a backup")
+                               f"daemon, run `vfab check database`, and restore the file "
+                               f"from a backup")
+                # Once: every request from now on is refused with this same reason.
                 _log.critical("{damage}", damage=self.damage)
-            raise DatabaseError(self.damage)
+            raise DatabaseDamaged(self.damage)
         return failure
 
     def add(self, job: Job) -> Deferred[Job]:

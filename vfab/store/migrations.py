@@ -67,3 +67,15 @@ def migrate(connection: sqlite3.Connection) -> tuple[int, int]:
         connection.executescript(
             f"BEGIN; {MIGRATIONS[number]} PRAGMA user_version = {number + 1}; COMMIT;")
     return before, SCHEMA_VERSION
+
+
+def integrity_problem(connection: sqlite3.Connection) -> str | None:
+    """The first problem `PRAGMA quick_check` finds, on one line; None for a sound file.
+
+    SQLite heads its report with "*** in database main ***" and a newline, which
+    would split the one-line reason a failed start or `vfab check` gives.
+    """
+    rows = [row[0] for row in connection.execute("PRAGMA quick_check").fetchall()]
+    if rows == ["ok"]:
+        return None
+    return " ".join(rows[0].replace("*** in database main ***", "").split())

@@ -29,6 +29,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from vfab.jobs.errors import DatabaseDamaged
 from vfab.web.responses import method_not_allowed, not_found
 
 _log = Logger()
@@ -397,7 +398,9 @@ class DashboardPage(Resource):
         failures = [value for ok, value in results if not ok]
         if failures:
             for failure in failures:
-                _log.failure("dashboard: a snapshot for the first paint failed", failure)
+                if not failure.check(DatabaseDamaged):  # the store has said that once
+                    _log.failure("dashboard: a snapshot for the first paint failed",
+                                 failure)
             return self._template  # app.js shows what the WebSocket says
         (_, jobs), (_, device), (_, system) = results
         return page.render(jobs["jobs"], device, system)

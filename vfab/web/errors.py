@@ -7,8 +7,8 @@ from typing import NamedTuple
 from twisted.python.failure import Failure
 
 from vfab.geometry.errors import OutOfTravel, SVGError
-from vfab.jobs.errors import (DiskFull, InvalidJobInput, InvalidTransition, JobNotFound,
-                              NotAccepting)
+from vfab.jobs.errors import (DatabaseDamaged, DiskFull, InvalidJobInput, InvalidTransition,
+                              JobNotFound, NotAccepting)
 
 
 class ClientError(NamedTuple):
@@ -25,6 +25,7 @@ _KNOWN: tuple[tuple[type[Exception], int, str], ...] = (
     (JobNotFound, 404, "not_found"),
     (InvalidTransition, 409, "invalid_state"),
     (DiskFull, 507, "insufficient_storage"),
+    (DatabaseDamaged, 503, "database_damaged"),
 )
 
 

@@ -16,7 +16,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,6 +48,9 @@ _OWN_ACCESS = (b"health", b"ws")
 _PAGE = (b"", b"index.html")
 #: Every method some path of the API answers.
 _METHODS = b"GET, HEAD, POST, DELETE"
+#: How long the connection of a request refused before it was read stays open
+#: to take (and throw away) what the client still sends.
+LINGER_SECONDS = 5.0
 
 
 class ListenError(RuntimeError):
@@ -59,7 +62,8 @@ class APIRequest(Request):
 
     twisted.web buffers the whole body before a resource sees it, so the limit
     is applied here, as it arrives: past `max_body_size` the rest is counted
-    and discarded and the resource answers 413.
+    and discarded and the resource answers 413. (A declared Content-Length
+    over the limit never gets here: APIChannel answers it at once.)
     """
 
     max_body_size: int = 0
@@ -68,9 +72,6 @@ class APIRequest(Request):
 
     def gotLength(self, length: int | None) -> None:
         self.max_body_size = self.channel.site.max_body_size
-        if length is not None and length > self.max_body_size:
-            self.body_too_large = True
-            length = 0
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -107,40 +108,98 @@ class APIRequest(Request):
 
 
 class APIChannel(HTTPChannel):
-    """An HTTP connection that answers headers it will not read with 431.
+    """An HTTP connection that says why it will not read a request.
 
     twisted.web drops a connection whose request line or a header line is
-    longer than MAX_LENGTH without a word, and answers a bare 400 when all the
-    headers together pass totalHeadersSize; a client is owed the reason.
+    longer than MAX_LENGTH without a word, answers a bare 400 when all the
+    headers together pass totalHeadersSize, when there are more than
+    maxHeaders of them or the Content-Length is not a number, and waits for a body of any declared length (a client that
+    declares 10**30 bytes and sends none holds the connection until the idle
+    timeout). Each of these is answered here, in JSON, before twisted.web sees it.
     """
+
+    #: The bytes of this request's line and headers so far, counted as
+    #: twisted.web counts them against totalHeadersSize (a line without its
+    #: CRLF). Its own count is private (_receivedHeaderSize), so we keep ours.
+    _header_bytes = 0
+    #: This request's header fields so far (twisted.web's count is private too).
+    _header_fields = 0
+    #: The close that ends a refused request's connection (see _refuse).
+    _linger: IDelayedCall | None = None
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse_headers()
 
     def lineReceived(self, line: bytes) -> None:
-        # _receivedHeaderSize is twisted.web's documented count of this
-        # request's header bytes so far; refuse before it would.
-        if self._receivedHeaderSize + len(line) > self.totalHeadersSize:
+        if self._header_bytes + len(line) > self.totalHeadersSize:
             self._refuse_headers()
             return
+        self._header_bytes += len(line)
         super().lineReceived(line)
 
+    def allHeadersReceived(self) -> None:
+        self._header_bytes = self._header_fields = 0  # the next line is the next request's
+        super().allHeadersReceived()
+
+    def headerReceived(self, line: bytes) -> bool:
+        self._header_fields += 1
+        if self._header_fields > self.maxHeaders:
+            self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
+                         f"the request has more than {self.maxHeaders} header fields")
+            return False
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            return self._length_acceptable(value.strip(b" \t")) \
+                and super().headerReceived(line)
+        return super().headerReceived(line)
+
+    def _length_acceptable(self, value: bytes) -> bool:
+        """Refuse a Content-Length that is not a number (400) or more than the
+        upload limit (413) at once, before any of the body is read."""
+        if not value.isdigit():  # bytes.isdigit(): ASCII digits only
+            self._refuse(b"400 Bad Request", "invalid_content_length",
+                         f"Content-Length: expected a number of bytes, got "
+                         f"{value.decode('latin-1')!r:.40}")
+            return False
+        limit = self.site.max_body_size
+        digits = value.lstrip(b"0") or b"0"
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            shown = digits.decode("ascii")
+            if len(shown) > 40:
+                shown = f"{shown[:20]}... ({len(shown)} digits)"
+            self._refuse(b"413 Content Too Large", "too_large",
+                         f"the request body is declared as {shown} bytes, more than the "
+                         f"limit of {limit} bytes (websocket.max_upload_size)")
+            return False
+        return True
+
     def _refuse_headers(self) -> None:
-        message = (f"the request line and headers are larger than the limit of "
-                   f"{self.totalHeadersSize} bytes")
-        body = json.dumps({"error": {"code": "headers_too_large", "message": message}},
+        self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
+                     f"the request line and headers are larger than the limit of "
+                     f"{self.totalHeadersSize} bytes")
+
+    def _refuse(self, status: bytes, code: str, message: str) -> None:
+        """Answer `status` in JSON and close: the rest of the request is never read."""
+        body = json.dumps({"error": {"code": code, "message": message}},
                           separators=(",", ":")).encode("utf-8")
-        _log.info("{client} request headers over {limit} bytes: 431",
+        _log.info("{client} request refused before it was read: {status} ({message})",
                   client=getattr(self.transport.getPeer(), "host", "?"),
-                  limit=self.totalHeadersSize)
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                  status=status.decode("ascii"), message=message)
+        self.transport.write(b"HTTP/1.1 %s\r\n"
                              b"Content-Type: application/json; charset=utf-8\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (len(body), body))
-        self.loseConnection()
-        # Nothing else that arrives on this connection is read, as twisted.web
-        # does for a connection it is done with.
+                             % (status, len(body), body))
+        # Whatever else arrives is read and thrown away until the client hangs up,
+        # for LINGER_SECONDS at most: closing with its body unread would reset the
+        # connection, and a client still sending that body would lose the answer.
+        self.clearLineBuffer()
         self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self._linger = self.callLater(LINGER_SECONDS, self.loseConnection)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        super().connectionLost(reason)
 
 
 class APISite(Site):

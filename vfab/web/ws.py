@@ -554,12 +554,16 @@ class StreamProtocol(WebSocketServerProtocol):
             for channel, (ok, value) in zip(channels, results):
                 if ok:
                     self.send_message(value)
-                else:
-                    _log.failure("websocket: the {channel} snapshot failed", value,
-                                 channel=channel)
-                    self.send_error("snapshot_failed",
-                                    f"the current {channel} state is not available; "
-                                    f"the daemon log has the details")
+                    continue
+                known = client_error(value)
+                if known is not None:  # a damaged database: the reason is the answer
+                    self.send_error(known.code, known.message)
+                    continue
+                _log.failure("websocket: the {channel} snapshot failed", value,
+                             channel=channel)
+                self.send_error("snapshot_failed",
+                                f"the current {channel} state is not available; "
+                                f"the daemon log has the details")
 
         def release(_: Any) -> None:
             self._snapshots_pending -= 1
