@@ -45,6 +45,10 @@ def test_add_list_status_watch_and_cancel(tmp_path):
 
         second = run_vfab("add", "job", "again", str(drawing), *url).stdout.strip()
         daemon.wait_for_job(second, {"plotting"})
+        # Held paused, so that it cannot end by itself before a watcher slow to
+        # start on a loaded machine is following it.
+        paused = run_vfab("pause", second, *url)
+        assert paused.returncode == 0, paused.stderr
         # `vfab watch` with no id follows every active job until it ends.
         watcher = subprocess.Popen([sys.executable, "-m", "vfab", "watch", *url],
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
