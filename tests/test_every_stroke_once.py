@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from plotting_site import Site
@@ -146,6 +147,8 @@ def apply(site: Site, job_id: str, action: str) -> None:
         site.start()
 
 
+# Hundreds of whole plots: minutes, not the suite's per-test two, on a loaded machine.
+@pytest.mark.timeout(max(600, EXAMPLES))
 @settings(max_examples=EXAMPLES, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow, HealthCheck.data_too_large])
