@@ -1,7 +1,7 @@
 """Reading an uploaded SVG into a Drawing.
 
 The upload is untrusted: it is decoded and parsed once with defusedxml (no
-DOCTYPE, no entities, no external references) before vpype ever sees it, its
+entities, no external references; a DOCTYPE line without entities is fine) before vpype ever sees it, its
 geometry is bounded before curves are flattened (so that a small file cannot
 ask for billions of points), and every refusal is an SVGError whose message
 tells the submitter what to fix.
@@ -172,16 +172,16 @@ def _decode(data: bytes) -> str:
 
 
 def _parse_safely(text: str) -> ElementTree.Element:
+    # A plain <!DOCTYPE svg PUBLIC ...> line is harmless and in many real files
+    # (matplotlib, Illustrator, Graphviz): the external DTD is never loaded.
+    # What makes a DOCTYPE dangerous is its entities, and those are refused.
     try:
         return SafeElementTree.fromstring(
-            text, forbid_dtd=True, forbid_entities=True, forbid_external=True
+            text, forbid_dtd=False, forbid_entities=True, forbid_external=True
         )
-    except defusedxml.DTDForbidden:
-        raise SVGError("the SVG contains a <!DOCTYPE ...> declaration, which is refused "
-                       "for safety; remove it (SVG files do not need one)") from None
     except defusedxml.EntitiesForbidden:
-        raise SVGError("the SVG declares XML entities, which are refused for safety; "
-                       "remove the <!ENTITY ...> declarations") from None
+        raise SVGError("the SVG's <!DOCTYPE ...> declares XML entities, which are refused "
+                       "for safety; remove the <!ENTITY ...> declarations") from None
     except defusedxml.ExternalReferenceForbidden:
         raise SVGError("the SVG refers to external XML resources, which are refused "
                        "for safety") from None
