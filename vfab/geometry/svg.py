@@ -95,7 +95,7 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
     _check_root(root)
     _check_numbers(root)
     _check_expansion(root)
-    text = _without_documentation_layers(text, root)
+    text = _as_vpype_reads_it(text, root)
     quantization_px = tolerance * PX_PER_MM
     if _has_curves(root):
         _check_geometry(text, quantization_px)
@@ -116,9 +116,34 @@ def _layer_label(group: ElementTree.Element) -> str:
     return group.get(f"{{{INKSCAPE_NAMESPACE}}}label") or group.get("id") or ""
 
 
-def _without_documentation_layers(text: str, root: ElementTree.Element) -> str:
-    """The document without its "%" layers (notes, registration marks), which the
-    AxiDraw convention does not plot.
+def _as_vpype_reads_it(text: str, root: ElementTree.Element) -> str:
+    """The document rewritten where vpype (through svgelements) would draw
+    something other than the SVG shows; the text itself when nothing needs it.
+
+    Each step changes `root` in place and says whether it changed anything.
+    """
+    changed = _drop_documentation_layers(root)
+    changed = _hide_unrendered_containers(root) or changed
+    if not changed:
+        return text
+    for prefix, uri in _PREFIXES.items():
+        ElementTree.register_namespace(prefix, uri)
+    return ElementTree.tostring(root, encoding="unicode")
+
+
+def _local_tag(element: ElementTree.Element) -> str:
+    return element.tag.rpartition("}")[2] if isinstance(element.tag, str) else ""
+
+
+def _svg_tag(root: ElementTree.Element, local: str) -> str:
+    """A tag in the document's own namespace (an <svg> without xmlns has none)."""
+    namespace = root.tag.rpartition("}")[0] if isinstance(root.tag, str) else ""
+    return f"{namespace}}}{local}" if namespace else local
+
+
+def _drop_documentation_layers(root: ElementTree.Element) -> bool:
+    """Remove the "%" layers (notes, registration marks), which the AxiDraw
+    convention does not plot.
 
     They go before vpype reads the text: it numbers unnumbered layers itself
     and would merge such a layer into a numbered one.
@@ -126,13 +151,34 @@ def _without_documentation_layers(text: str, root: ElementTree.Element) -> str:
     notes = [child for child in root
              if child.tag == f"{{{SVG_NAMESPACE}}}g" and _layer_label(child).lstrip()
              .startswith("%")]
-    if not notes:
-        return text
     for child in notes:
         root.remove(child)
-    for prefix, uri in _PREFIXES.items():
-        ElementTree.register_namespace(prefix, uri)
-    return ElementTree.tostring(root, encoding="unicode")
+    return bool(notes)
+
+
+#: Elements never drawn where they stand, only through a reference. svgelements
+#: knows this of <defs>, <clipPath> and <pattern>, but draws the content of
+#: these in place (an Illustrator <symbol>, a <marker> or <mask> outside <defs>).
+_UNRENDERED = frozenset({"symbol", "marker", "mask"})
+_NOT_DRAWN_INSIDE = frozenset({"defs", "clipPath", "pattern"}) | _UNRENDERED
+
+
+def _hide_unrendered_containers(root: ElementTree.Element) -> bool:
+    """Put every <symbol>, <marker> and <mask> outside <defs> into one, in place."""
+    changed = False
+    pending = [root]
+    while pending:
+        parent = pending.pop()
+        for index, child in enumerate(list(parent)):
+            tag = _local_tag(child)
+            if tag in _UNRENDERED:
+                defs = ElementTree.Element(_svg_tag(root, "defs"))
+                parent[index] = defs
+                defs.append(child)
+                changed = True
+            elif tag not in _NOT_DRAWN_INSIDE:
+                pending.append(child)
+    return changed
 
 
 def _decode(data: bytes) -> str:
