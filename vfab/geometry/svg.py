@@ -124,6 +124,7 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element) -> str:
     """
     changed = _drop_documentation_layers(root)
     changed = _hide_unrendered_containers(root) or changed
+    changed = _apply_symbol_viewports(root) or changed
     if not changed:
         return text
     for prefix, uri in _PREFIXES.items():
@@ -179,6 +180,79 @@ def _hide_unrendered_containers(root: ElementTree.Element) -> bool:
             elif tag not in _NOT_DRAWN_INSIDE:
                 pending.append(child)
     return changed
+
+
+def _href(element: ElementTree.Element) -> str:
+    return element.get("href") or element.get(_XLINK_HREF) or ""
+
+
+def _ids(root: ElementTree.Element) -> dict[str, ElementTree.Element]:
+    ids: dict[str, ElementTree.Element] = {}
+    for element in root.iter():
+        if element.get("id"):
+            ids.setdefault(element.get("id"), element)
+    return ids
+
+
+def _user_units(value: str | None, default: str, relative: float) -> float | None:
+    """An x/y/width/height attribute in user units, None when it cannot be known."""
+    try:
+        length = svgelements.Length(value if value is not None else default)
+        resolved = length.value(relative_length=relative, ppi=svgelements.DEFAULT_PPI)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return float(resolved) if isinstance(resolved, (int, float)) else None
+
+
+def _viewport_size(root: ElementTree.Element) -> tuple[float, float]:
+    """The root's user space size, which a percentage of a <use> refers to."""
+    numbers = _NUMBER.findall(root.get("viewBox") or "")
+    if len(numbers) == 4:
+        return float(numbers[2]), float(numbers[3])
+    width = _user_units(root.get("width"), "100%", 1000.0)
+    height = _user_units(root.get("height"), "100%", 1000.0)
+    return width or 1000.0, height or 1000.0
+
+
+def _apply_symbol_viewports(root: ElementTree.Element) -> bool:
+    """Fold the viewport of each <use> of a <symbol> with a viewBox into its transform.
+
+    The symbol's viewBox maps onto the <use>'s x, y, width and height (SVG
+    1.1 section 5.6); svgelements applies only x and y, so a scaled or offset
+    symbol was drawn at its own size and place.
+    """
+    uses = list(root.iter(_svg_tag(root, "use")))
+    if not uses:
+        return False
+    ids = _ids(root)
+    page_width, page_height = _viewport_size(root)
+    changed = False
+    for use in uses:
+        symbol = _target(use, ids)
+        if symbol is None or _local_tag(symbol) != "symbol":
+            continue
+        view_box = [float(number) for number in _NUMBER.findall(symbol.get("viewBox") or "")]
+        if len(view_box) != 4 or not (view_box[2] > 0 and view_box[3] > 0):
+            continue
+        x = _user_units(use.get("x"), "0", page_width)
+        y = _user_units(use.get("y"), "0", page_height)
+        width = _user_units(use.get("width"), "100%", page_width)
+        height = _user_units(use.get("height"), "100%", page_height)
+        if None in (x, y, width, height):
+            continue
+        viewport = svgelements.Viewbox.viewbox_transform(
+            x, y, width, height, *view_box, symbol.get("preserveAspectRatio"))
+        use.set("transform", f"{use.get('transform') or ''} {viewport}".strip())
+        for name in ("x", "y", "width", "height"):
+            use.attrib.pop(name, None)
+        changed = True
+    return changed
+
+
+def _target(use: ElementTree.Element,
+            ids: dict[str, ElementTree.Element]) -> ElementTree.Element | None:
+    href = _href(use)
+    return ids.get(href[1:]) if href.startswith("#") else None
 
 
 def _decode(data: bytes) -> str:
