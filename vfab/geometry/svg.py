@@ -125,6 +125,7 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element) -> str:
     changed = _drop_documentation_layers(root)
     changed = _hide_unrendered_containers(root) or changed
     changed = _apply_symbol_viewports(root) or changed
+    changed = _inline_loose_uses(root) or changed
     if not changed:
         return text
     for prefix, uri in _PREFIXES.items():
@@ -253,6 +254,77 @@ def _target(use: ElementTree.Element,
             ids: dict[str, ElementTree.Element]) -> ElementTree.Element | None:
     href = _href(use)
     return ids.get(href[1:]) if href.startswith("#") else None
+
+
+#: Containers svgelements draws through as if they were not there.
+_TRANSPARENT = frozenset({"a", "switch"})
+
+
+def _inline_loose_uses(root: ElementTree.Element) -> bool:
+    """Replace each <use> outside any group by a copy of what it shows.
+
+    vpype reads the shapes outside the top-level groups (layers) into layer
+    1, but leaves out a <use> there (as matplotlib and Illustrator write):
+    its shapes were never drawn. The copy sits in an <a>, which svgelements
+    draws through, its groups made <a> too, so that its shapes join layer 1
+    as the <use> would, and no copied group becomes a layer of its own.
+    """
+    loose = []
+    pending = [root]
+    while pending:
+        parent = pending.pop()
+        for index, child in enumerate(parent):
+            if _local_tag(child) == "use":
+                loose.append((parent, index, child))
+            elif _local_tag(child) in _TRANSPARENT:
+                pending.append(child)
+    if not loose:
+        return False
+    copier = _TransparentCopier(root)
+    for parent, index, use in loose:
+        parent[index] = copier.inlined(use)
+    return True
+
+
+class _TransparentCopier:
+    """Copies of referenced elements with groups and nested <use>s made <a>s
+    (cycles and sizes are refused before, by _check_expansion)."""
+
+    def __init__(self, root: ElementTree.Element):
+        self.ids = _ids(root)
+        self.page = _viewport_size(root)
+        self.a_tag = _svg_tag(root, "a")
+
+    def inlined(self, use: ElementTree.Element) -> ElementTree.Element:
+        """An <a> standing for the <use>: its attributes, its x and y as a
+        translation, and a copy of its target."""
+        wrapper = ElementTree.Element(self.a_tag)
+        for name, value in use.attrib.items():
+            if name not in ("x", "y", "width", "height", "href", _XLINK_HREF, "id"):
+                wrapper.set(name, value)
+        x = _user_units(use.get("x"), "0", self.page[0]) or 0.0
+        y = _user_units(use.get("y"), "0", self.page[1]) or 0.0
+        if x or y:
+            wrapper.set("transform",
+                        f"{use.get('transform') or ''} translate({x!r}, {y!r})".strip())
+        target = _target(use, self.ids)
+        if target is not None:
+            wrapper.append(self.copy(target))
+        return wrapper
+
+    def copy(self, element: ElementTree.Element) -> ElementTree.Element:
+        tag = _local_tag(element)
+        if tag == "use":
+            return self.inlined(element)
+        container = tag in ("g", "symbol")
+        copy = ElementTree.Element(self.a_tag if container else element.tag)
+        left_out = ("id", "viewBox", "preserveAspectRatio") if container else ("id",)
+        for name, value in element.attrib.items():
+            if name not in left_out:
+                copy.set(name, value)
+        copy.text = element.text
+        copy.extend(self.copy(child) for child in element)
+        return copy
 
 
 def _decode(data: bytes) -> str:
