@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from plotting_site import SETTINGS, Site
 from test_runner import distance_to_strokes, drawn_length
+from vfab.geometry import SVGError, load_svg
 from vfab.jobs import states
 from vfab.web.errors import client_error
 
@@ -222,3 +223,18 @@ def test_plotted_as_the_svg_shows(tmp_path, name):
     assert missed.max() <= case.within, f"a part {missed.max():.3f} mm from any stroke"
     assert drawn_length(strokes) == pytest.approx(expected_mm, rel=0.01, abs=0.05)
     assert job["pen_down_mm"] == pytest.approx(expected_mm, rel=0.01, abs=0.05)
+
+
+def use_chain(links: int) -> bytes:
+    """A <use> outside any group at the end of `links` groups that each <use> the previous."""
+    groups = "".join(f'<g id="a{i}"><use href="#a{i - 1}"/></g>' for i in range(1, links))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="100mm" height="100mm" '
+            f'viewBox="0 0 100 100"><defs><g id="a0"><path d="M0 0 L1 1"/></g>{groups}'
+            f'</defs><use href="#a{links - 1}" x="5" y="5"/></svg>').encode()
+
+
+def test_a_use_chain_outside_groups_is_drawn_or_refused_in_words():
+    drawing = load_svg(use_chain(100))
+    np.testing.assert_allclose(drawing.layers[0].paths[0], [[5, 5], [6, 6]], atol=1e-5)
+    with pytest.raises(SVGError, match="chained too deeply"):
+        load_svg(use_chain(600))

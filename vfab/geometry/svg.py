@@ -95,7 +95,11 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
     _check_root(root)
     _check_numbers(root)
     _check_expansion(root)
-    text = _as_vpype_reads_it(text, root)
+    try:
+        text = _as_vpype_reads_it(text, root)
+    except RecursionError:
+        # Written out, a long chain of <use>s nests deeper than the stack.
+        raise SVGError("the SVG's <use> references are chained too deeply") from None
     quantization_px = tolerance * PX_PER_MM
     if _has_curves(root):
         _check_geometry(text, quantization_px)
@@ -167,6 +171,8 @@ _NOT_DRAWN_INSIDE = frozenset({"defs", "clipPath", "pattern"}) | _UNRENDERED
 
 def _hide_unrendered_containers(root: ElementTree.Element) -> bool:
     """Put every <symbol>, <marker> and <mask> outside <defs> into one, in place."""
+    if all(next(root.iter(_svg_tag(root, tag)), None) is None for tag in _UNRENDERED):
+        return False
     changed = False
     pending = [root]
     while pending:
@@ -287,8 +293,11 @@ def _inline_loose_uses(root: ElementTree.Element) -> bool:
 
 
 class _TransparentCopier:
-    """Copies of referenced elements with groups and nested <use>s made <a>s
-    (cycles and sizes are refused before, by _check_expansion)."""
+    """Copies of referenced elements with groups and nested <use>s made <a>s.
+
+    Iterative, since <use> chains may run deeper than Python's stack (their
+    size and cycles are refused before, by _check_expansion).
+    """
 
     def __init__(self, root: ElementTree.Element):
         self.ids = _ids(root)
@@ -296,8 +305,25 @@ class _TransparentCopier:
         self.a_tag = _svg_tag(root, "a")
 
     def inlined(self, use: ElementTree.Element) -> ElementTree.Element:
-        """An <a> standing for the <use>: its attributes, its x and y as a
-        translation, and a copy of its target."""
+        """An <a> standing for the <use>, with a copy of what it refers to."""
+        wrapper = self._wrapper(use)
+        pending = [(wrapper, _target(use, self.ids))]
+        while pending:
+            parent, element = pending.pop()
+            if element is None:
+                continue
+            if _local_tag(element) == "use":
+                copy = self._wrapper(element)
+                children = [_target(element, self.ids)]
+            else:
+                copy = self._copy(element)
+                children = list(element)
+            parent.append(copy)
+            pending.extend((copy, child) for child in reversed(children))
+        return wrapper
+
+    def _wrapper(self, use: ElementTree.Element) -> ElementTree.Element:
+        """An <a> with the <use>'s attributes and its x and y as a translation."""
         wrapper = ElementTree.Element(self.a_tag)
         for name, value in use.attrib.items():
             if name not in ("x", "y", "width", "height", "href", _XLINK_HREF, "id"):
@@ -307,23 +333,17 @@ class _TransparentCopier:
         if x or y:
             wrapper.set("transform",
                         f"{use.get('transform') or ''} translate({x!r}, {y!r})".strip())
-        target = _target(use, self.ids)
-        if target is not None:
-            wrapper.append(self.copy(target))
         return wrapper
 
-    def copy(self, element: ElementTree.Element) -> ElementTree.Element:
-        tag = _local_tag(element)
-        if tag == "use":
-            return self.inlined(element)
-        container = tag in ("g", "symbol")
+    def _copy(self, element: ElementTree.Element) -> ElementTree.Element:
+        """The element without its children or id; a group or symbol made an <a>."""
+        container = _local_tag(element) in ("g", "symbol")
         copy = ElementTree.Element(self.a_tag if container else element.tag)
         left_out = ("id", "viewBox", "preserveAspectRatio") if container else ("id",)
         for name, value in element.attrib.items():
             if name not in left_out:
                 copy.set(name, value)
         copy.text = element.text
-        copy.extend(self.copy(child) for child in element)
         return copy
 
 
