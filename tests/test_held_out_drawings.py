@@ -238,3 +238,20 @@ def test_a_use_chain_outside_groups_is_drawn_or_refused_in_words():
     np.testing.assert_allclose(drawing.layers[0].paths[0], [[5, 5], [6, 6]], atol=1e-5)
     with pytest.raises(SVGError, match="chained too deeply"):
         load_svg(use_chain(600))
+
+
+def test_layers_that_vpype_would_number_alike_stay_pens_of_their_own():
+    """Each layer is a pen (README): in vpype's order (by number, then as in
+    the file) and with its own name; loose shapes still join layer 1."""
+    layer = '<g inkscape:groupmode="layer" inkscape:label="{}"><path d="M0 {} L10 {}"/></g>'
+    svg = ('<svg xmlns="http://www.w3.org/2000/svg" '
+           'xmlns:inkscape="http://www.inkscape.org/namespaces/inkscape" width="100mm" '
+           'height="100mm" viewBox="0 0 100 100"><path d="M0 0 L10 0"/>'
+           + "".join(layer.format(label, y, y) for label, y in
+                     [("2 blue", 2), ("1 red", 1), ("1 red fine", 3), ("pen 2", 4)])
+           + '<g id="layer9"><path d="M0 9 L10 9"/></g></svg>').encode()
+    drawing = load_svg(svg)
+    assert [(layer.name, sorted(round(path[0][1], 3) for path in layer.paths))
+            for layer in drawing.layers] == [
+        ("1 red", [0, 1]), ("1 red fine", [3]), ("2 blue", [2]), ("pen 2", [4]),
+        ("Layer 9", [9])]

@@ -96,7 +96,7 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
     _check_numbers(root)
     _check_expansion(root)
     try:
-        text = _as_vpype_reads_it(text, root)
+        text, layer_names = _as_vpype_reads_it(text, root)
     except RecursionError:
         # Written out, a long chain of <use>s nests deeper than the stack.
         raise SVGError("the SVG's <use> references are chained too deeply") from None
@@ -113,16 +113,18 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
         # AttributeError: vpype meets an element svgelements left out (as for a
         # root hidden by a stylesheet); the upload is at fault, not the daemon.
         raise SVGError(f"the SVG could not be read: {error or 'malformed path data'}") from None
-    return _to_drawing(document)
+    return _to_drawing(document, layer_names)
 
 
 def _layer_label(group: ElementTree.Element) -> str:
     return group.get(f"{{{INKSCAPE_NAMESPACE}}}label") or group.get("id") or ""
 
 
-def _as_vpype_reads_it(text: str, root: ElementTree.Element) -> str:
+def _as_vpype_reads_it(text: str, root: ElementTree.Element) -> tuple[str, dict[int, str]]:
     """The document rewritten where vpype (through svgelements) would draw
-    something other than the SVG shows; the text itself when nothing needs it.
+    something other than the SVG shows (the text itself when nothing needs
+    it), and the names of the layers that vpype will number other than by
+    their own names (see _separate_layers).
 
     Each step changes `root` in place and says whether it changed anything.
     """
@@ -130,11 +132,12 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element) -> str:
     changed = _hide_unrendered_containers(root) or changed
     changed = _apply_symbol_viewports(root) or changed
     changed = _inline_loose_uses(root) or changed
-    if not changed:
-        return text
+    layer_names = _separate_layers(root)
+    if not (changed or layer_names):
+        return text, layer_names
     for prefix, uri in _PREFIXES.items():
         ElementTree.register_namespace(prefix, uri)
-    return ElementTree.tostring(root, encoding="unicode")
+    return ElementTree.tostring(root, encoding="unicode"), layer_names
 
 
 def _local_tag(element: ElementTree.Element) -> str:
@@ -260,6 +263,59 @@ def _target(use: ElementTree.Element,
             ids: dict[str, ElementTree.Element]) -> ElementTree.Element | None:
     href = _href(use)
     return ids.get(href[1:]) if href.startswith("#") else None
+
+
+_LAYER_NUMBER = re.compile(r"\d+")  # as vpype reads one from a label or id
+_INKSCAPE_LABEL = f"{{{INKSCAPE_NAMESPACE}}}label"
+_HIDDEN_STYLE = re.compile(r"(?:^|;)\s*display\s*:\s*none", re.IGNORECASE)
+
+
+def _separate_layers(root: ElementTree.Element) -> dict[int, str]:
+    """Give two top-level groups that vpype would number alike numbers of their own.
+
+    vpype numbers a layer by the first digits in its label, else in its id,
+    else by its place, and merges layers of one number: Inkscape layers
+    "black 0.5mm" and "red 0.5mm" became one pen, though each layer is a pen
+    (README). When that would happen every layer is relabelled with a number
+    that keeps vpype's order (by number, then as in the document) and is its
+    own; returned are the names vfab gives those layers, from the old labels.
+    Nothing is changed (and {} returned) when no two layers share a number.
+    """
+    groups = [child for child in _rendered_children(root)
+              if _local_tag(child) in ("g", "svg") and not _hidden(child)]
+    numbers = []
+    for place, group in enumerate(groups):
+        found = (_LAYER_NUMBER.search(group.get(_INKSCAPE_LABEL) or "")
+                 or _LAYER_NUMBER.search(group.get("id") or ""))
+        numbers.append(max(1, int(found.group())) if found else place + 1)
+    if len(set(numbers)) == len(numbers):
+        return {}
+    # Room for every layer between two numbers; number 1 stays 1, where vpype
+    # also puts the shapes outside any group.
+    spacing = len(groups) + 1
+    taken: dict[int, int] = {}
+    names = {}
+    for group, number in zip(groups, numbers):
+        unique = (number - 1) * spacing + 1 + taken.get(number, 0)
+        taken[number] = taken.get(number, 0) + 1
+        names[unique] = group.get(_INKSCAPE_LABEL) or f"Layer {number}"
+        group.set(_INKSCAPE_LABEL, str(unique))
+    return names
+
+
+def _hidden(element: ElementTree.Element) -> bool:
+    """Hidden by its own attributes (svgelements leaves such a group out)."""
+    return ((element.get("display") or "").strip().lower() == "none"
+            or bool(_HIDDEN_STYLE.search(element.get("style") or "")))
+
+
+def _rendered_children(parent: ElementTree.Element):
+    """The children of `parent` as svgelements places them: through <a> and <switch>."""
+    for child in parent:
+        if _local_tag(child) in _TRANSPARENT:
+            yield from _rendered_children(child)
+        else:
+            yield child
 
 
 #: Containers svgelements draws through as if they were not there.
@@ -656,14 +712,14 @@ def _clean_paths(lines: list[np.ndarray]) -> list[np.ndarray]:
             for i in np.flatnonzero((kept >= 2) & (sizes >= 2)).tolist()]
 
 
-def _to_drawing(document: vpype.Document) -> Drawing:
+def _to_drawing(document: vpype.Document, layer_names: dict[int, str]) -> Drawing:
     layers = []
     for layer_id in sorted(document.layers):
         collection = document.layers[layer_id]
         paths = _clean_paths(list(collection))
         if not paths:
             continue
-        name = collection.property(vpype.METADATA_FIELD_NAME)
+        name = layer_names.get(layer_id) or collection.property(vpype.METADATA_FIELD_NAME)
         layers.append(Layer(name=str(name) if name else f"Layer {layer_id}", paths=paths))
     if not layers:
         raise SVGError("the SVG has nothing to plot: no paths or shapes with a length "
