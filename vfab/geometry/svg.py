@@ -167,13 +167,14 @@ def _drop_documentation_layers(root: ElementTree.Element) -> bool:
 
 #: Elements never drawn where they stand, only through a reference. svgelements
 #: knows this of <defs>, <clipPath> and <pattern>, but draws the content of
-#: these in place (an Illustrator <symbol>, a <marker> or <mask> outside <defs>).
-_UNRENDERED = frozenset({"symbol", "marker", "mask"})
+#: these in place (an Illustrator <symbol>, a <marker> or <mask> outside <defs>,
+#: the frame of Inkscape 0.92 flowed text, which no SVG viewer draws).
+_UNRENDERED = frozenset({"symbol", "marker", "mask", "flowRoot"})
 _NOT_DRAWN_INSIDE = frozenset({"defs", "clipPath", "pattern"}) | _UNRENDERED
 
 
 def _hide_unrendered_containers(root: ElementTree.Element) -> bool:
-    """Put every <symbol>, <marker> and <mask> outside <defs> into one, in place."""
+    """Put every such element outside <defs> into one, in place."""
     if all(next(root.iter(_svg_tag(root, tag)), None) is None for tag in _UNRENDERED):
         return False
     changed = False
