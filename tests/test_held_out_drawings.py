@@ -93,6 +93,8 @@ CASES: dict[str, Drawn | Refused] = {
         line((37.5, 20), (37.5, 40)), line((17.5, 50), (27.5, 50)),
         line((87.5, 30), (107.5, 50))]]),
     "empty_inkscape.svg": Refused(400, "nothing to plot"),
+    "clones_of_templates.svg": Drawn([[line((20, 20), (30, 20), (30, 30)),
+                                       line((40, 20), (50, 20), (50, 30))]]),
     "inkscape092_flowed_text.svg": Drawn([[line((20, 80), (100, 80))]]),
     "layer_names_with_digits.svg": Drawn([[line((10, 10), (50, 10))],
                                          [line((10, 20), (50, 20))]]),

@@ -128,7 +128,7 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element) -> tuple[str, dict[
 
     Each step changes `root` in place and says whether it changed anything.
     """
-    changed = _drop_documentation_layers(root)
+    changed = _hide_documentation_layers(root)
     changed = _hide_unrendered_containers(root) or changed
     changed = _apply_symbol_viewports(root) or changed
     changed = _inline_loose_uses(root) or changed
@@ -150,19 +150,22 @@ def _svg_tag(root: ElementTree.Element, local: str) -> str:
     return f"{namespace}}}{local}" if namespace else local
 
 
-def _drop_documentation_layers(root: ElementTree.Element) -> bool:
-    """Remove the "%" layers (notes, registration marks), which the AxiDraw
-    convention does not plot.
+def _hide_documentation_layers(root: ElementTree.Element) -> bool:
+    """Put the "%" layers (notes, registration marks, originals of clones),
+    which the AxiDraw convention does not plot, into <defs>.
 
     They go before vpype reads the text: it numbers unnumbered layers itself
-    and would merge such a layer into a numbered one.
+    and would merge such a layer into a numbered one. In <defs> rather than
+    removed, a <use> of a shape in one (a clone) still shows it.
     """
-    notes = [child for child in root
-             if child.tag == f"{{{SVG_NAMESPACE}}}g" and _layer_label(child).lstrip()
-             .startswith("%")]
-    for child in notes:
-        root.remove(child)
-    return bool(notes)
+    changed = False
+    for index, child in enumerate(list(root)):
+        if child.tag == f"{{{SVG_NAMESPACE}}}g" and _layer_label(child).lstrip().startswith("%"):
+            defs = ElementTree.Element(_svg_tag(root, "defs"))
+            root[index] = defs
+            defs.append(child)
+            changed = True
+    return changed
 
 
 #: Elements never drawn where they stand, only through a reference. svgelements
