@@ -1,10 +1,10 @@
 """Reading an uploaded SVG into a Drawing.
 
 The upload is untrusted: it is decoded and parsed once with defusedxml (no
-entities, no external references; a DOCTYPE line without entities is fine) before vpype ever sees it, its
-geometry is bounded before curves are flattened (so that a small file cannot
-ask for billions of points), and every refusal is an SVGError whose message
-tells the submitter what to fix.
+entities, no external references; a plain DOCTYPE line is fine) before vpype
+ever sees it, its geometry is bounded before curves are flattened (so that a
+small file cannot ask for billions of points), and every refusal is an
+SVGError whose message tells the submitter what to fix.
 
 vpype then does the SVG work: units (mm, cm, in, pt, px at 96 per inch),
 viewBox, transforms, nested groups and curves. Curves are flattened with
@@ -21,6 +21,7 @@ import io
 import math
 import re
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator
 
 import defusedxml
 import defusedxml.ElementTree as SafeElementTree
@@ -160,7 +161,7 @@ def _hide_documentation_layers(root: ElementTree.Element) -> bool:
     """
     changed = False
     for index, child in enumerate(list(root)):
-        if child.tag == f"{{{SVG_NAMESPACE}}}g" and _layer_label(child).lstrip().startswith("%"):
+        if _local_tag(child) == "g" and _layer_label(child).lstrip().startswith("%"):
             defs = ElementTree.Element(_svg_tag(root, "defs"))
             root[index] = defs
             defs.append(child)
@@ -269,6 +270,10 @@ def _target(use: ElementTree.Element,
     return ids.get(href[1:]) if href.startswith("#") else None
 
 
+#: Containers svgelements draws through as if they were not there.
+_TRANSPARENT = frozenset({"a", "switch"})
+
+
 _LAYER_NUMBER = re.compile(r"\d+")  # as vpype reads one from a label or id
 _INKSCAPE_LABEL = f"{{{INKSCAPE_NAMESPACE}}}label"
 _HIDDEN_STYLE = re.compile(r"(?:^|;)\s*display\s*:\s*none", re.IGNORECASE)
@@ -313,7 +318,7 @@ def _hidden(element: ElementTree.Element) -> bool:
             or bool(_HIDDEN_STYLE.search(element.get("style") or "")))
 
 
-def _rendered_children(parent: ElementTree.Element):
+def _rendered_children(parent: ElementTree.Element) -> Iterator[ElementTree.Element]:
     """The children of `parent` as svgelements places them: through <a> and <switch>."""
     for child in parent:
         if _local_tag(child) in _TRANSPARENT:
@@ -322,15 +327,11 @@ def _rendered_children(parent: ElementTree.Element):
             yield child
 
 
-#: Containers svgelements draws through as if they were not there.
-_TRANSPARENT = frozenset({"a", "switch"})
-
-
 def _inline_loose_uses(root: ElementTree.Element) -> bool:
     """Replace each <use> outside any group by a copy of what it shows.
 
     vpype reads the shapes outside the top-level groups (layers) into layer
-    1, but leaves out a <use> there (as matplotlib and Illustrator write):
+    1, but leaves out a <use> there (as Illustrator writes symbol instances):
     its shapes were never drawn. The copy sits in an <a>, which svgelements
     draws through, its groups made <a> too, so that its shapes join layer 1
     as the <use> would, and no copied group becomes a layer of its own.
