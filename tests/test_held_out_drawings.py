@@ -169,6 +169,8 @@ CASES: dict[str, Drawn | Refused] = {
                              model="V3/A3"),
     "minikit_edge.svg": Drawn([[line((0, 0), (160, 0), (160, 101.6))]], model="MiniKit"),
     "negative.svg": Refused(422, "x=-1.0 mm, left of the home corner"),
+    "a4_portrait_on_v3_a4.svg": Refused(422, "y=287.0 mm but the V3/A4 travel ends at 218 mm"),
+    "se_a2_edge.svg": Drawn([[line((594, 0), (0, 432))]], model="SE/A2"),
     "single_dot.svg": Refused(400, "nothing to plot"),
 }
 
