@@ -3,8 +3,8 @@
 Each file is submitted to an in-process site (plotting_site.Site), plotted to
 completion on the emulated board (pens changed as asked), and what the board
 drew with the pen down is compared with what the SVG shows, worked out by
-hand: every expected point lies on a stroke and every stroke point on the
-expected drawing, the lengths agree, and the job's layers, paths and
+hand, pen by pen: every expected point lies on a stroke and every stroke
+point on the expected drawing, the lengths agree, and the job's layers and
 pen_down_mm say the same. Files that cannot be plotted must be refused with
 the contract's answer (400 a bad SVG, 422 outside the travel) and a reason.
 """
@@ -179,13 +179,19 @@ def test_the_corpus_is_all_here():
     assert sorted(CASES) == sorted(path.name for path in DRAWINGS.glob("*.svg"))
 
 
-def plot_to_the_end(site: Site, job_id: str) -> dict:
-    """Plot the job through, putting in the next pen whenever it is asked for."""
+def plot_to_the_end(site: Site, job_id: str) -> tuple[dict, list[list[np.ndarray]]]:
+    """Plot the job through, putting in the next pen whenever it is asked for;
+    the job and the strokes drawn with each pen."""
+    pens = []
+    drawn = 0
     while True:
         site.wait_for(lambda: site.state(job_id) in states.FINISHED | {states.AWAITING_PEN},
                       limit=7200, step=1.0)
+        strokes = site.strokes
+        pens.append(strokes[drawn:])
+        drawn = len(strokes)
         if site.state(job_id) != states.AWAITING_PEN:
-            return site.job(job_id)
+            return site.job(job_id), pens
         site.settle(site.life.queue.resume(job_id))
 
 
@@ -214,19 +220,21 @@ def test_plotted_as_the_svg_shows(tmp_path, name):
         assert "\n" not in error.message
         return
     job_id = site.submit(svg, name=name)
-    job = plot_to_the_end(site, job_id)
+    job, pens = plot_to_the_end(site, job_id)
     assert job["state"] == states.COMPLETED, job
-    strokes = site.strokes
-    expected = [path for layer in case.layers for path in layer]
-    expected_mm = drawn_length(expected)
-    assert job["layers"] == len(case.layers), job
-    assert strokes, "nothing was drawn"
-    # Everything drawn is on the drawing, and the whole drawing is drawn.
-    stray = distance_to_strokes(np.vstack([dense(s) for s in strokes]), expected)
-    missed = distance_to_strokes(np.vstack([dense(path) for path in expected]), strokes)
-    assert stray.max() <= case.within, f"drawn {stray.max():.3f} mm off the drawing"
-    assert missed.max() <= case.within, f"a part {missed.max():.3f} mm from any stroke"
-    assert drawn_length(strokes) == pytest.approx(expected_mm, rel=0.01, abs=0.05)
+    assert (job["layers"], len(pens)) == (len(case.layers), len(case.layers)), job
+    for number, (strokes, expected) in enumerate(zip(pens, case.layers), 1):
+        assert strokes, f"pen {number} drew nothing"
+        # Everything drawn is on the drawing, and the whole drawing is drawn.
+        stray = distance_to_strokes(np.vstack([dense(s) for s in strokes]), expected)
+        missed = distance_to_strokes(np.vstack([dense(path) for path in expected]), strokes)
+        assert stray.max() <= case.within, \
+            f"pen {number} drew {stray.max():.3f} mm off the drawing"
+        assert missed.max() <= case.within, \
+            f"pen {number}: a part {missed.max():.3f} mm from any stroke"
+        assert drawn_length(strokes) == pytest.approx(drawn_length(expected), rel=0.01,
+                                                      abs=0.05)
+    expected_mm = drawn_length([path for layer in case.layers for path in layer])
     assert job["pen_down_mm"] == pytest.approx(expected_mm, rel=0.01, abs=0.05)
 
 
