@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from plotting_site import SETTINGS, Site
 from test_runner import distance_to_strokes, drawn_length
 from vfab.geometry import SVGError, load_svg
+from vfab.geometry import svg as svg_module
 from vfab.jobs import states
 from vfab.web.errors import client_error
 
@@ -142,6 +143,11 @@ CASES: dict[str, Drawn | Refused] = {
     "css_classes.svg": Drawn([[line((10, 10), (40, 10))]]),
     "fill_only.svg": Drawn([[rect(10, 10, 20, 10)]]),
     "clip_path.svg": Drawn([[line((20, 50), (50, 50))]]),
+    # The group's transform moves its clip too: the circle is at (50, 60).
+    "inkscape_clip_group.svg": Drawn([[
+        line((50 - 20 * np.sqrt(0.75), 50), (50 + 20 * np.sqrt(0.75), 50)),
+        line((50 - 20 * np.sqrt(0.4375), 45), (50 + 20 * np.sqrt(0.4375), 45)),
+        line((10, 90), (20, 90))]], within=0.08),
     # Text and images are not plotted; alone they are nothing to plot.
     "text_and_path.svg": Drawn([[line((10, 60), (50, 60))]]),
     "text_only.svg": Refused(400, "text must be converted to paths"),
@@ -156,6 +162,7 @@ CASES: dict[str, Drawn | Refused] = {
         scaled(rect(0, 0, 288, 216), PT), scaled(rect(72, 36, 144, 144), PT),
         scaled(line((72, 180), (72, 183.5)), PT), scaled(line((216, 180), (216, 183.5)), PT),
         scaled(line((72, 180), (144, 108), (216, 36)), PT),
+        scaled(line((72, 144), (216, 144)), PT),  # clipped by the axes
         scaled(line((72, 180), (72, 36)), PT), scaled(line((72, 180), (216, 180)), PT)]]),
     # Encodings and declarations.
     "utf8_bom.svg": Drawn([[line((10, 10), (20, 10))]]),
@@ -268,3 +275,23 @@ def test_layers_that_vpype_would_number_alike_stay_pens_of_their_own():
             for layer in drawing.layers] == [
         ("1 red", [0, 1]), ("1 red fine", [3]), ("2 blue", [2]), ("pen 2", [4]),
         ("Layer 9", [9])]
+
+
+def test_a_clipped_layer_stays_a_pen_and_clips_are_bounded(monkeypatch):
+    """A clip on a layer itself cuts that layer; clip paths copied for many
+    differently placed elements are refused before they pile up."""
+    head = ('<svg xmlns="http://www.w3.org/2000/svg" '
+            'xmlns:inkscape="http://www.inkscape.org/namespaces/inkscape" width="100mm" '
+            'height="100mm" viewBox="0 0 100 100"><defs><clipPath id="c">{}</clipPath></defs>')
+    layers = ('<g inkscape:label="1 first"><path d="M0 5 L90 5"/></g>'
+              '<g inkscape:label="2 clipped" clip-path="url(#c)"><path d="M0 50 L90 50"/></g>')
+    drawing = load_svg((head.format('<rect x="20" y="0" width="30" height="100"/>')
+                        + layers + "</svg>").encode())
+    assert [layer.name for layer in drawing.layers] == ["1 first", "2 clipped"]
+    np.testing.assert_allclose(drawing.layers[1].paths[0], [[20, 50], [50, 50]], atol=1e-4)
+    rects = '<rect x="20" y="0" width="1" height="1"/>' * 1000
+    placed = "".join(f'<path clip-path="url(#c)" transform="translate({i} 0)" d="M0 0 L1 1"/>'
+                     for i in range(600))
+    monkeypatch.setattr(svg_module, "MAX_EXPANDED_ELEMENTS", 5000)  # the bomb, smaller
+    with pytest.raises(SVGError, match="clip paths"):
+        load_svg((head.format(rects) + placed + "</svg>").encode())

@@ -17,15 +17,18 @@ Straight segments are kept exactly as drawn.
 from __future__ import annotations
 
 import codecs
+import copy as copy_module
 import io
 import math
 import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator
 
+import attr
 import defusedxml
 import defusedxml.ElementTree as SafeElementTree
 import numpy as np
+import shapely
 import svgelements
 import vpype
 
@@ -97,7 +100,7 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
     _check_numbers(root)
     _check_expansion(root)
     try:
-        text, layer_names = _as_vpype_reads_it(text, root)
+        text, layer_names, clips = _as_vpype_reads_it(text, root)
     except RecursionError:
         # Written out, a long chain of <use>s nests deeper than the stack.
         raise SVGError("the SVG's <use> references are chained too deeply") from None
@@ -114,6 +117,7 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
         # AttributeError: vpype meets an element svgelements left out (as for a
         # root hidden by a stylesheet); the upload is at fault, not the daemon.
         raise SVGError(f"the SVG could not be read: {error or 'malformed path data'}") from None
+    _apply_clips(document, clips)
     return _to_drawing(document, layer_names)
 
 
@@ -121,11 +125,12 @@ def _layer_label(group: ElementTree.Element) -> str:
     return group.get(f"{{{INKSCAPE_NAMESPACE}}}label") or group.get("id") or ""
 
 
-def _as_vpype_reads_it(text: str, root: ElementTree.Element) -> tuple[str, dict[int, str]]:
+def _as_vpype_reads_it(text: str, root: ElementTree.Element
+                       ) -> tuple[str, dict[int, str], list[_Clip]]:
     """The document rewritten where vpype (through svgelements) would draw
     something other than the SVG shows (the text itself when nothing needs
-    it), and the names of the layers that vpype will number other than by
-    their own names (see _separate_layers).
+    it), the names of the layers that vpype will number other than by their
+    own names (see _separate_layers), and the clips to apply once it is read.
 
     Each step changes `root` in place and says whether it changed anything.
     """
@@ -133,12 +138,14 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element) -> tuple[str, dict[
     changed = _hide_unrendered_containers(root) or changed
     changed = _apply_symbol_viewports(root) or changed
     changed = _inline_loose_uses(root) or changed
-    layer_names = _separate_layers(root)
-    if not (changed or layer_names):
-        return text, layer_names
+    clipped = _clipped_elements(root)
+    layer_names, layer_ids = _separate_layers(root, every=bool(clipped))
+    clips = _move_clipped(root, clipped, layer_ids)
+    if not (changed or layer_names or clips):
+        return text, layer_names, clips
     for prefix, uri in _PREFIXES.items():
         ElementTree.register_namespace(prefix, uri)
-    return ElementTree.tostring(root, encoding="unicode"), layer_names
+    return ElementTree.tostring(root, encoding="unicode"), layer_names, clips
 
 
 def _local_tag(element: ElementTree.Element) -> str:
@@ -270,6 +277,167 @@ def _target(use: ElementTree.Element,
     return ids.get(href[1:]) if href.startswith("#") else None
 
 
+@attr.s(frozen=True, auto_attribs=True)
+class _Clip:
+    """Clipped elements moved into a layer of their own (`content`), their clip
+    region into another, to be cut and put back into `layer` once vpype has
+    read them."""
+
+    content: int
+    region: int
+    layer: int
+
+
+#: How much wider a clip region is taken (px), and the shortest piece kept:
+#: far below a motor step (0.0125 mm is 0.05 px).
+_CLIP_SLACK_PX = 1e-6
+_CLIP_PIECE_PX = 1e-3
+_CLIP_REFERENCE = re.compile(r"""url\(\s*['"]?#([^'")\s]+)['"]?\s*\)""")
+_CLIP_STYLE = re.compile(r"clip-path\s*:[^;]*;?", re.IGNORECASE)
+_GROUPS = frozenset({"g", "svg", "a", "switch"})
+
+
+def _clip_of(element: ElementTree.Element,
+             ids: dict[str, ElementTree.Element]) -> ElementTree.Element | None:
+    """The <clipPath> the element is clipped by, if vfab can apply it."""
+    style = element.get("style") or ""
+    reference = element.get("clip-path") or ""
+    declared = re.search(r"clip-path\s*:([^;]*)", style, re.IGNORECASE)
+    if declared:
+        reference = declared.group(1)
+    found = _CLIP_REFERENCE.search(reference)
+    clip = ids.get(found.group(1)) if found else None
+    if clip is None or _local_tag(clip) != "clipPath" \
+            or (clip.get("clipPathUnits") or "").strip() == "objectBoundingBox":
+        return None
+    return clip
+
+
+def _clipped_elements(root: ElementTree.Element
+                      ) -> list[tuple[ElementTree.Element, list[ElementTree.Element],
+                                      ElementTree.Element]]:
+    """Each drawn element with a clip path (outermost only): the element, the
+    groups it is in (the top-level one first) and its <clipPath>."""
+    if not any(element.get("clip-path") is not None
+               or "clip-path" in (element.get("style") or "") for element in root.iter()):
+        return []
+    ids = _ids(root)
+    found = []
+    pending = [(root, [])]
+    while pending:
+        parent, chain = pending.pop()
+        for child in parent:
+            if _hidden(child):
+                continue
+            clip = _clip_of(child, ids)
+            if clip is not None:
+                found.append((child, chain, clip))
+            elif _local_tag(child) in _GROUPS:
+                pending.append((child, chain + [child]))
+    return found
+
+
+def _move_clipped(root: ElementTree.Element, clipped: list, layer_ids: dict) -> list[_Clip]:
+    """Move each clipped element into a top-level group of its own, and a copy
+    of its clip path's shapes into another, both in the groups it was in (so
+    that both are read in the same coordinates). svgelements ignores clip
+    paths; the cut is made in _apply_clips. Elements clipped by one clip path
+    in the same coordinates share one copy of it (matplotlib clips every line
+    by the axes), and siblings one group."""
+    clips: list[_Clip] = []
+    regions: dict[tuple, int] = {}
+    contents: dict[tuple, ElementTree.Element] = {}
+    number = max(layer_ids.values(), default=1) + 1
+    copied = 0
+    for element, chain, clip in clipped:
+        # Its layer: the top-level group it is in (or is), else layer 1.
+        layers = [group for group in chain + [element] if group in layer_ids]
+        layer = layer_ids[layers[0]] if layers else 1
+        (chain[-1] if chain else root).remove(element)
+        element.attrib.pop("clip-path", None)
+        if element.get("style"):
+            element.set("style", _CLIP_STYLE.sub("", element.get("style")))
+        key = (id(clip), element.get("transform"),
+               tuple((_local_tag(group), *(group.get(name) for name in _PLACING))
+                     for group in chain))
+        if key not in regions:
+            regions[key] = number
+            region = _shells(root, chain, number, _PLACING)
+            number += 1
+            for transform in (element.get("transform"), clip.get("transform")):
+                if transform:
+                    region = ElementTree.SubElement(region, _svg_tag(root, "g"),
+                                                    {"transform": transform})
+            copied += sum(1 for child in clip for _ in child.iter())
+            if copied > MAX_EXPANDED_ELEMENTS:
+                raise SVGError(f"the SVG's clip paths, copied where they are used, would "
+                               f"make more than {MAX_EXPANDED_ELEMENTS:,} elements")
+            region.extend(_copy_without_ids(child) for child in clip)
+        # Elements side by side with one clip region share a layer until cut.
+        together = (regions[key], tuple(id(group) for group in chain))
+        if together not in contents:
+            contents[together] = _shells(root, chain, number, None)
+            clips.append(_Clip(content=number, region=regions[key], layer=layer))
+            number += 1
+        contents[together].append(element)
+    return clips
+
+
+#: What of a group places its content: all a copy of a clip region needs.
+_PLACING = ("transform", "x", "y", "width", "height", "viewBox", "preserveAspectRatio")
+
+
+def _shells(root: ElementTree.Element, chain: list, number: int,
+            kept: tuple[str, ...] | None) -> ElementTree.Element:
+    """A new top-level group labelled `number`, holding empty copies of the
+    groups in `chain` with their `kept` attributes (None: all but id and
+    label); returns the innermost."""
+    inner = ElementTree.SubElement(root, _svg_tag(root, "g"), {_INKSCAPE_LABEL: str(number)})
+    for group in chain:
+        tag = "svg" if _local_tag(group) == "svg" else "g"
+        inner = ElementTree.SubElement(inner, _svg_tag(root, tag))
+        for name, value in group.attrib.items():
+            if name not in ("id", _INKSCAPE_LABEL) if kept is None else name in kept:
+                inner.set(name, value)
+    return inner
+
+
+def _copy_without_ids(element: ElementTree.Element) -> ElementTree.Element:
+    copy = copy_module.deepcopy(element)
+    for part in copy.iter():
+        part.attrib.pop("id", None)
+    return copy
+
+
+def _apply_clips(document: vpype.Document, clips: list[_Clip]) -> None:
+    """Cut each clipped element's lines to its clip region (the union of the
+    clip path's shapes, filled) and put what is inside back into its layer."""
+    areas = {}
+    for region in {clip.region for clip in clips}:
+        lines = document.pop(region) if region in document.layers else []
+        shapes = [shapely.Polygon(np.column_stack([line.real, line.imag])).buffer(0)
+                  for line in lines if len(line) >= 3]
+        # A hair wider, so that a line drawn along the clip's edge is kept; a
+        # line that only touches the clip leaves a piece of about that length.
+        areas[region] = shapely.union_all(shapes).buffer(_CLIP_SLACK_PX) if shapes \
+            else shapely.Polygon()
+    for clip in clips:
+        content = document.pop(clip.content) if clip.content in document.layers else None
+        if content is None:
+            continue
+        area = areas[clip.region]
+        lines = [shapely.LineString(np.column_stack([line.real, line.imag]))
+                 for line in content if len(line) >= 2]
+        pieces = []
+        for cut in shapely.intersection(lines, area):
+            for part in shapely.get_parts(cut):
+                if part.geom_type == "LineString" and part.length > _CLIP_PIECE_PX:
+                    points = shapely.get_coordinates(part)
+                    pieces.append(points[:, 0] + 1j * points[:, 1])
+        if pieces:
+            document.add(vpype.LineCollection(pieces), clip.layer)
+
+
 #: Containers svgelements draws through as if they were not there.
 _TRANSPARENT = frozenset({"a", "switch"})
 
@@ -279,7 +447,8 @@ _INKSCAPE_LABEL = f"{{{INKSCAPE_NAMESPACE}}}label"
 _HIDDEN_STYLE = re.compile(r"(?:^|;)\s*display\s*:\s*none", re.IGNORECASE)
 
 
-def _separate_layers(root: ElementTree.Element) -> dict[int, str]:
+def _separate_layers(root: ElementTree.Element, every: bool = False
+                     ) -> tuple[dict[int, str], dict[ElementTree.Element, int]]:
     """Give two top-level groups that vpype would number alike numbers of their own.
 
     vpype numbers a layer by the first digits in its label, else in its id,
@@ -287,8 +456,9 @@ def _separate_layers(root: ElementTree.Element) -> dict[int, str]:
     "black 0.5mm" and "red 0.5mm" became one pen, though each layer is a pen
     (README). When that would happen every layer is relabelled with a number
     that keeps vpype's order (by number, then as in the document) and is its
-    own; returned are the names vfab gives those layers, from the old labels.
-    Nothing is changed (and {} returned) when no two layers share a number.
+    own; returned are the names vfab gives those layers, from the old labels,
+    and the number vpype gives each top-level group. Nothing is changed (and
+    no names returned) when no two layers share a number, unless `every`.
     """
     groups = [child for child in _rendered_children(root)
               if _local_tag(child) in ("g", "svg") and not _hidden(child)]
@@ -297,19 +467,21 @@ def _separate_layers(root: ElementTree.Element) -> dict[int, str]:
         found = (_LAYER_NUMBER.search(group.get(_INKSCAPE_LABEL) or "")
                  or _LAYER_NUMBER.search(group.get("id") or ""))
         numbers.append(max(1, int(found.group())) if found else place + 1)
-    if len(set(numbers)) == len(numbers):
-        return {}
+    if len(set(numbers)) == len(numbers) and not every:
+        return {}, dict(zip(groups, numbers))
     # Room for every layer between two numbers; number 1 stays 1, where vpype
     # also puts the shapes outside any group.
     spacing = len(groups) + 1
     taken: dict[int, int] = {}
     names = {}
+    layer_ids = {}
     for group, number in zip(groups, numbers):
         unique = (number - 1) * spacing + 1 + taken.get(number, 0)
         taken[number] = taken.get(number, 0) + 1
         names[unique] = group.get(_INKSCAPE_LABEL) or f"Layer {number}"
         group.set(_INKSCAPE_LABEL, str(unique))
-    return names
+        layer_ids[group] = unique
+    return names, layer_ids
 
 
 def _hidden(element: ElementTree.Element) -> bool:
