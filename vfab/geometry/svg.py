@@ -11,7 +11,11 @@ viewBox, transforms, nested groups and curves. Curves are flattened with
 vpype's quantization equal to the tolerance (chords no longer than it) and
 then simplified (Douglas-Peucker, same tolerance), so a flattened curve stays
 within about the tolerance of the true one while keeping few vertices.
-Straight segments are kept exactly as drawn.
+Straight segments are kept exactly as drawn. Where vpype (through
+svgelements) would plot other than the SVG shows, the tree is rewritten
+before it reads it (_as_vpype_reads_it): symbols, markers and masks drawn in
+place, <use> outside groups, symbol viewports, layers merged by number, and
+clip paths, which are cut with shapely once vpype has read them.
 """
 
 from __future__ import annotations
