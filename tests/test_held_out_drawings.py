@@ -289,6 +289,11 @@ def test_a_clipped_layer_stays_a_pen_and_clips_are_bounded(monkeypatch):
                         + layers + "</svg>").encode())
     assert [layer.name for layer in drawing.layers] == ["1 first", "2 clipped"]
     np.testing.assert_allclose(drawing.layers[1].paths[0], [[20, 50], [50, 50]], atol=1e-4)
+    # A clipped <use> outside groups: its x and y move the shape, not the clip.
+    use = '<path id="p" d="M0 50 L90 50"/></defs><use href="#p" x="5" clip-path="url(#c)"/>'
+    drawing = load_svg((head.format('<rect x="20" y="0" width="30" height="100"/>')
+                        .replace("</defs>", "") + use + "</svg>").encode())
+    np.testing.assert_allclose(drawing.layers[0].paths[0], [[20, 50], [50, 50]], atol=1e-4)
     rects = '<rect x="20" y="0" width="1" height="1"/>' * 1000
     placed = "".join(f'<path clip-path="url(#c)" transform="translate({i} 0)" d="M0 0 L1 1"/>'
                      for i in range(600))

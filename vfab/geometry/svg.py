@@ -543,34 +543,37 @@ class _TransparentCopier:
 
     def inlined(self, use: ElementTree.Element) -> ElementTree.Element:
         """An <a> standing for the <use>, with a copy of what it refers to."""
-        wrapper = self._wrapper(use)
-        pending = [(wrapper, _target(use, self.ids))]
+        wrapper, inner = self._wrapper(use)
+        pending = [(inner, _target(use, self.ids))]
         while pending:
             parent, element = pending.pop()
             if element is None:
                 continue
             if _local_tag(element) == "use":
-                copy = self._wrapper(element)
+                copy, inner = self._wrapper(element)
                 children = [_target(element, self.ids)]
             else:
-                copy = self._copy(element)
+                copy = inner = self._copy(element)
                 children = list(element)
             parent.append(copy)
-            pending.extend((copy, child) for child in reversed(children))
+            pending.extend((inner, child) for child in reversed(children))
         return wrapper
 
-    def _wrapper(self, use: ElementTree.Element) -> ElementTree.Element:
-        """An <a> with the <use>'s attributes and its x and y as a translation."""
-        wrapper = ElementTree.Element(self.a_tag)
+    def _wrapper(self, use: ElementTree.Element) -> tuple[ElementTree.Element,
+                                                         ElementTree.Element]:
+        """An <a> with the <use>'s attributes, and the <a> inside it that holds
+        the copy: moved by the use's x and y (which move the copy, not the
+        use's own coordinates, where its clip path lies)."""
+        wrapper = inner = ElementTree.Element(self.a_tag)
         for name, value in use.attrib.items():
             if name not in ("x", "y", "width", "height", "href", _XLINK_HREF, "id"):
                 wrapper.set(name, value)
         x = _user_units(use.get("x"), "0", self.page[0]) or 0.0
         y = _user_units(use.get("y"), "0", self.page[1]) or 0.0
         if x or y:
-            wrapper.set("transform",
-                        f"{use.get('transform') or ''} translate({x!r}, {y!r})".strip())
-        return wrapper
+            inner = ElementTree.SubElement(wrapper, self.a_tag,
+                                           {"transform": f"translate({x!r}, {y!r})"})
+        return wrapper, inner
 
     def _copy(self, element: ElementTree.Element) -> ElementTree.Element:
         """The element without its children or id; a group or symbol made an <a>."""
