@@ -1,30 +1,38 @@
 """Reading an uploaded SVG into a Drawing.
 
 The upload is untrusted: it is decoded and parsed once with defusedxml (no
-DOCTYPE, no entities, no external references) before vpype ever sees it, its
-geometry is bounded before curves are flattened (so that a small file cannot
-ask for billions of points), and every refusal is an SVGError whose message
-tells the submitter what to fix.
+entities, no external references; a plain DOCTYPE line is fine) before vpype
+ever sees it, its geometry is bounded before curves are flattened (so that a
+small file cannot ask for billions of points), and every refusal is an
+SVGError whose message tells the submitter what to fix.
 
 vpype then does the SVG work: units (mm, cm, in, pt, px at 96 per inch),
 viewBox, transforms, nested groups and curves. Curves are flattened with
 vpype's quantization equal to the tolerance (chords no longer than it) and
 then simplified (Douglas-Peucker, same tolerance), so a flattened curve stays
 within about the tolerance of the true one while keeping few vertices.
-Straight segments are kept exactly as drawn.
+Straight segments are kept exactly as drawn. Where vpype (through
+svgelements) would plot other than the SVG shows, the tree is rewritten
+before it reads it (_as_vpype_reads_it): symbols, markers and masks drawn in
+place, <use> outside groups, symbol viewports, layers merged by number, and
+clip paths, which are cut with shapely once vpype has read them.
 """
 
 from __future__ import annotations
 
 import codecs
+import copy as copy_module
 import io
 import math
 import re
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Iterator
 
+import attr
 import defusedxml
 import defusedxml.ElementTree as SafeElementTree
 import numpy as np
+import shapely
 import svgelements
 import vpype
 
@@ -95,7 +103,11 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
     _check_root(root)
     _check_numbers(root)
     _check_expansion(root)
-    text = _without_documentation_layers(text, root)
+    try:
+        text, layer_names, clips = _as_vpype_reads_it(text, root)
+    except RecursionError:
+        # Written out, a long chain of <use>s nests deeper than the stack.
+        raise SVGError("the SVG's <use> references are chained too deeply") from None
     quantization_px = tolerance * PX_PER_MM
     if _has_curves(root):
         _check_geometry(text, quantization_px)
@@ -109,30 +121,470 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
         # AttributeError: vpype meets an element svgelements left out (as for a
         # root hidden by a stylesheet); the upload is at fault, not the daemon.
         raise SVGError(f"the SVG could not be read: {error or 'malformed path data'}") from None
-    return _to_drawing(document)
+    _apply_clips(document, clips)
+    return _to_drawing(document, layer_names)
 
 
 def _layer_label(group: ElementTree.Element) -> str:
     return group.get(f"{{{INKSCAPE_NAMESPACE}}}label") or group.get("id") or ""
 
 
-def _without_documentation_layers(text: str, root: ElementTree.Element) -> str:
-    """The document without its "%" layers (notes, registration marks), which the
-    AxiDraw convention does not plot.
+def _as_vpype_reads_it(text: str, root: ElementTree.Element
+                       ) -> tuple[str, dict[int, str], list[_Clip]]:
+    """The document rewritten where vpype (through svgelements) would draw
+    something other than the SVG shows (the text itself when nothing needs
+    it), the names of the layers that vpype will number other than by their
+    own names (see _separate_layers), and the clips to apply once it is read.
 
-    They go before vpype reads the text: it numbers unnumbered layers itself
-    and would merge such a layer into a numbered one.
+    Each step changes `root` in place and says whether it changed anything.
     """
-    notes = [child for child in root
-             if child.tag == f"{{{SVG_NAMESPACE}}}g" and _layer_label(child).lstrip()
-             .startswith("%")]
-    if not notes:
-        return text
-    for child in notes:
-        root.remove(child)
+    changed = _hide_documentation_layers(root)
+    changed = _hide_unrendered_containers(root) or changed
+    changed = _apply_symbol_viewports(root) or changed
+    changed = _inline_loose_uses(root) or changed
+    clipped = _clipped_elements(root)
+    layer_names, layer_ids = _separate_layers(root, every=bool(clipped))
+    clips = _move_clipped(root, clipped, layer_ids)
+    if not (changed or layer_names or clips):
+        return text, layer_names, clips
     for prefix, uri in _PREFIXES.items():
         ElementTree.register_namespace(prefix, uri)
-    return ElementTree.tostring(root, encoding="unicode")
+    return ElementTree.tostring(root, encoding="unicode"), layer_names, clips
+
+
+def _local_tag(element: ElementTree.Element) -> str:
+    return element.tag.rpartition("}")[2] if isinstance(element.tag, str) else ""
+
+
+def _svg_tag(root: ElementTree.Element, local: str) -> str:
+    """A tag in the document's own namespace (an <svg> without xmlns has none)."""
+    namespace = root.tag.rpartition("}")[0] if isinstance(root.tag, str) else ""
+    return f"{namespace}}}{local}" if namespace else local
+
+
+def _hide_documentation_layers(root: ElementTree.Element) -> bool:
+    """Put the "%" layers (notes, registration marks, originals of clones),
+    which the AxiDraw convention does not plot, into <defs>.
+
+    They go before vpype reads the text: it numbers unnumbered layers itself
+    and would merge such a layer into a numbered one. In <defs> rather than
+    removed, a <use> of a shape in one (a clone) still shows it.
+    """
+    changed = False
+    for index, child in enumerate(list(root)):
+        if _local_tag(child) == "g" and _layer_label(child).lstrip().startswith("%"):
+            defs = ElementTree.Element(_svg_tag(root, "defs"))
+            root[index] = defs
+            defs.append(child)
+            changed = True
+    return changed
+
+
+#: Elements never drawn where they stand, only through a reference. svgelements
+#: knows this of <defs>, <clipPath> and <pattern>, but draws the content of
+#: these in place (an Illustrator <symbol>, a <marker> or <mask> outside <defs>,
+#: the frame of Inkscape 0.92 flowed text, which no SVG viewer draws).
+_UNRENDERED = frozenset({"symbol", "marker", "mask", "flowRoot"})
+_NOT_DRAWN_INSIDE = frozenset({"defs", "clipPath", "pattern"}) | _UNRENDERED
+
+
+def _hide_unrendered_containers(root: ElementTree.Element) -> bool:
+    """Put every such element outside <defs> into one, in place."""
+    if all(next(root.iter(_svg_tag(root, tag)), None) is None for tag in _UNRENDERED):
+        return False
+    changed = False
+    pending = [root]
+    while pending:
+        parent = pending.pop()
+        for index, child in enumerate(list(parent)):
+            tag = _local_tag(child)
+            if tag in _UNRENDERED:
+                defs = ElementTree.Element(_svg_tag(root, "defs"))
+                parent[index] = defs
+                defs.append(child)
+                changed = True
+            elif tag not in _NOT_DRAWN_INSIDE:
+                pending.append(child)
+    return changed
+
+
+def _href(element: ElementTree.Element) -> str:
+    return element.get("href") or element.get(_XLINK_HREF) or ""
+
+
+def _ids(root: ElementTree.Element) -> dict[str, ElementTree.Element]:
+    ids: dict[str, ElementTree.Element] = {}
+    for element in root.iter():
+        if element.get("id"):
+            ids.setdefault(element.get("id"), element)
+    return ids
+
+
+def _user_units(value: str | None, default: str, relative: float) -> float | None:
+    """An x/y/width/height attribute in user units, None when it cannot be known."""
+    try:
+        length = svgelements.Length(value if value is not None else default)
+        resolved = length.value(relative_length=relative, ppi=svgelements.DEFAULT_PPI)
+    except (ValueError, TypeError, AttributeError):
+        return None
+    return float(resolved) if isinstance(resolved, (int, float)) else None
+
+
+def _viewport_size(root: ElementTree.Element) -> tuple[float, float]:
+    """The root's user space size, which a percentage of a <use> refers to."""
+    numbers = _NUMBER.findall(root.get("viewBox") or "")
+    if len(numbers) == 4:
+        return float(numbers[2]), float(numbers[3])
+    width = _user_units(root.get("width"), "100%", 1000.0)
+    height = _user_units(root.get("height"), "100%", 1000.0)
+    return width or 1000.0, height or 1000.0
+
+
+def _apply_symbol_viewports(root: ElementTree.Element) -> bool:
+    """Fold the viewport of each <use> of a <symbol> with a viewBox into its transform.
+
+    The symbol's viewBox maps onto the <use>'s x, y, width and height (SVG
+    1.1 section 5.6); svgelements applies only x and y, so a scaled or offset
+    symbol was drawn at its own size and place.
+    """
+    uses = list(root.iter(_svg_tag(root, "use")))
+    if not uses:
+        return False
+    ids = _ids(root)
+    page_width, page_height = _viewport_size(root)
+    changed = False
+    for use in uses:
+        symbol = _target(use, ids)
+        if symbol is None or _local_tag(symbol) != "symbol":
+            continue
+        view_box = [float(number) for number in _NUMBER.findall(symbol.get("viewBox") or "")]
+        if len(view_box) != 4 or not (view_box[2] > 0 and view_box[3] > 0):
+            continue
+        x = _user_units(use.get("x"), "0", page_width)
+        y = _user_units(use.get("y"), "0", page_height)
+        width = _user_units(use.get("width"), "100%", page_width)
+        height = _user_units(use.get("height"), "100%", page_height)
+        if None in (x, y, width, height):
+            continue
+        viewport = svgelements.Viewbox.viewbox_transform(
+            x, y, width, height, *view_box, symbol.get("preserveAspectRatio"))
+        use.set("transform", f"{use.get('transform') or ''} {viewport}".strip())
+        for name in ("x", "y", "width", "height"):
+            use.attrib.pop(name, None)
+        changed = True
+    return changed
+
+
+def _target(use: ElementTree.Element,
+            ids: dict[str, ElementTree.Element]) -> ElementTree.Element | None:
+    href = _href(use)
+    return ids.get(href[1:]) if href.startswith("#") else None
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class _Clip:
+    """Clipped elements moved into a layer of their own (`content`), their clip
+    region into another, to be cut and put back into `layer` once vpype has
+    read them."""
+
+    content: int
+    region: int
+    layer: int
+
+
+#: How much wider a clip region is taken (px), and the shortest piece kept:
+#: far below a motor step (0.0125 mm is 0.05 px).
+_CLIP_SLACK_PX = 1e-6
+_CLIP_PIECE_PX = 1e-3
+_CLIP_REFERENCE = re.compile(r"""url\(\s*['"]?#([^'")\s]+)['"]?\s*\)""")
+_CLIP_STYLE = re.compile(r"clip-path\s*:[^;]*;?", re.IGNORECASE)
+_GROUPS = frozenset({"g", "svg", "a", "switch"})
+
+
+def _clip_of(element: ElementTree.Element,
+             ids: dict[str, ElementTree.Element]) -> ElementTree.Element | None:
+    """The <clipPath> the element is clipped by, if vfab can apply it."""
+    style = element.get("style") or ""
+    reference = element.get("clip-path") or ""
+    declared = re.search(r"clip-path\s*:([^;]*)", style, re.IGNORECASE)
+    if declared:
+        reference = declared.group(1)
+    found = _CLIP_REFERENCE.search(reference)
+    clip = ids.get(found.group(1)) if found else None
+    if clip is None or _local_tag(clip) != "clipPath" \
+            or (clip.get("clipPathUnits") or "").strip() == "objectBoundingBox":
+        return None
+    return clip
+
+
+def _clipped_elements(root: ElementTree.Element
+                      ) -> list[tuple[ElementTree.Element, list[ElementTree.Element],
+                                      ElementTree.Element]]:
+    """Each drawn element with a clip path (outermost only): the element, the
+    groups it is in (the top-level one first) and its <clipPath>."""
+    if not any(element.get("clip-path") is not None
+               or "clip-path" in (element.get("style") or "") for element in root.iter()):
+        return []
+    ids = _ids(root)
+    found = []
+    pending = [(root, [])]
+    while pending:
+        parent, chain = pending.pop()
+        for child in parent:
+            if _hidden(child):
+                continue
+            clip = _clip_of(child, ids)
+            if clip is not None:
+                found.append((child, chain, clip))
+            elif _local_tag(child) in _GROUPS:
+                pending.append((child, chain + [child]))
+    return found
+
+
+def _move_clipped(root: ElementTree.Element, clipped: list, layer_ids: dict) -> list[_Clip]:
+    """Move each clipped element into a top-level group of its own, and a copy
+    of its clip path's shapes into another, both in the groups it was in (so
+    that both are read in the same coordinates). svgelements ignores clip
+    paths; the cut is made in _apply_clips. Elements clipped by one clip path
+    in the same coordinates share one copy of it (matplotlib clips every line
+    by the axes), and siblings one group."""
+    clips: list[_Clip] = []
+    regions: dict[tuple, int] = {}
+    contents: dict[tuple, ElementTree.Element] = {}
+    number = max(layer_ids.values(), default=1) + 1
+    copied = 0
+    for element, chain, clip in clipped:
+        # Its layer: the top-level group it is in (or is), else layer 1.
+        layers = [group for group in chain + [element] if group in layer_ids]
+        layer = layer_ids[layers[0]] if layers else 1
+        (chain[-1] if chain else root).remove(element)
+        element.attrib.pop("clip-path", None)
+        if element.get("style"):
+            element.set("style", _CLIP_STYLE.sub("", element.get("style")))
+        key = (id(clip), element.get("transform"),
+               tuple((_local_tag(group), *(group.get(name) for name in _PLACING))
+                     for group in chain))
+        if key not in regions:
+            regions[key] = number
+            region = _shells(root, chain, number, _PLACING)
+            number += 1
+            for transform in (element.get("transform"), clip.get("transform")):
+                if transform:
+                    region = ElementTree.SubElement(region, _svg_tag(root, "g"),
+                                                    {"transform": transform})
+            copied += sum(1 for child in clip for _ in child.iter())
+            if copied > MAX_EXPANDED_ELEMENTS:
+                raise SVGError(f"the SVG's clip paths, copied where they are used, would "
+                               f"make more than {MAX_EXPANDED_ELEMENTS:,} elements")
+            region.extend(_copy_without_ids(child) for child in clip)
+        # Elements side by side with one clip region share a layer until cut.
+        together = (regions[key], tuple(id(group) for group in chain))
+        if together not in contents:
+            contents[together] = _shells(root, chain, number, None)
+            clips.append(_Clip(content=number, region=regions[key], layer=layer))
+            number += 1
+        contents[together].append(element)
+    return clips
+
+
+#: What of a group places its content: all a copy of a clip region needs.
+_PLACING = ("transform", "x", "y", "width", "height", "viewBox", "preserveAspectRatio")
+
+
+def _shells(root: ElementTree.Element, chain: list, number: int,
+            kept: tuple[str, ...] | None) -> ElementTree.Element:
+    """A new top-level group labelled `number`, holding empty copies of the
+    groups in `chain` with their `kept` attributes (None: all but id and
+    label); returns the innermost."""
+    inner = ElementTree.SubElement(root, _svg_tag(root, "g"), {_INKSCAPE_LABEL: str(number)})
+    for group in chain:
+        tag = "svg" if _local_tag(group) == "svg" else "g"
+        inner = ElementTree.SubElement(inner, _svg_tag(root, tag))
+        for name, value in group.attrib.items():
+            if name not in ("id", _INKSCAPE_LABEL) if kept is None else name in kept:
+                inner.set(name, value)
+    return inner
+
+
+def _copy_without_ids(element: ElementTree.Element) -> ElementTree.Element:
+    copy = copy_module.deepcopy(element)
+    for part in copy.iter():
+        part.attrib.pop("id", None)
+    return copy
+
+
+def _apply_clips(document: vpype.Document, clips: list[_Clip]) -> None:
+    """Cut each clipped element's lines to its clip region (the union of the
+    clip path's shapes, filled) and put what is inside back into its layer."""
+    areas = {}
+    for region in {clip.region for clip in clips}:
+        lines = document.pop(region) if region in document.layers else []
+        shapes = [shapely.Polygon(np.column_stack([line.real, line.imag])).buffer(0)
+                  for line in lines if len(line) >= 3]
+        # A hair wider, so that a line drawn along the clip's edge is kept; a
+        # line that only touches the clip leaves a piece of about that length.
+        areas[region] = shapely.union_all(shapes).buffer(_CLIP_SLACK_PX) if shapes \
+            else shapely.Polygon()
+    for clip in clips:
+        content = document.pop(clip.content) if clip.content in document.layers else None
+        if content is None:
+            continue
+        area = areas[clip.region]
+        lines = [shapely.LineString(np.column_stack([line.real, line.imag]))
+                 for line in content if len(line) >= 2]
+        pieces = []
+        for cut in shapely.intersection(lines, area):
+            for part in shapely.get_parts(cut):
+                if part.geom_type == "LineString" and part.length > _CLIP_PIECE_PX:
+                    points = shapely.get_coordinates(part)
+                    pieces.append(points[:, 0] + 1j * points[:, 1])
+        if pieces:
+            document.add(vpype.LineCollection(pieces), clip.layer)
+
+
+#: Containers svgelements draws through as if they were not there.
+_TRANSPARENT = frozenset({"a", "switch"})
+
+
+_LAYER_NUMBER = re.compile(r"\d+")  # as vpype reads one from a label or id
+_INKSCAPE_LABEL = f"{{{INKSCAPE_NAMESPACE}}}label"
+_HIDDEN_STYLE = re.compile(r"(?:^|;)\s*display\s*:\s*none", re.IGNORECASE)
+
+
+def _separate_layers(root: ElementTree.Element, every: bool = False
+                     ) -> tuple[dict[int, str], dict[ElementTree.Element, int]]:
+    """Give two top-level groups that vpype would number alike numbers of their own.
+
+    vpype numbers a layer by the first digits in its label, else in its id,
+    else by its place, and merges layers of one number: Inkscape layers
+    "black 0.5mm" and "red 0.5mm" became one pen, though each layer is a pen
+    (README). When that would happen every layer is relabelled with a number
+    that keeps vpype's order (by number, then as in the document) and is its
+    own; returned are the names vfab gives those layers, from the old labels,
+    and the number vpype gives each top-level group. Nothing is changed (and
+    no names returned) when no two layers share a number, unless `every`.
+    """
+    groups = [child for child in _rendered_children(root)
+              if _local_tag(child) in ("g", "svg") and not _hidden(child)]
+    numbers = []
+    for place, group in enumerate(groups):
+        found = (_LAYER_NUMBER.search(group.get(_INKSCAPE_LABEL) or "")
+                 or _LAYER_NUMBER.search(group.get("id") or ""))
+        numbers.append(max(1, int(found.group())) if found else place + 1)
+    if len(set(numbers)) == len(numbers) and not every:
+        return {}, dict(zip(groups, numbers))
+    # Room for every layer between two numbers; number 1 stays 1, where vpype
+    # also puts the shapes outside any group.
+    spacing = len(groups) + 1
+    taken: dict[int, int] = {}
+    names = {}
+    layer_ids = {}
+    for group, number in zip(groups, numbers):
+        unique = (number - 1) * spacing + 1 + taken.get(number, 0)
+        taken[number] = taken.get(number, 0) + 1
+        names[unique] = group.get(_INKSCAPE_LABEL) or f"Layer {number}"
+        group.set(_INKSCAPE_LABEL, str(unique))
+        layer_ids[group] = unique
+    return names, layer_ids
+
+
+def _hidden(element: ElementTree.Element) -> bool:
+    """Hidden by its own attributes (svgelements leaves such a group out)."""
+    return ((element.get("display") or "").strip().lower() == "none"
+            or bool(_HIDDEN_STYLE.search(element.get("style") or "")))
+
+
+def _rendered_children(parent: ElementTree.Element) -> Iterator[ElementTree.Element]:
+    """The children of `parent` as svgelements places them: through <a> and <switch>."""
+    for child in parent:
+        if _local_tag(child) in _TRANSPARENT:
+            yield from _rendered_children(child)
+        else:
+            yield child
+
+
+def _inline_loose_uses(root: ElementTree.Element) -> bool:
+    """Replace each <use> outside any group by a copy of what it shows.
+
+    vpype reads the shapes outside the top-level groups (layers) into layer
+    1, but leaves out a <use> there (as Illustrator writes symbol instances):
+    its shapes were never drawn. The copy sits in an <a>, which svgelements
+    draws through, its groups made <a> too, so that its shapes join layer 1
+    as the <use> would, and no copied group becomes a layer of its own.
+    """
+    loose = []
+    pending = [root]
+    while pending:
+        parent = pending.pop()
+        for index, child in enumerate(parent):
+            if _local_tag(child) == "use":
+                loose.append((parent, index, child))
+            elif _local_tag(child) in _TRANSPARENT:
+                pending.append(child)
+    if not loose:
+        return False
+    copier = _TransparentCopier(root)
+    for parent, index, use in loose:
+        parent[index] = copier.inlined(use)
+    return True
+
+
+class _TransparentCopier:
+    """Copies of referenced elements with groups and nested <use>s made <a>s.
+
+    Iterative, since <use> chains may run deeper than Python's stack (their
+    size and cycles are refused before, by _check_expansion).
+    """
+
+    def __init__(self, root: ElementTree.Element):
+        self.ids = _ids(root)
+        self.page = _viewport_size(root)
+        self.a_tag = _svg_tag(root, "a")
+
+    def inlined(self, use: ElementTree.Element) -> ElementTree.Element:
+        """An <a> standing for the <use>, with a copy of what it refers to."""
+        wrapper, inner = self._wrapper(use)
+        pending = [(inner, _target(use, self.ids))]
+        while pending:
+            parent, element = pending.pop()
+            if element is None:
+                continue
+            if _local_tag(element) == "use":
+                copy, inner = self._wrapper(element)
+                children = [_target(element, self.ids)]
+            else:
+                copy = inner = self._copy(element)
+                children = list(element)
+            parent.append(copy)
+            pending.extend((inner, child) for child in reversed(children))
+        return wrapper
+
+    def _wrapper(self, use: ElementTree.Element) -> tuple[ElementTree.Element,
+                                                         ElementTree.Element]:
+        """An <a> with the <use>'s attributes, and the <a> inside it that holds
+        the copy: moved by the use's x and y (which move the copy, not the
+        use's own coordinates, where its clip path lies)."""
+        wrapper = inner = ElementTree.Element(self.a_tag)
+        for name, value in use.attrib.items():
+            if name not in ("x", "y", "width", "height", "href", _XLINK_HREF, "id"):
+                wrapper.set(name, value)
+        x = _user_units(use.get("x"), "0", self.page[0]) or 0.0
+        y = _user_units(use.get("y"), "0", self.page[1]) or 0.0
+        if x or y:
+            inner = ElementTree.SubElement(wrapper, self.a_tag,
+                                           {"transform": f"translate({x!r}, {y!r})"})
+        return wrapper, inner
+
+    def _copy(self, element: ElementTree.Element) -> ElementTree.Element:
+        """The element without its children or id; a group or symbol made an <a>."""
+        container = _local_tag(element) in ("g", "symbol")
+        copy = ElementTree.Element(self.a_tag if container else element.tag)
+        left_out = ("id", "viewBox", "preserveAspectRatio") if container else ("id",)
+        for name, value in element.attrib.items():
+            if name not in left_out:
+                copy.set(name, value)
+        copy.text = element.text
+        return copy
 
 
 def _decode(data: bytes) -> str:
@@ -172,16 +624,16 @@ def _decode(data: bytes) -> str:
 
 
 def _parse_safely(text: str) -> ElementTree.Element:
+    # A plain <!DOCTYPE svg PUBLIC ...> line is harmless and in many real files
+    # (matplotlib, Illustrator, Graphviz): the external DTD is never loaded.
+    # What makes a DOCTYPE dangerous is its entities, and those are refused.
     try:
         return SafeElementTree.fromstring(
-            text, forbid_dtd=True, forbid_entities=True, forbid_external=True
+            text, forbid_dtd=False, forbid_entities=True, forbid_external=True
         )
-    except defusedxml.DTDForbidden:
-        raise SVGError("the SVG contains a <!DOCTYPE ...> declaration, which is refused "
-                       "for safety; remove it (SVG files do not need one)") from None
     except defusedxml.EntitiesForbidden:
-        raise SVGError("the SVG declares XML entities, which are refused for safety; "
-                       "remove the <!ENTITY ...> declarations") from None
+        raise SVGError("the SVG's <!DOCTYPE ...> declares XML entities, which are refused "
+                       "for safety; remove the <!ENTITY ...> declarations") from None
     except defusedxml.ExternalReferenceForbidden:
         raise SVGError("the SVG refers to external XML resources, which are refused "
                        "for safety") from None
@@ -444,14 +896,14 @@ def _clean_paths(lines: list[np.ndarray]) -> list[np.ndarray]:
             for i in np.flatnonzero((kept >= 2) & (sizes >= 2)).tolist()]
 
 
-def _to_drawing(document: vpype.Document) -> Drawing:
+def _to_drawing(document: vpype.Document, layer_names: dict[int, str]) -> Drawing:
     layers = []
     for layer_id in sorted(document.layers):
         collection = document.layers[layer_id]
         paths = _clean_paths(list(collection))
         if not paths:
             continue
-        name = collection.property(vpype.METADATA_FIELD_NAME)
+        name = layer_names.get(layer_id) or collection.property(vpype.METADATA_FIELD_NAME)
         layers.append(Layer(name=str(name) if name else f"Layer {layer_id}", paths=paths))
     if not layers:
         raise SVGError("the SVG has nothing to plot: no paths or shapes with a length "
