@@ -16,6 +16,7 @@ from twisted.internet.defer import fail
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
+from tests.test_http_api import serve  # noqa: F401 (the fixture: a WebService on a real port)
 from tests.web_fakes import WebHarness
 from vfab.jobs.states import AWAITING_PEN, COMPLETED, INTERRUPTED, PLOTTING, QUEUED
 from vfab.web import dashboard
@@ -96,19 +97,6 @@ async def get(web: WebHarness, path: str = "/",
     return response.code, response.headers, body.decode("utf-8")
 
 
-@pytest_twisted.async_yield_fixture
-async def serve():
-    started: list[WebHarness] = []
-
-    async def start(**config: Any) -> WebHarness:
-        web = WebHarness(**config)
-        await web.service.startService()
-        started.append(web)
-        return web
-
-    yield start
-    for web in started:
-        await web.service.stopService()
 
 
 def a_farm_of_jobs(web: WebHarness) -> dict[str, dict[str, Any]]:

@@ -122,6 +122,7 @@ def test_progress_is_saved_and_survives_a_restart(tmp_path):
         assert job.state == states.INTERRUPTED
         assert job.progress == 0.25
         assert job.position == {"layer": 0, "path": 7, "move": 3}
+        assert "daemon stopped" in job.error  # why it holds the queue (issue 15 item 4)
         history = yield again.history("a")
         assert history[-1]["to_state"] == "interrupted"
         other = yield again.get("b")

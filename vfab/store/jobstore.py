@@ -166,10 +166,13 @@ class JobStore:
         marks = ", ".join("?" * len(ACTIVE))
         cursor.execute(f"SELECT id FROM jobs WHERE state IN ({marks})", tuple(ACTIVE))
         ids = [row[0] for row in cursor.fetchall()]
+        reason = ("the daemon stopped while the job held the plotter; resume continues "
+                  "from the saved progress")
         for job_id in ids:
-            self._write_transition(cursor, _fetch(cursor, job_id), INTERRUPTED,
-                                   "the daemon stopped while the job held the plotter; "
-                                   "resume continues from the saved progress", {})
+            # The reason is the job's `error` too, as for every other interruption,
+            # so that status, watch and the dashboard can say why the queue waits.
+            self._write_transition(cursor, _fetch(cursor, job_id), INTERRUPTED, reason,
+                                   {"error": reason})
         return ids
 
     def _run(self, interaction: Callable[..., Any], *args: Any) -> Deferred[Any]:
