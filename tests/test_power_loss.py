@@ -120,3 +120,33 @@ def test_a_position_keeps_where_a_power_loss_goes_on():
     assert Position.from_dict(saved.to_dict()).after_power_loss() == behind
     assert saved.parked_here().behind is None  # exact: nothing in flight
     assert Position(0, 1, 3).with_behind(behind).behind is None  # nothing between
+
+
+@pytest.mark.parametrize("board", ["2.6.5", "3.0.3 left by other software"])
+@pytest.mark.parametrize("then", ["kill", "pull_cable", "restart"])
+def test_a_power_cut_then_another_loss_before_the_resume_skips_no_stroke(tmp_path, board,
+                                                                          then):
+    """After the cut the daemon turns the motors on again, so a later connection finds
+    them on and takes the counters as kept; they say nothing of the moves lost in the
+    cut, so the resume must still go on from where those began."""
+    reference = reference_of(tmp_path, BOARDS[board])
+    site = Site(tmp_path / "cut", **BOARDS[board])
+    job_id = site.submit(ZIGZAG)
+    saved_with_moves_in_flight(site, job_id)
+    site.power_cut()
+    site.wait_for(lambda: site.state(job_id) == states.INTERRUPTED, limit=30.0)
+    site.advance(2.0)  # the board is back, without its counters
+    if then == "kill":
+        site.kill()
+        site.start()
+    elif then == "restart":
+        site.stop()
+        site.start()
+    else:
+        site.pull_cable()
+    site.advance(2.0)
+    assert finish(site, job_id) == states.COMPLETED
+    strokes = site.strokes
+    site.stop()
+    fifo = BOARDS[board].get("fifo_depth", 1)
+    assert_nothing_skipped(strokes, reference, again_mm=(fifo + 2) * STROKE_MM)
