@@ -150,12 +150,23 @@ class Scheduler:
         """An interrupted job holds the queue and the board kept power: while its
         counters still say how far the board drew, save that (as exact), before
         anything moves the carriage (a stop parks it at home and the counters are
-        gone). Once per connection; never fails."""
+        gone). Once per connection; never fails.
+
+        If the board lost power, its counters are gone for good, though a later
+        connection finds the motors on again: save where a power loss goes on
+        (as exact), so that no later run takes those counters as kept."""
         if plotter is self._checked_on:
             return
         self._checked_on = plotter
         start = Position.from_dict(held.position)
-        if start is None or start.parked or not self._device.position_kept:
+        if start is None or start.parked:
+            return
+        if not self._device.position_kept:
+            try:
+                yield self._store.save_progress(held.id, held.progress,
+                                                start.after_power_loss().parked_here().to_dict())
+            except Exception:  # the store: the saved progress stands
+                _log.failure("could not save where job {job_id} goes on", job_id=held.id)
             return
         runner, self._lost = self._lost, None
         try:
