@@ -150,3 +150,47 @@ def test_a_power_cut_then_another_loss_before_the_resume_skips_no_stroke(tmp_pat
     site.stop()
     fifo = BOARDS[board].get("fifo_depth", 1)
     assert_nothing_skipped(strokes, reference, again_mm=(fifo + 2) * STROKE_MM)
+
+
+#: The zigzag twice, as two layers: a pen change between them.
+TWO_LAYERS = ZIGZAG.replace(
+    b"<polyline", b"<g inkscape:groupmode='layer' inkscape:label='1 pen'><polyline", 1
+).replace(b"/></svg>", b"/></g><g inkscape:groupmode='layer' inkscape:label='2 pen'>"
+          + ZIGZAG[ZIGZAG.index(b"<polyline"):ZIGZAG.index(b"</svg>")] + b"</g></svg>").replace(
+    b"<svg ", b"<svg xmlns:inkscape='http://www.inkscape.org/namespaces/inkscape' ", 1)
+
+
+@pytest.mark.parametrize("leaving", ["PARKING", "FINISHING"])
+@pytest.mark.parametrize("then", ["resume", "kill"])
+def test_a_power_cut_as_the_carriage_leaves_the_drawing_skips_no_stroke(tmp_path, leaving,
+                                                                         then):
+    """The parked position is saved before the carriage leaves the drawing for the pen
+    change (or home), while the board still draws the last moves it took: after a
+    cut those are drawn again, even when a kill -9 comes before the resume."""
+    board = BOARDS["3.0.3 left by other software"]
+    site = Site(tmp_path / "reference", **board)
+    finish(site, site.submit(TWO_LAYERS))
+    reference = site.strokes
+    site.stop()
+    site = Site(tmp_path / "cut", **board)
+    job_id = site.submit(TWO_LAYERS)
+
+    def leaving_with_moves_taken() -> bool:
+        if site.state(job_id) == states.AWAITING_PEN:
+            site.life.queue.resume(job_id)
+        runner = site.life.queue.scheduler.runner
+        return (runner is not None and runner.state.name == leaving
+                and site.board.queued_seconds() > 0.1)
+
+    site.wait_for(leaving_with_moves_taken, limit=60.0, step=0.01)
+    site.power_cut()
+    site.wait_for(lambda: site.state(job_id) == states.INTERRUPTED, limit=30.0)
+    site.advance(2.0)
+    if then == "kill":
+        site.kill()
+        site.start()
+        site.advance(2.0)
+    assert finish(site, job_id) == states.COMPLETED
+    strokes = site.strokes
+    site.stop()
+    assert_nothing_skipped(strokes, reference, again_mm=34 * STROKE_MM)
