@@ -159,14 +159,17 @@ class Scheduler:
             return
         self._checked_on = plotter
         start = Position.from_dict(held.position)
-        if start is None or start.parked:
+        if start is None:
             return
         if not self._device.position_kept:
-            try:
-                yield self._store.save_progress(held.id, held.progress,
-                                                start.after_power_loss().parked_here().to_dict())
-            except Exception:  # the store: the saved progress stands
-                _log.failure("could not save where job {job_id} goes on", job_id=held.id)
+            exact = start.after_power_loss().parked_here()
+            if exact.to_dict() != held.position:
+                try:
+                    yield self._store.save_progress(held.id, held.progress, exact.to_dict())
+                except Exception:  # the store: the saved progress stands
+                    _log.failure("could not save where job {job_id} goes on", job_id=held.id)
+            return
+        if start.parked:
             return
         runner, self._lost = self._lost, None
         try:
