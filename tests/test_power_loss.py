@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from twisted.internet.task import deferLater
 
 from plotting_site import Site
 from test_every_stroke_once import BOARDS, finish
@@ -190,6 +191,46 @@ def test_a_power_cut_as_the_carriage_leaves_the_drawing_skips_no_stroke(tmp_path
         site.kill()
         site.start()
         site.advance(2.0)
+    assert finish(site, job_id) == states.COMPLETED
+    strokes = site.strokes
+    site.stop()
+    assert_nothing_skipped(strokes, reference, again_mm=34 * STROKE_MM)
+
+
+@pytest.mark.parametrize("then", ["kill", "pull_cable"])
+def test_a_job_resumed_before_the_plotter_is_back_keeps_its_step_back(tmp_path, then):
+    """Resumed while the plotter is still off, the job is planned once it is back, on a
+    connection that turned the motors on again; a loss while it is planned (which
+    takes a while for a large drawing) must not let the next connection take the
+    counters as kept."""
+    board = BOARDS["3.0.3 left by other software"]
+    reference = reference_of(tmp_path, board)
+    site = Site(tmp_path / "cut", **board)
+    job_id = site.submit(ZIGZAG)
+    saved_with_moves_in_flight(site, job_id)
+    site.power_cut()
+    site.board.go_silent()  # still off: it does not answer yet
+    site.wait_for(lambda: site.state(job_id) == states.INTERRUPTED, limit=30.0)
+    assert site.life.device.plotter is None
+    planning = site.life.queue._prepare_job
+    clock = site.life.clock
+
+    def slowly(*args, **kwargs):  # a large drawing takes a while to plan
+        return deferLater(clock, 5.0, lambda: None).addCallback(
+            lambda _: planning(*args, **kwargs))
+
+    site.life.queue._prepare_job = slowly
+    site.settle(site.life.queue.resume(job_id))
+    site.board.speak()  # back
+    site.wait_for(lambda: site.life.device.plotter is not None, limit=90.0)
+    site.advance(1.0)  # planning
+    if then == "kill":
+        site.kill()
+        site.start()
+    else:
+        site.pull_cable()
+    site.advance(2.0)
+    assert site.life.device.position_kept
     assert finish(site, job_id) == states.COMPLETED
     strokes = site.strokes
     site.stop()
