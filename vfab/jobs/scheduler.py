@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 from typing import Any, Callable
 
+import attr
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -150,26 +151,12 @@ class Scheduler:
         """An interrupted job holds the queue and the board kept power: while its
         counters still say how far the board drew, save that (as exact), before
         anything moves the carriage (a stop parks it at home and the counters are
-        gone). Once per connection; never fails.
-
-        If the board lost power, its counters are gone for good, though a later
-        connection finds the motors on again: save where a power loss goes on
-        (as exact), so that no later run takes those counters as kept."""
+        gone). Once per connection; never fails."""
         if plotter is self._checked_on:
             return
         self._checked_on = plotter
         start = Position.from_dict(held.position)
-        if start is None:
-            return
-        if not self._device.position_kept:
-            exact = start.after_power_loss().parked_here()
-            if exact.to_dict() != held.position:
-                try:
-                    yield self._store.save_progress(held.id, held.progress, exact.to_dict())
-                except Exception:  # the store: the saved progress stands
-                    _log.failure("could not save where job {job_id} goes on", job_id=held.id)
-            return
-        if start.parked:
+        if start is None or start.parked or not self._device.position_kept:
             return
         runner, self._lost = self._lost, None
         try:
@@ -184,6 +171,25 @@ class Scheduler:
         except Exception:  # planning, the device or the store: the saved progress stands
             _log.failure("could not check how far job {job_id} got on the plotter",
                          job_id=held.id)
+
+    @inlineCallbacks
+    def _forget_lost_counters(self, job: Job, plotter: Any) -> Deferred[Job]:
+        """The board lost its counters (power, a reset) and this connection turned the
+        motors on again, so a later one (after a kill -9 or a pulled cable) would take
+        them as kept. Save where the job goes on after a power loss, as exact, before
+        anything else; fires with the job as saved. Never fails."""
+        start = Position.from_dict(job.position)
+        if start is None or self._device.plotter is not plotter or self._device.position_kept:
+            return job
+        exact = start.after_power_loss().parked_here().to_dict()
+        if exact == job.position:
+            return job
+        try:
+            yield self._store.save_progress(job.id, job.progress, exact)
+        except Exception:  # the store: the saved progress stands
+            _log.failure("could not save where job {job_id} goes on", job_id=job.id)
+            return job
+        return attr.evolve(job, position=exact)
 
     @inlineCallbacks
     def _settle_lost_job(self) -> Deferred[None]:
@@ -212,7 +218,10 @@ class Scheduler:
     def _chosen(self, chosen: tuple[Job | None, Job | None], plotter: Any) -> Deferred[None]:
         job, self.held_by = chosen
         if self.held_by is not None:
+            self.held_by = yield self._forget_lost_counters(self.held_by, plotter)
             yield self._settle_held_job(self.held_by, plotter)
+        if job is not None:
+            job = yield self._forget_lost_counters(job, plotter)
         if job is None or self._state is SchedulerState.STOPPED:
             if self._state is not SchedulerState.STOPPED:
                 self._idle()
