@@ -235,3 +235,29 @@ def test_a_job_resumed_before_the_plotter_is_back_keeps_its_step_back(tmp_path, 
     strokes = site.strokes
     site.stop()
     assert_nothing_skipped(strokes, reference, again_mm=34 * STROKE_MM)
+
+
+def test_a_power_cut_on_a_3x_board_redraws_no_more_than_it_held(tmp_path):
+    """vfab sets a 3.x board's FIFO 32 deep, but feeds it only `motion_queue` seconds
+    ahead: at this cut the board holds 0.11 s of motion, yet the step back (by the
+    last FIFO + 2 commands sent) goes to the start of the layer and draws all of it
+    again, past the bound the property test gives this board."""
+    from test_every_stroke_once import apply, assert_power_losses_skip_nothing, svg_of
+    layers = [[[(0, 0), (20, 0), (20, 20), (0, 20), (0, 0)], [(10, 10), (30, 10), (10, 10),
+                                                              (10, 30)]],
+              [[(5, 5), (25, 25)], [(25, 5), (5, 25), (25, 5)]]]
+    svg = svg_of(layers)
+    site = Site(tmp_path / "reference", **BOARDS["3.0.3"])
+    finish(site, site.submit(svg))
+    reference = site.strokes
+    site.stop()
+    site = Site(tmp_path / "cut", **BOARDS["3.0.3"])
+    job_id = site.submit(svg)
+    site.advance(3.85)
+    assert site.board.queued_seconds() < 0.2
+    apply(site, job_id, "power_cut")
+    ended = finish(site, job_id)
+    strokes = site.strokes
+    site.stop()
+    assert_power_losses_skip_nothing(strokes, reference, ended, ["power_cut"],
+                                     BOARDS["3.0.3"])
