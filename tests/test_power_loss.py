@@ -261,3 +261,23 @@ def test_a_power_cut_on_a_3x_board_redraws_no_more_than_it_held(tmp_path):
     site.stop()
     assert_power_losses_skip_nothing(strokes, reference, ended, ["power_cut"],
                                      BOARDS["3.0.3"])
+
+
+def test_a_pulled_cable_on_the_connection_that_began_without_counters_draws_once(tmp_path):
+    """A daemon's first connection finds the board fresh (`position_kept` False), yet
+    vfab drives its counters from then on: a job lost on it is not a power loss."""
+    from test_every_stroke_once import apply, svg_of
+    from test_runner import assert_same_drawing
+    svg = svg_of([[[(0.0, 0.0), (0.0, 5.0)], [(0.0, 0.0), (0.0, 10.0)]]])
+    site = Site(tmp_path / "reference", **BOARDS["2.6.5"])
+    finish(site, site.submit(svg))
+    reference = site.strokes
+    site.stop()
+    site = Site(tmp_path / "cable", **BOARDS["2.6.5"])
+    job_id = site.submit(svg)
+    site.advance(1.0)
+    apply(site, job_id, "pull_cable")
+    assert finish(site, job_id) == states.COMPLETED
+    strokes = site.strokes
+    site.stop()
+    assert_same_drawing(strokes, reference)

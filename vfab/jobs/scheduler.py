@@ -179,7 +179,10 @@ class Scheduler:
         them as kept. Save where the job goes on after a power loss, as exact, before
         anything else; fires with the job as saved. Never fails."""
         start = Position.from_dict(job.position)
-        if start is None or self._device.plotter is not plotter or self._device.position_kept:
+        # `position_kept` tells of the board when this connection began: on the one
+        # the job last ran on (or was checked on), vfab drove the counters itself.
+        if start is None or plotter is self._checked_on or self._device.plotter is not plotter \
+                or self._device.position_kept:
             return job
         exact = start.after_power_loss().parked_here().to_dict()
         if exact == job.position:
