@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import attr
@@ -51,11 +52,12 @@ class DrawingSummary:
     estimated_seconds: float
 
 
-def summarize(svg: bytes, device: DeviceConfig) -> DrawingSummary:
-    """Read, check and plan a drawing; keep only its figures."""
+def summarize(svg: bytes | Path, device: DeviceConfig) -> DrawingSummary:
+    """Read, check and plan a drawing (given whole, or as the file it was
+    uploaded to, which only the child reads); keep only its figures."""
     from vfab.jobs.prepare import prepare
 
-    prepared = prepare(svg, device)
+    prepared = prepare(svg.read_bytes() if isinstance(svg, Path) else svg, device)
     return DrawingSummary(layers=prepared.layers, paths=prepared.paths,
                           pen_down_mm=prepared.pen_down_mm, pen_up_mm=prepared.pen_up_mm,
                           estimated_seconds=prepared.estimated_seconds)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, TypeVar
 
 import attr
 from twisted.application.service import Service
@@ -43,6 +43,10 @@ _log = Logger()
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_NAME_LENGTH = 200
 PREVIEW_POINTS = 20000
+#: Uploads written to disk at once; more wait for a thread.
+UPLOAD_THREADS = 2
+
+T = TypeVar("T")
 
 
 def check_name(name: str) -> str:
@@ -85,6 +89,8 @@ class QueueService(Service):
         # of its own, when no plot is running to be held up.
         self._planning = planning if planning is not None else PlanningProcess(reactor)
         self._threads = ThreadPool(minthreads=0, maxthreads=1, name="vfab-planning")
+        self._upload_threads = ThreadPool(minthreads=0, maxthreads=UPLOAD_THREADS,
+                                          name="vfab-uploads")
         self._prepare_job = prepare_job if prepare_job is not None else self._prepare_in_thread
         self.scheduler = Scheduler(store=store, recorder=self.recorder, device=device,
                                    prepare=self._plan_for, make_runner=self._runner_for_job,
@@ -96,7 +102,9 @@ class QueueService(Service):
     def startService(self) -> None:
         super().startService()
         self.files.create_directory()
+        self.files.remove_stale_uploads()
         self._threads.start()
+        self._upload_threads.start()
         self._unsubscribe = self._bus.subscribe(self._on_event)
         self.recorder.refresh().addCallback(lambda _: self.scheduler.start())
         _log.info("queue service started")
@@ -115,14 +123,42 @@ class QueueService(Service):
             self._unsubscribe()
         yield self.scheduler.stop()
         self._threads.stop()  # idle by now: the scheduler waited for its planning
+        self._upload_threads.stop()
         self._planning.stop()
         _log.info("queue service stopped")
 
     # -- JobControl -------------------------------------------------------------
 
-    @inlineCallbacks
-    def submit(self, name: str, svg: bytes, priority: int = 0,
+    def receive(self, fill: Callable[[BinaryIO], T]) -> Deferred[tuple[Path, T]]:
+        """Write an upload to a file of its own with `fill(out)`, in a thread: a
+        body of tens of megabytes is copied (or a form parsed) off the reactor.
+        Fires with the file, to `submit`, and what `fill` returned."""
+
+        def disk_full(failure: Any) -> Any:
+            if failure.check(DiskFull):
+                self.files.disk_full(failure.value.what)
+            return failure
+
+        return deferToThreadPool(self._reactor, self._upload_threads, self.files.spool,
+                                 fill).addErrback(disk_full)
+
+    def submit(self, name: str, svg: bytes | Path, priority: int = 0,
                preset: str | None = None) -> Deferred[dict[str, Any]]:
+        """`svg` is the drawing, or the file `receive` wrote it to: that file
+        becomes the job's drawing (renamed) or, if the job is refused, goes."""
+        submitting = self._submit(name, svg, priority, preset)
+        if isinstance(svg, Path):
+            submitting.addErrback(self._discard_upload, svg)
+        return submitting
+
+    @staticmethod
+    def _discard_upload(failure: Any, upload: Path) -> Any:
+        upload.unlink(missing_ok=True)
+        return failure
+
+    @inlineCallbacks
+    def _submit(self, name: str, svg: bytes | Path, priority: int,
+                preset: str | None) -> Deferred[dict[str, Any]]:
         if not self._accepting:
             raise NotAccepting()
         name = check_name(name)
@@ -136,7 +172,10 @@ class QueueService(Service):
         if not self._accepting:
             raise NotAccepting()
         job_id = uuid.uuid4().hex[:12]
-        svg_file = self.files.write(job_id, svg)
+        if isinstance(svg, Path):
+            svg_file = self.files.adopt(job_id, svg)
+        else:
+            svg_file = self.files.write(job_id, svg)
         job = Job(id=job_id, name=name, state=states.QUEUED, priority=priority, preset=preset,
                   created_at=iso8601(self._reactor.seconds()), layers=summary.layers,
                   paths=summary.paths, pen_down_mm=summary.pen_down_mm,
