@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
+import re
+import socket
 import threading
 import tracemalloc
 
@@ -15,7 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.daemon_process import DaemonProcess
-from vfab.config import DeviceConfig
+from vfab.config import ConfigError, DeviceConfig, config_from_dict
+from vfab.geometry import SVGError, SVGLimits, load_svg
+from vfab.geometry import svg as svg_module
+from vfab.geometry.svg import MAX_COORDINATES, MAX_ELEMENTS
 from vfab.events import EventBus
 from vfab.jobs.errors import DiskFull
 from vfab.jobs.files import DrawingFiles
@@ -235,3 +241,94 @@ def test_a_multipart_upload_through_the_daemon(tmp_path):
         assert [p.name for p in jobs.iterdir()] == [f"{job['id']}.svg"]
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_declared_length_over_the_limit_is_413_before_the_body(tmp_path):
+    daemon = DaemonProcess(tmp_path, {"uploads": {"max_size": "1KB"}}).start()
+    try:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as client:
+            client.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\n"
+                           b"Content-Type: image/svg+xml\r\nContent-Length: 1000000000\r\n\r\n"
+                           + b" " * 5000)
+            answer = b""
+            while b"}}" not in answer:
+                piece = client.recv(4096)
+                assert piece, answer
+                answer += piece
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 ")
+        error = json.loads(body)["error"]
+        assert error["code"] == "too_large" and "1024 bytes (uploads.max_size)" in error["message"]
+        status, job = daemon.submit(PAGE_FRAME)
+        assert status == 201
+    finally:
+        assert daemon.stop() == 0
+
+
+# -- the limits ------------------------------------------------------------------------
+
+def test_the_limits_are_configuration_keys_and_the_old_name_still_works():
+    config = config_from_dict({"uploads": {"max_size": "2MB", "max_elements": 10,
+                                           "max_coordinates": 20}})
+    assert (config.uploads.max_size, config.uploads.max_elements,
+            config.uploads.max_coordinates) == (2 << 20, 10, 20)
+    assert config_from_dict({"websocket": {"max_upload_size": 100}}).uploads.max_size == 100
+    defaults = config_from_dict({}).uploads
+    assert (defaults.max_size, defaults.max_elements, defaults.max_coordinates) == (
+        50 << 20, MAX_ELEMENTS, MAX_COORDINATES)
+
+
+@pytest.mark.parametrize("data, says", [
+    ({"uploads": {"max_coordinate": 5}}, "uploads.max_coordinate: unknown key "
+                                         "(did you mean 'max_coordinates'?)"),
+    ({"upload": {}}, "upload: unknown key (did you mean 'uploads'?)"),
+    ({"uploads": {"max_elements": 0}}, "uploads.max_elements: expected an integer >= 1, got 0"),
+    ({"uploads": {"max_size": "lots"}}, "uploads.max_size: expected a size such as '10MB'"),
+    ({"websocket": {"max_upload_size": 1}, "uploads": {"max_size": 2}},
+     "websocket.max_upload_size: the old name of uploads.max_size"),
+])
+def test_a_bad_limit_names_its_key(data, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        config_from_dict(data)
+
+
+def polylines(count: int, segments: int = 10) -> bytes:
+    """`count` polylines of `segments` segments each, on an A4 page."""
+    line = " ".join(f"{10 + i % 180},{10 + (i * 7) % 250}" for i in range(segments + 1))
+    return (b'<svg xmlns="http://www.w3.org/2000/svg" width="200mm" height="280mm" '
+            b'viewBox="0 0 200 280">' + f'<polyline points="{line}"/>'.encode() * count
+            + b"</svg>")
+
+
+def test_a_drawing_of_a_million_segments_is_within_the_default_limits():
+    """Counted only: reading it would take a minute (benchmarks/bench_submit.py)."""
+    root = svg_module._parse_safely(polylines(100_000).decode(), SVGLimits())
+    svg_module._check_expansion(root, SVGLimits())
+
+
+@pytest.mark.parametrize("limits, says", [
+    (SVGLimits(max_elements=1000), "more than 1,000 elements (counting <use> copies; "
+                                   "uploads.max_elements)"),
+    (SVGLimits(max_coordinates=5000), "more than 5,000 coordinates"),
+])
+def test_the_count_stops_at_the_limit(limits, says, monkeypatch):
+    """The parse ends where the limit is passed, not at the end of the file."""
+    counted: list[int] = []
+    real_count = svg_module._count_numbers
+
+    def count(element, limit):
+        counted.append(1)
+        return real_count(element, limit)
+
+    monkeypatch.setattr(svg_module, "_count_numbers", count)
+    with pytest.raises(SVGError, match=re.escape(says)):
+        load_svg(polylines(100_000), limits=limits)
+    assert len(counted) < 2000
+
+
+def test_the_queue_reads_with_the_configured_limits(tmp_path):
+    site = Site(tmp_path)
+    site.life.queue._limits = SVGLimits(max_elements=3)
+    with pytest.raises(SVGError, match="more than 3 elements"):
+        site.submit(polylines(3))
+    site.submit(polylines(2))

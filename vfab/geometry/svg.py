@@ -22,6 +22,7 @@ import math
 import re
 import xml.etree.ElementTree as ElementTree
 
+import attr
 import defusedxml
 import defusedxml.ElementTree as SafeElementTree
 import numpy as np
@@ -38,16 +39,15 @@ PX_PER_MM = 96.0 / 25.4
 #: big for the plotter (that is OutOfTravel, checked later against the model).
 GIGANTIC_MM = 10_000.0
 
-#: Upper bound on the elements a document may expand to through <use>
-#: references, so that nested <use> elements cannot multiply into billions.
-#: Reading costs about half a millisecond an element; drawings are read in a
-#: child process (vfab.jobs.planning), so a big one holds up no plot.
-MAX_EXPANDED_ELEMENTS = 500_000
-#: Upper bound on the numbers in path data and point lists (after <use>
-#: expansion): each costs memory and time in the SVG libraries (about 0.8 kB
-#: and 30 µs a segment), so tens of millions of tiny segments are refused up
-#: front; a drawing of two million segments still fits.
-MAX_PATH_NUMBERS = 5_000_000
+#: The default bounds on a drawing (the `uploads` configuration section):
+#: the elements it may expand to through <use> references, so that nested
+#: <use> elements cannot multiply into billions, and the numbers in its path
+#: data and point lists (after <use> expansion), each of which costs time
+#: and memory in the SVG libraries. Both admit a drawing of a million segments
+#: (100,000 polylines of 10 segments: 100,000 elements, 2.2 million numbers);
+#: SECURITY.md says what a drawing at the limits costs.
+MAX_ELEMENTS = 500_000
+MAX_COORDINATES = 3_000_000
 #: Deeper nesting than this is not a drawing (and would exhaust the stack).
 MAX_DEPTH = 200
 
@@ -80,7 +80,16 @@ _MAGIC = (
 )
 
 
-def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
+@attr.s(frozen=True, auto_attribs=True)
+class SVGLimits:
+    """How big a drawing may be: elements (with <use> copies) and path coordinates."""
+
+    max_elements: int = MAX_ELEMENTS
+    max_coordinates: int = MAX_COORDINATES
+
+
+def load_svg(data: bytes, *, tolerance: float = 0.05,
+             limits: SVGLimits = SVGLimits()) -> Drawing:
     """Read an SVG upload into a Drawing in mm; raise SVGError saying what is wrong.
 
     `tolerance` (mm) is how far flattened curves may stray from the true curve.
@@ -91,10 +100,10 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
     if not math.isfinite(tolerance) or tolerance <= 0:
         raise ValueError(f"tolerance must be a positive number of mm, got {tolerance!r}")
     text = _decode(data)
-    root = _parse_safely(text)
+    root = _parse_safely(text, limits)
     _check_root(root)
     _check_numbers(root)
-    _check_expansion(root)
+    _check_expansion(root, limits)
     text = _without_documentation_layers(text, root)
     quantization_px = tolerance * PX_PER_MM
     if _has_curves(root):
@@ -171,11 +180,37 @@ def _decode(data: bytes) -> str:
     return text
 
 
-def _parse_safely(text: str) -> ElementTree.Element:
+#: Characters of the document parsed at a time.
+_PARSE_PIECE = 1 << 20
+
+
+def _parse_safely(text: str, limits: SVGLimits) -> ElementTree.Element:
+    """The document's tree, counted as it is built: the parse stops as soon as the
+    elements or the path coordinates pass a limit, so a file far over one is
+    refused in the time it takes to read up to it, with no more memory."""
+    parser = ElementTree.XMLPullParser(events=("end",), _parser=SafeElementTree.DefusedXMLParser(
+        target=ElementTree.TreeBuilder(), forbid_dtd=True, forbid_entities=True,
+        forbid_external=True))
+    elements = coordinates = 0
+    root = None
+
+    def count() -> None:
+        nonlocal elements, coordinates, root
+        for _, element in parser.read_events():
+            root = element
+            elements += 1
+            coordinates += _count_numbers(element, limits.max_coordinates - coordinates)
+            if elements > limits.max_elements:
+                raise _too_many_elements(limits)
+            if coordinates > limits.max_coordinates:
+                raise _too_many_coordinates(limits)
+
     try:
-        return SafeElementTree.fromstring(
-            text, forbid_dtd=True, forbid_entities=True, forbid_external=True
-        )
+        for start in range(0, len(text), _PARSE_PIECE):
+            parser.feed(text[start:start + _PARSE_PIECE])
+            count()
+        parser.close()
+        count()
     except defusedxml.DTDForbidden:
         raise SVGError("the SVG contains a <!DOCTYPE ...> declaration, which is refused "
                        "for safety; remove it (SVG files do not need one)") from None
@@ -187,6 +222,8 @@ def _parse_safely(text: str) -> ElementTree.Element:
                        "for safety") from None
     except ElementTree.ParseError as error:
         raise SVGError(f"the upload is not well-formed XML ({error})") from None
+    assert root is not None  # a document without a root element does not parse
+    return root
 
 
 def _check_root(root: ElementTree.Element) -> None:
@@ -214,8 +251,20 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _FINDALL_CHARS = 1_000_000
 
 
-def _count_numbers(element: ElementTree.Element) -> int:
-    """The numbers in an element's path data or point list, counted up to just past the limit."""
+def _too_many_elements(limits: SVGLimits) -> SVGError:
+    return SVGError(f"the SVG has or would expand to more than {limits.max_elements:,} "
+                    f"elements (counting <use> copies; uploads.max_elements); simplify it "
+                    f"or split it into several jobs")
+
+
+def _too_many_coordinates(limits: SVGLimits) -> SVGError:
+    return SVGError(f"the SVG's paths hold more than {limits.max_coordinates:,} coordinates "
+                    f"(counting <use> copies; uploads.max_coordinates); simplify it (e.g. "
+                    f"vpype linesimplify) or split it into several jobs")
+
+
+def _count_numbers(element: ElementTree.Element, limit: int) -> int:
+    """The numbers in an element's path data or point list, counted up to just past `limit`."""
     count = 0
     for name in ("d", "points"):
         value = element.get(name)
@@ -223,17 +272,17 @@ def _count_numbers(element: ElementTree.Element) -> int:
             if len(value) <= _FINDALL_CHARS:
                 # Too short to hold more than the limit: count in one C call.
                 count += len(_NUMBER.findall(value))
-                if count > MAX_PATH_NUMBERS:
+                if count > limit:
                     return count
                 continue
             for _ in _NUMBER.finditer(value):
                 count += 1
-                if count > MAX_PATH_NUMBERS:
+                if count > limit:
                     return count
     return count
 
 
-def _check_expansion(root: ElementTree.Element) -> None:
+def _check_expansion(root: ElementTree.Element, limits: SVGLimits) -> None:
     """Refuse <use> cycles, <use> bombs, absurd nesting and path data too large to
     read, before any SVG library expands or parses them."""
     depth = {root: 0}
@@ -256,7 +305,7 @@ def _check_expansion(root: ElementTree.Element) -> None:
         if key in active:
             raise SVGError("the SVG has a <use> element that refers to itself")
         active.add(key)
-        elements, numbers = 1, _count_numbers(element)
+        elements, numbers = 1, _count_numbers(element, limits.max_coordinates)
         parts = [expanded(child) for child in element]
         href = element.get("href") or element.get(_XLINK_HREF) or ""
         if isinstance(element.tag, str) and element.tag.endswith("use") and href.startswith("#"):
@@ -267,14 +316,10 @@ def _check_expansion(root: ElementTree.Element) -> None:
         numbers += sum(part[1] for part in parts)
         active.discard(key)
         sizes[key] = (elements, numbers)
-        if elements > MAX_EXPANDED_ELEMENTS:
-            raise SVGError(f"the SVG (with its <use> references) would expand to more than "
-                           f"{MAX_EXPANDED_ELEMENTS:,} elements; simplify it or split it "
-                           "into several jobs")
-        if numbers > MAX_PATH_NUMBERS:
-            raise SVGError(f"the SVG's paths hold more than {MAX_PATH_NUMBERS:,} coordinates "
-                           "(counting <use> copies); simplify it (e.g. vpype linesimplify) "
-                           "or split it into several jobs")
+        if elements > limits.max_elements:
+            raise _too_many_elements(limits)
+        if numbers > limits.max_coordinates:
+            raise _too_many_coordinates(limits)
         return elements, numbers
 
     try:

@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from vfab.config import DeviceConfig
 from vfab.events import EventBus
+from vfab.geometry import SVGLimits
 from vfab.jobs import states
 from vfab.disk import DiskSpace
 from vfab.jobs.errors import DiskFull, InvalidJobInput, NotAccepting
@@ -69,11 +70,13 @@ class QueueService(Service):
 
     def __init__(self, *, store: JobStore, device: Any, bus: EventBus, settings: DeviceConfig,
                  jobs_dir: Path, reactor: Any, planning: Any = None, prepare_job: Any = None,
-                 disk: DiskSpace | None = None):
+                 disk: DiskSpace | None = None, limits: SVGLimits = SVGLimits()):
         """`planning` reads submissions and previews (a PlanningProcess by default);
         `prepare_job(svg, settings, use_lm=)` plans a job about to start (in a thread
         by default). Tests inject both to run in-process on a Clock. `disk` is told
-        of a full disk and holds the room a delete needs then."""
+        of a full disk and holds the room a delete needs then; `limits` bound the
+        drawings read."""
+        self._limits = limits
         self._disk = disk
         self._store = store
         self._device = device
@@ -168,7 +171,8 @@ class QueueService(Service):
             raise InvalidJobInput(f"priority: expected an integer from {low} to {high}, "
                                   f"got {priority!r:.40}")
         settings = device_settings(self._settings, preset)
-        summary: DrawingSummary = yield self._planning.run(summarize, svg, settings)
+        summary: DrawingSummary = yield self._planning.run(summarize, svg, settings,
+                                                           self._limits)
         if not self._accepting:
             raise NotAccepting()
         job_id = uuid.uuid4().hex[:12]
@@ -281,7 +285,8 @@ class QueueService(Service):
         job = yield self._store.get(job_id)
         svg = self.files.read(job.svg_file)
         settings = device_settings(self._settings, job.preset)
-        result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS)
+        result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS,
+                                          self._limits)
         self._previews.put(job_id, result)
         return result
 
@@ -344,4 +349,4 @@ class QueueService(Service):
     def _prepare_in_thread(self, svg: bytes, settings: DeviceConfig, *,
                            use_lm: bool) -> Deferred[PreparedJob]:
         return deferToThreadPool(self._reactor, self._threads, prepare, svg, settings,
-                                 use_lm=use_lm)
+                                 use_lm=use_lm, limits=self._limits)

@@ -210,7 +210,7 @@ class APIResource(Resource):
         if getattr(request, "body_too_large", False):
             return error_body(request, 413, "too_large",
                               f"the upload is larger than the limit of "
-                              f"{request.max_body_size} bytes (websocket.max_upload_size)")
+                              f"{request.max_body_size} bytes (uploads.max_size)")
         return render_later(request, lambda: self._receive_and_submit(request), _created)
 
     @inlineCallbacks

@@ -27,7 +27,7 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from vfab.audit import AuditLog
-from vfab.config import WebSocketConfig
+from vfab.config import UploadsConfig, WebSocketConfig
 from vfab.events import EventBus
 from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.web.api import APIResource, HealthResource
@@ -45,6 +45,8 @@ STATIC = Path(__file__).parent / "static"
 _OWN_ACCESS = (b"health", b"ws")
 #: Every method some path of the API answers.
 _METHODS = b"GET, HEAD, POST, DELETE"
+#: How long a refused upload's body is read and dropped before the connection ends.
+DRAIN_SECONDS = 10.0
 
 
 class ListenError(RuntimeError):
@@ -122,22 +124,50 @@ class APIChannel(HTTPChannel):
             return
         super().lineReceived(line)
 
+    def allHeadersReceived(self) -> None:
+        """A body declared larger than the upload limit is refused at once, before a
+        byte of it is read: 413, then the connection ends."""
+        limit = self.site.max_body_size
+        if self.length is not None and self.length > limit:
+            _log.info("{client} declared a {length}-byte body, over {limit}: 413",
+                      client=getattr(self.transport.getPeer(), "host", "?"),
+                      length=self.length, limit=limit)
+            self._refuse(b"413 Content Too Large", "too_large",
+                         f"the upload is larger than the limit of {limit} bytes "
+                         f"(uploads.max_size)", drain=True)
+            return
+        super().allHeadersReceived()
+
     def _refuse_headers(self) -> None:
         message = (f"the request line and headers are larger than the limit of "
                    f"{self.totalHeadersSize} bytes")
-        body = json.dumps({"error": {"code": "headers_too_large", "message": message}},
-                          separators=(",", ":")).encode("utf-8")
         _log.info("{client} request headers over {limit} bytes: 431",
                   client=getattr(self.transport.getPeer(), "host", "?"),
                   limit=self.totalHeadersSize)
-        self.transport.write(b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+        self._refuse(b"431 Request Header Fields Too Large", "headers_too_large", message)
+
+    def _refuse(self, status: bytes, code: str, message: str, drain: bool = False) -> None:
+        """Answer with an error and end the connection; nothing more is read from it.
+
+        With `drain`, only our side is closed at once and what the client still
+        sends is read and dropped (for at most DRAIN_SECONDS), so that a client
+        busy sending its body sees the answer rather than a reset connection.
+        """
+        body = json.dumps({"error": {"code": code, "message": message}},
+                          separators=(",", ":")).encode("utf-8")
+        self.transport.write(b"HTTP/1.1 %s\r\n"
                              b"Content-Type: application/json; charset=utf-8\r\n"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (len(body), body))
-        self.loseConnection()
+                             % (status, len(body), body))
+        if drain and hasattr(self.transport, "loseWriteConnection"):
+            self.transport.loseWriteConnection()
+            self.setTimeout(DRAIN_SECONDS)
+        else:
+            self.loseConnection()
         # Nothing else that arrives on this connection is read, as twisted.web
         # does for a connection it is done with.
-        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self.dataReceived = self.lineReceived = self.rawDataReceived = (  # type: ignore
+            lambda *args: None)
 
 
 class APISite(Site):
@@ -209,20 +239,23 @@ class WebService(Service):
     `health` reports what only the daemon knows (False or {"status":
     "unhealthy", ...} when the store is broken); `device_type` "none" keeps a
     missing plotter from degrading /health; `endpoint` overrides the listening
-    endpoint string (e.g. "systemd:domain=INET:index=0").
+    endpoint string (e.g. "systemd:domain=INET:index=0"); `max_upload_size` is
+    `uploads.max_size`.
     """
 
     def __init__(self, config: WebSocketConfig, jobs: JobControl, device: DeviceStatus,
                  bus: EventBus, reactor: Any, *,
                  health: Callable[[], bool | dict[str, Any]] | None = None,
                  endpoint: str | None = None, device_type: str | None = None,
-                 audit: AuditLog | None = None):
+                 audit: AuditLog | None = None,
+                 max_upload_size: int = UploadsConfig().max_size):
         self.config = config
         self._jobs = jobs
         self._device = device
         self._bus = bus
         self._reactor = reactor
         self._endpoint = endpoint
+        self._max_upload_size = max_upload_size
         self._clients: set[StreamProtocol] = set()
         self.monitor = SystemMonitor(jobs, device, reactor, connections=self._count_clients,
                                      health=health, device_type=device_type)
@@ -246,7 +279,7 @@ class WebService(Service):
         root.putChild(b"api", APIResource(self._jobs, self._device, self._reactor))
         root.putChild(b"metrics", MetricsResource(self.metrics))
         root.putChild(b"ws", WebSocketGate(self.factory))
-        return APISite(root, max_body_size=self.config.max_upload_size)
+        return APISite(root, max_body_size=self._max_upload_size)
 
     def _endpoint_description(self) -> str:
         if self._endpoint:
