@@ -275,7 +275,7 @@ def test_upload_errors_and_dropping(browser: Any, daemon: DaemonProcess, tmp_pat
     page.upload("big.svg", drawing(["1", "2"]).replace(b"</svg>", padding + b"</svg>"))
     page.wait_until("() => document.querySelector('#upload-message').textContent"
                     ".startsWith('big.svg was not queued (413): ')")
-    assert "max_upload_size" in page.text("#upload-message")
+    assert "uploads.max_size" in page.text("#upload-message")
 
     huge = ('<svg xmlns="http://www.w3.org/2000/svg" width="2000mm" height="20mm" '
             'viewBox="0 0 2000 20"><line x1="0" y1="10" x2="1900" y2="10" '

@@ -210,6 +210,11 @@ def test_the_daemon_on_a_full_disk(small_disk):
 
         status, body = daemon.submit(SQUARE, "on a full disk")
         assert status == 507 and body["error"]["code"] == "insufficient_storage"
+        form = (b'--b\r\nContent-Disposition: form-data; name="file"\r\n\r\n' + SQUARE
+                + b"\r\n--b--\r\n")
+        status, body = daemon.request("POST", "/api/jobs", form,
+                                      {"Content-Type": "multipart/form-data; boundary=b"})
+        assert status == 507 and body["error"]["code"] == "insufficient_storage"
         jobs = daemon.workspace / "jobs"
         assert sorted(path.name for path in jobs.iterdir()) == [f"{done['id']}.svg"]
         health = wait_until(lambda: (lambda h: h if h["status"] != "healthy" else None)(

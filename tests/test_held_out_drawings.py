@@ -20,8 +20,7 @@ from twisted.python.failure import Failure
 
 from plotting_site import SETTINGS, Site
 from test_runner import distance_to_strokes, drawn_length
-from vfab.geometry import SVGError, load_svg
-from vfab.geometry import svg as svg_module
+from vfab.geometry import SVGError, SVGLimits, load_svg
 from vfab.jobs import states
 from vfab.web.errors import client_error
 
@@ -277,7 +276,7 @@ def test_layers_that_vpype_would_number_alike_stay_pens_of_their_own():
         ("Layer 9", [9])]
 
 
-def test_a_clipped_layer_stays_a_pen_and_clips_are_bounded(monkeypatch):
+def test_a_clipped_layer_stays_a_pen_and_clips_are_bounded():
     """A clip on a layer itself cuts that layer; clip paths copied for many
     differently placed elements are refused before they pile up."""
     head = ('<svg xmlns="http://www.w3.org/2000/svg" '
@@ -297,6 +296,6 @@ def test_a_clipped_layer_stays_a_pen_and_clips_are_bounded(monkeypatch):
     rects = '<rect x="20" y="0" width="1" height="1"/>' * 1000
     placed = "".join(f'<path clip-path="url(#c)" transform="translate({i} 0)" d="M0 0 L1 1"/>'
                      for i in range(600))
-    monkeypatch.setattr(svg_module, "MAX_EXPANDED_ELEMENTS", 5000)  # the bomb, smaller
-    with pytest.raises(SVGError, match="clip paths"):
-        load_svg((head.format(rects) + placed + "</svg>").encode())
+    with pytest.raises(SVGError, match="clip paths"):  # the bomb, smaller
+        load_svg((head.format(rects) + placed + "</svg>").encode(),
+                 limits=SVGLimits(max_elements=5000))

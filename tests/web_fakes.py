@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -37,6 +40,9 @@ class FakeJobs:
         self.hold = False
         self.held: list[tuple[Deferred[Any], Any]] = []
         self._ids = itertools.count(1)
+        #: Where `receive` writes uploads; `submit` removes them, so a test can
+        #: tell that nothing was left behind.
+        self.uploads = Path(tempfile.mkdtemp(prefix="vfab-fake-uploads-"))
 
     def add(self, name: str = "job", state: str = QUEUED, priority: int = 0) -> dict[str, Any]:
         number = next(self._ids)
@@ -65,8 +71,22 @@ class FakeJobs:
             else:
                 d.callback(outcome)
 
-    def submit(self, name: str, svg: bytes, priority: int = 0,
+    def receive(self, fill: Any) -> Deferred[tuple[Path, Any]]:
+        """As the queue, but at once and in a temporary folder of the fake's own."""
+        fd, name = tempfile.mkstemp(dir=self.uploads, prefix=".upload-")
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                result = fill(out)
+        except Exception as error:  # whatever fill raised is the caller's answer
+            path.unlink()
+            return fail(error)
+        return succeed((path, result))
+
+    def submit(self, name: str, svg: bytes | Path, priority: int = 0,
                preset: str | None = None) -> Deferred[dict[str, Any]]:
+        if isinstance(svg, Path):
+            svg, _ = svg.read_bytes(), svg.unlink()
         self.submitted.append({"name": name, "svg": svg, "priority": priority, "preset": preset})
         if not self.accepting:
             return self._answer(error=NotAccepting())
@@ -198,9 +218,12 @@ class WebHarness:
         self.device = FakeDevice()
         self.bus = EventBus()
         self.store_ok = True
+        limit = {"max_upload_size": config.pop("max_upload_size")} \
+            if "max_upload_size" in config else {}
         self.config = WebSocketConfig(**{"host": "127.0.0.1", "port": 0, **config})
         self.service = WebService(self.config, self.jobs, self.device, self.bus, self.reactor,
-                                  health=lambda: self.store_ok, device_type=device_type)
+                                  health=lambda: self.store_ok, device_type=device_type,
+                                  **limit)
 
     @property
     def port(self) -> int:

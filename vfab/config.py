@@ -202,8 +202,22 @@ class WebSocketConfig:
     heartbeat_interval: float = setting(30.0, number(0.1))
     allowed_origins: tuple[str, ...] = setting((), text_list)
     max_message_size: int = setting(65536, integer(64))
-    #: Largest accepted upload body (SVG) in bytes; bigger is 413.
-    max_upload_size: int = setting(50 * 1024**2, byte_size)
+
+
+#: The name `uploads.max_size` had before the `uploads` section; still accepted.
+OLD_UPLOAD_SIZE_KEY = "max_upload_size"
+
+
+@attr.s(frozen=True, auto_attribs=False)
+class UploadsConfig:
+    """How big a submitted drawing may be (SECURITY.md says what each limit costs).
+    The defaults admit a drawing of a million segments."""
+
+    max_size: int = setting(50 * 1024**2, byte_size, "bytes of one upload; larger is 413")
+    max_elements: int = setting(500_000, integer(1),
+                                "SVG elements, counting <use> copies; more is 400")
+    max_coordinates: int = setting(3_000_000, integer(1),
+                                   "numbers in path data and point lists; more is 400")
 
 
 @attr.s(frozen=True, auto_attribs=False)
@@ -289,6 +303,7 @@ class Config:
     database: DatabaseConfig = attr.ib(factory=DatabaseConfig)
     device: DeviceConfig = attr.ib(factory=DeviceConfig)
     logging: LoggingConfig = attr.ib(factory=LoggingConfig)
+    uploads: UploadsConfig = attr.ib(factory=UploadsConfig)
     hooks: Mapping[str, tuple[HookAction, ...]] = attr.ib(factory=dict)
 
 
@@ -297,6 +312,7 @@ SECTIONS: dict[str, type] = {
     "database": DatabaseConfig,
     "device": DeviceConfig,
     "logging": LoggingConfig,
+    "uploads": UploadsConfig,
 }
 
 
@@ -372,6 +388,20 @@ def _hooks(data: Any, problems: list[str]) -> dict[str, tuple[HookAction, ...]]:
     return hooks
 
 
+def _old_upload_size(data: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+    """`websocket.max_upload_size`, the old name of `uploads.max_size`, moved there."""
+    websocket, uploads = data.get("websocket"), data.get("uploads") or {}
+    if not isinstance(websocket, dict) or OLD_UPLOAD_SIZE_KEY not in websocket \
+            or not isinstance(uploads, dict):
+        return data
+    if "max_size" in uploads:
+        problems.append(f"websocket.{OLD_UPLOAD_SIZE_KEY}: the old name of uploads.max_size, "
+                        f"which is set too; keep only uploads.max_size")
+    websocket = dict(websocket)
+    uploads = {"max_size": websocket.pop(OLD_UPLOAD_SIZE_KEY), **uploads}
+    return {**data, "websocket": websocket, "uploads": uploads}
+
+
 def config_from_dict(data: Any) -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     if data is None:
@@ -379,6 +409,7 @@ def config_from_dict(data: Any) -> Config:
     if not isinstance(data, dict):
         raise ConfigError([f"configuration: expected a mapping of sections, got {_shown(data)}"])
     problems: list[str] = []
+    data = _old_upload_size(data, problems)
     sections = {}
     for key, value in data.items():
         if key in SECTIONS:

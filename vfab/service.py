@@ -27,6 +27,7 @@ from vfab.audit import AuditLog
 from vfab.config import Config, sqlite_path
 from vfab.disk import DiskSpace
 from vfab.events import EventBus
+from vfab.geometry import SVGLimits
 from vfab.hooks import HookService
 from vfab.jobs.queue import QueueService
 from vfab.performance import PerformanceLog
@@ -76,14 +77,17 @@ class VfabService(MultiService):
                                     record_dir=workspace / "simulator")
         self.queue = QueueService(store=self.store, device=self.device, bus=self.bus,
                                   settings=config.device, jobs_dir=workspace / "jobs",
-                                  reactor=reactor, disk=self.disk)
+                                  reactor=reactor, disk=self.disk,
+                                  limits=SVGLimits(config.uploads.max_elements,
+                                                   config.uploads.max_coordinates))
         try:
             endpoint = activation_endpoint(reactor)
         except ActivationError as error:
             raise StartupError(f"socket activation: {error}") from None
         self.web = WebService(config.websocket, self.queue, self.device, self.bus, reactor,
                               health=self._health, device_type=config.device.type,
-                              audit=self.audit, endpoint=endpoint)
+                              audit=self.audit, endpoint=endpoint,
+                              max_upload_size=config.uploads.max_size)
         self.bus.subscribe(self.web.metrics.on_message)
         self.web.metrics.count_serial(lambda: self.device.serial_counts)
         self.performance = PerformanceLog(

@@ -4,7 +4,7 @@ from .drawing import Drawing, Layer
 from .errors import OutOfTravel, SVGError
 from .order import optimize, order_paths
 from .stats import DrawingStats, drawing_stats, preview
-from .svg import load_svg
+from .svg import SVGLimits, load_svg
 from .travel import check_travel
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Layer",
     "OutOfTravel",
     "SVGError",
+    "SVGLimits",
     "check_travel",
     "drawing_stats",
     "load_svg",

@@ -46,16 +46,15 @@ PX_PER_MM = 96.0 / 25.4
 #: big for the plotter (that is OutOfTravel, checked later against the model).
 GIGANTIC_MM = 10_000.0
 
-#: Upper bound on the elements a document may expand to through <use>
-#: references, so that nested <use> elements cannot multiply into billions.
-#: Reading costs about half a millisecond an element; drawings are read in a
-#: child process (vfab.jobs.planning), so a big one holds up no plot.
-MAX_EXPANDED_ELEMENTS = 500_000
-#: Upper bound on the numbers in path data and point lists (after <use>
-#: expansion): each costs memory and time in the SVG libraries (about 0.8 kB
-#: and 30 µs a segment), so tens of millions of tiny segments are refused up
-#: front; a drawing of two million segments still fits.
-MAX_PATH_NUMBERS = 5_000_000
+#: The default bounds on a drawing (the `uploads` configuration section):
+#: the elements it may expand to through <use> references, so that nested
+#: <use> elements cannot multiply into billions, and the numbers in its path
+#: data and point lists (after <use> expansion), each of which costs time
+#: and memory in the SVG libraries. Both admit a drawing of a million segments
+#: (100,000 polylines of 10 segments: 100,000 elements, 2.2 million numbers);
+#: SECURITY.md says what a drawing at the limits costs.
+MAX_ELEMENTS = 500_000
+MAX_COORDINATES = 3_000_000
 #: Deeper nesting than this is not a drawing (and would exhaust the stack).
 MAX_DEPTH = 200
 
@@ -88,7 +87,16 @@ _MAGIC = (
 )
 
 
-def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
+@attr.s(frozen=True, auto_attribs=True)
+class SVGLimits:
+    """How big a drawing may be: elements (with <use> copies) and path coordinates."""
+
+    max_elements: int = MAX_ELEMENTS
+    max_coordinates: int = MAX_COORDINATES
+
+
+def load_svg(data: bytes, *, tolerance: float = 0.05,
+             limits: SVGLimits = SVGLimits()) -> Drawing:
     """Read an SVG upload into a Drawing in mm; raise SVGError saying what is wrong.
 
     `tolerance` (mm) is how far flattened curves may stray from the true curve.
@@ -99,12 +107,12 @@ def load_svg(data: bytes, *, tolerance: float = 0.05) -> Drawing:
     if not math.isfinite(tolerance) or tolerance <= 0:
         raise ValueError(f"tolerance must be a positive number of mm, got {tolerance!r}")
     text = _decode(data)
-    root = _parse_safely(text)
+    root = _parse_safely(text, limits)
     _check_root(root)
     _check_numbers(root)
-    _check_expansion(root)
+    _check_expansion(root, limits)
     try:
-        text, layer_names, clips = _as_vpype_reads_it(text, root)
+        text, layer_names, clips = _as_vpype_reads_it(text, root, limits)
     except RecursionError:
         # Written out, a long chain of <use>s nests deeper than the stack.
         raise SVGError("the SVG's <use> references are chained too deeply") from None
@@ -129,7 +137,7 @@ def _layer_label(group: ElementTree.Element) -> str:
     return group.get(f"{{{INKSCAPE_NAMESPACE}}}label") or group.get("id") or ""
 
 
-def _as_vpype_reads_it(text: str, root: ElementTree.Element
+def _as_vpype_reads_it(text: str, root: ElementTree.Element, limits: SVGLimits
                        ) -> tuple[str, dict[int, str], list[_Clip]]:
     """The document rewritten where vpype (through svgelements) would draw
     something other than the SVG shows (the text itself when nothing needs
@@ -144,7 +152,7 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element
     changed = _inline_loose_uses(root) or changed
     clipped = _clipped_elements(root)
     layer_names, layer_ids = _separate_layers(root, every=bool(clipped))
-    clips = _move_clipped(root, clipped, layer_ids)
+    clips = _move_clipped(root, clipped, layer_ids, limits)
     if not (changed or layer_names or clips):
         return text, layer_names, clips
     for prefix, uri in _PREFIXES.items():
@@ -341,7 +349,8 @@ def _clipped_elements(root: ElementTree.Element
     return found
 
 
-def _move_clipped(root: ElementTree.Element, clipped: list, layer_ids: dict) -> list[_Clip]:
+def _move_clipped(root: ElementTree.Element, clipped: list, layer_ids: dict,
+                  limits: SVGLimits) -> list[_Clip]:
     """Move each clipped element into a top-level group of its own, and a copy
     of its clip path's shapes into another, both in the groups it was in (so
     that both are read in the same coordinates). svgelements ignores clip
@@ -373,9 +382,10 @@ def _move_clipped(root: ElementTree.Element, clipped: list, layer_ids: dict) -> 
                     region = ElementTree.SubElement(region, _svg_tag(root, "g"),
                                                     {"transform": transform})
             copied += sum(1 for child in clip for _ in child.iter())
-            if copied > MAX_EXPANDED_ELEMENTS:
+            if copied > limits.max_elements:
                 raise SVGError(f"the SVG's clip paths, copied where they are used, would "
-                               f"make more than {MAX_EXPANDED_ELEMENTS:,} elements")
+                               f"make more than {limits.max_elements:,} elements "
+                               f"(uploads.max_elements)")
             region.extend(_copy_without_ids(child) for child in clip)
         # Elements side by side with one clip region share a layer until cut.
         together = (regions[key], tuple(id(group) for group in chain))
@@ -623,14 +633,41 @@ def _decode(data: bytes) -> str:
     return text
 
 
-def _parse_safely(text: str) -> ElementTree.Element:
-    # A plain <!DOCTYPE svg PUBLIC ...> line is harmless and in many real files
-    # (matplotlib, Illustrator, Graphviz): the external DTD is never loaded.
-    # What makes a DOCTYPE dangerous is its entities, and those are refused.
+#: Characters of the document parsed at a time.
+_PARSE_PIECE = 1 << 20
+
+
+def _parse_safely(text: str, limits: SVGLimits) -> ElementTree.Element:
+    """The document's tree, counted as it is built: the parse stops as soon as the
+    elements or the path coordinates pass a limit, so a file far over one is
+    refused in the time it takes to read up to it, with no more memory.
+
+    A plain <!DOCTYPE svg PUBLIC ...> line is harmless and in many real files
+    (matplotlib, Illustrator, Graphviz): the external DTD is never loaded. What
+    makes a DOCTYPE dangerous is its entities, and those are refused."""
+    parser = ElementTree.XMLPullParser(events=("end",), _parser=SafeElementTree.DefusedXMLParser(
+        target=ElementTree.TreeBuilder(), forbid_dtd=False, forbid_entities=True,
+        forbid_external=True))
+    elements = coordinates = 0
+    root = None
+
+    def count() -> None:
+        nonlocal elements, coordinates, root
+        for _, element in parser.read_events():
+            root = element
+            elements += 1
+            coordinates += _count_numbers(element, limits.max_coordinates - coordinates)
+            if elements > limits.max_elements:
+                raise _too_many_elements(limits)
+            if coordinates > limits.max_coordinates:
+                raise _too_many_coordinates(limits)
+
     try:
-        return SafeElementTree.fromstring(
-            text, forbid_dtd=False, forbid_entities=True, forbid_external=True
-        )
+        for start in range(0, len(text), _PARSE_PIECE):
+            parser.feed(text[start:start + _PARSE_PIECE])
+            count()
+        parser.close()
+        count()
     except defusedxml.EntitiesForbidden:
         raise SVGError("the SVG's <!DOCTYPE ...> declares XML entities, which are refused "
                        "for safety; remove the <!ENTITY ...> declarations") from None
@@ -639,6 +676,8 @@ def _parse_safely(text: str) -> ElementTree.Element:
                        "for safety") from None
     except ElementTree.ParseError as error:
         raise SVGError(f"the upload is not well-formed XML ({error})") from None
+    assert root is not None  # a document without a root element does not parse
+    return root
 
 
 def _check_root(root: ElementTree.Element) -> None:
@@ -666,8 +705,20 @@ _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _FINDALL_CHARS = 1_000_000
 
 
-def _count_numbers(element: ElementTree.Element) -> int:
-    """The numbers in an element's path data or point list, counted up to just past the limit."""
+def _too_many_elements(limits: SVGLimits) -> SVGError:
+    return SVGError(f"the SVG has or would expand to more than {limits.max_elements:,} "
+                    f"elements (counting <use> copies; uploads.max_elements); simplify it "
+                    f"or split it into several jobs")
+
+
+def _too_many_coordinates(limits: SVGLimits) -> SVGError:
+    return SVGError(f"the SVG's paths hold more than {limits.max_coordinates:,} coordinates "
+                    f"(counting <use> copies; uploads.max_coordinates); simplify it (e.g. "
+                    f"vpype linesimplify) or split it into several jobs")
+
+
+def _count_numbers(element: ElementTree.Element, limit: int) -> int:
+    """The numbers in an element's path data or point list, counted up to just past `limit`."""
     count = 0
     for name in ("d", "points"):
         value = element.get(name)
@@ -675,17 +726,17 @@ def _count_numbers(element: ElementTree.Element) -> int:
             if len(value) <= _FINDALL_CHARS:
                 # Too short to hold more than the limit: count in one C call.
                 count += len(_NUMBER.findall(value))
-                if count > MAX_PATH_NUMBERS:
+                if count > limit:
                     return count
                 continue
             for _ in _NUMBER.finditer(value):
                 count += 1
-                if count > MAX_PATH_NUMBERS:
+                if count > limit:
                     return count
     return count
 
 
-def _check_expansion(root: ElementTree.Element) -> None:
+def _check_expansion(root: ElementTree.Element, limits: SVGLimits) -> None:
     """Refuse <use> cycles, <use> bombs, absurd nesting and path data too large to
     read, before any SVG library expands or parses them."""
     depth = {root: 0}
@@ -708,7 +759,7 @@ def _check_expansion(root: ElementTree.Element) -> None:
         if key in active:
             raise SVGError("the SVG has a <use> element that refers to itself")
         active.add(key)
-        elements, numbers = 1, _count_numbers(element)
+        elements, numbers = 1, _count_numbers(element, limits.max_coordinates)
         parts = [expanded(child) for child in element]
         href = element.get("href") or element.get(_XLINK_HREF) or ""
         if isinstance(element.tag, str) and element.tag.endswith("use") and href.startswith("#"):
@@ -719,14 +770,10 @@ def _check_expansion(root: ElementTree.Element) -> None:
         numbers += sum(part[1] for part in parts)
         active.discard(key)
         sizes[key] = (elements, numbers)
-        if elements > MAX_EXPANDED_ELEMENTS:
-            raise SVGError(f"the SVG (with its <use> references) would expand to more than "
-                           f"{MAX_EXPANDED_ELEMENTS:,} elements; simplify it or split it "
-                           "into several jobs")
-        if numbers > MAX_PATH_NUMBERS:
-            raise SVGError(f"the SVG's paths hold more than {MAX_PATH_NUMBERS:,} coordinates "
-                           "(counting <use> copies); simplify it (e.g. vpype linesimplify) "
-                           "or split it into several jobs")
+        if elements > limits.max_elements:
+            raise _too_many_elements(limits)
+        if numbers > limits.max_coordinates:
+            raise _too_many_coordinates(limits)
         return elements, numbers
 
     try:

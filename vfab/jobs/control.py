@@ -9,17 +9,24 @@ progress, error.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 
 JobDict = dict[str, Any]
+T = TypeVar("T")
 
 
 class JobControl(Protocol):
-    def submit(self, name: str, svg: bytes, priority: int = 0,
+    def receive(self, fill: Callable[[BinaryIO], T]) -> Deferred[tuple[Path, T]]:
+        """A new file for an upload, written by `fill(out)` in a thread; fires with
+        the file (for `submit`) and what `fill` returned. Fails with DiskFull (507)."""
+
+    def submit(self, name: str, svg: bytes | Path, priority: int = 0,
                preset: str | None = None) -> Deferred[JobDict]:
-        """Parse, check and queue a drawing.
+        """Parse, check and queue a drawing: its bytes, or the file `receive`
+        wrote, which becomes the job's (or goes, if the job is refused).
 
         Fails with SVGError (400), OutOfTravel (422), InvalidJobInput (400)
         or NotAccepting (503).

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import attr
@@ -27,7 +28,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vfab.config import DeviceConfig
-from vfab.geometry import SVGError
+from vfab.geometry import SVGError, SVGLimits
 from vfab.jobs.errors import NotAccepting
 
 _log = Logger()
@@ -51,22 +52,26 @@ class DrawingSummary:
     estimated_seconds: float
 
 
-def summarize(svg: bytes, device: DeviceConfig) -> DrawingSummary:
-    """Read, check and plan a drawing; keep only its figures."""
+def summarize(svg: bytes | Path, device: DeviceConfig,
+              limits: SVGLimits = SVGLimits()) -> DrawingSummary:
+    """Read, check and plan a drawing (given whole, or as the file it was
+    uploaded to, which only the child reads); keep only its figures."""
     from vfab.jobs.prepare import prepare
 
-    prepared = prepare(svg, device)
+    prepared = prepare(svg.read_bytes() if isinstance(svg, Path) else svg, device,
+                       limits=limits)
     return DrawingSummary(layers=prepared.layers, paths=prepared.paths,
                           pen_down_mm=prepared.pen_down_mm, pen_up_mm=prepared.pen_up_mm,
                           estimated_seconds=prepared.estimated_seconds)
 
 
-def preview(svg: bytes, device: DeviceConfig, max_points: int) -> dict[str, Any]:
+def preview(svg: bytes, device: DeviceConfig, max_points: int,
+            limits: SVGLimits = SVGLimits()) -> dict[str, Any]:
     """The drawing simplified for display, in plotting order."""
     from vfab.geometry import preview as drawing_preview
     from vfab.jobs.prepare import prepare_drawing
 
-    return drawing_preview(prepare_drawing(svg, device), max_points)
+    return drawing_preview(prepare_drawing(svg, device, limits), max_points)
 
 
 class _Child(ProcessProtocol):

@@ -16,7 +16,7 @@ import threading
 import attr
 
 from vfab.config import DeviceConfig
-from vfab.geometry import Drawing, check_travel, drawing_stats, load_svg, optimize
+from vfab.geometry import Drawing, SVGLimits, check_travel, drawing_stats, load_svg, optimize
 from vfab.jobs.errors import InvalidJobInput
 from vfab.jobs.layers import layer_settings, plotted_layers
 from vfab.motion import MotionPlan, pen_moves, plan_drawing, plan_travel
@@ -99,23 +99,25 @@ def _collector_paused():
                 gc.enable()
 
 
-def prepare_drawing(svg: bytes, device: DeviceConfig) -> Drawing:
+def prepare_drawing(svg: bytes, device: DeviceConfig,
+                    limits: SVGLimits = SVGLimits()) -> Drawing:
     """The layers and paths to plot, in the order they are plotted."""
-    drawing = plotted_layers(load_svg(svg, tolerance=device.tolerance))
+    drawing = plotted_layers(load_svg(svg, tolerance=device.tolerance, limits=limits))
     check_travel(drawing, device.travel_mm, model=device.model)
     if device.optimize:
         drawing = optimize(drawing, device.merge_tolerance)
     return drawing
 
 
-def prepare(svg: bytes, device: DeviceConfig, *, use_lm: bool = True) -> PreparedJob:
+def prepare(svg: bytes, device: DeviceConfig, *, use_lm: bool = True,
+            limits: SVGLimits = SVGLimits()) -> PreparedJob:
     """Read, check, order and plan a drawing for this device.
 
     Raises SVGError when it is not a drawing and OutOfTravel when it does not
     fit the model's travel.
     """
     with _collector_paused():
-        drawing = prepare_drawing(svg, device)
+        drawing = prepare_drawing(svg, device, limits)
         stats = drawing_stats(drawing)
         settings = tuple(layer_settings(layer.name, device) for layer in drawing.layers)
         plan = plan_layers(drawing, settings, use_lm=use_lm)

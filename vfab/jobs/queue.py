@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable, TypeVar
 
 import attr
 from twisted.application.service import Service
@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 
 from vfab.config import DeviceConfig
 from vfab.events import EventBus
+from vfab.geometry import SVGLimits
 from vfab.jobs import states
 from vfab.disk import DiskSpace
 from vfab.jobs.errors import DiskFull, InvalidJobInput, NotAccepting
@@ -43,6 +44,10 @@ _log = Logger()
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_NAME_LENGTH = 200
 PREVIEW_POINTS = 20000
+#: Uploads written to disk at once; more wait for a thread.
+UPLOAD_THREADS = 2
+
+T = TypeVar("T")
 
 
 def check_name(name: str) -> str:
@@ -65,11 +70,13 @@ class QueueService(Service):
 
     def __init__(self, *, store: JobStore, device: Any, bus: EventBus, settings: DeviceConfig,
                  jobs_dir: Path, reactor: Any, planning: Any = None, prepare_job: Any = None,
-                 disk: DiskSpace | None = None):
+                 disk: DiskSpace | None = None, limits: SVGLimits = SVGLimits()):
         """`planning` reads submissions and previews (a PlanningProcess by default);
         `prepare_job(svg, settings, use_lm=)` plans a job about to start (in a thread
         by default). Tests inject both to run in-process on a Clock. `disk` is told
-        of a full disk and holds the room a delete needs then."""
+        of a full disk and holds the room a delete needs then; `limits` bound the
+        drawings read."""
+        self._limits = limits
         self._disk = disk
         self._store = store
         self._device = device
@@ -86,6 +93,8 @@ class QueueService(Service):
         # of its own, when no plot is running to be held up.
         self._planning = planning if planning is not None else PlanningProcess(reactor)
         self._threads = ThreadPool(minthreads=0, maxthreads=1, name="vfab-planning")
+        self._upload_threads = ThreadPool(minthreads=0, maxthreads=UPLOAD_THREADS,
+                                          name="vfab-uploads")
         self._prepare_job = prepare_job if prepare_job is not None else self._prepare_in_thread
         self.scheduler = Scheduler(store=store, recorder=self.recorder, device=device,
                                    prepare=self._plan_for, make_runner=self._runner_for_job,
@@ -97,7 +106,9 @@ class QueueService(Service):
     def startService(self) -> None:
         super().startService()
         self.files.create_directory()
+        self.files.remove_stale_uploads()
         self._threads.start()
+        self._upload_threads.start()
         self._unsubscribe = self._bus.subscribe(self._on_event)
         self.recorder.refresh().addCallback(lambda _: self.scheduler.start())
         _log.info("queue service started")
@@ -116,14 +127,42 @@ class QueueService(Service):
             self._unsubscribe()
         yield self.scheduler.stop()
         self._threads.stop()  # idle by now: the scheduler waited for its planning
+        self._upload_threads.stop()
         self._planning.stop()
         _log.info("queue service stopped")
 
     # -- JobControl -------------------------------------------------------------
 
-    @inlineCallbacks
-    def submit(self, name: str, svg: bytes, priority: int = 0,
+    def receive(self, fill: Callable[[BinaryIO], T]) -> Deferred[tuple[Path, T]]:
+        """Write an upload to a file of its own with `fill(out)`, in a thread: a
+        body of tens of megabytes is copied (or a form parsed) off the reactor.
+        Fires with the file, to `submit`, and what `fill` returned."""
+
+        def disk_full(failure: Any) -> Any:
+            if failure.check(DiskFull):
+                self.files.disk_full(failure.value.what)
+            return failure
+
+        return deferToThreadPool(self._reactor, self._upload_threads, self.files.spool,
+                                 fill).addErrback(disk_full)
+
+    def submit(self, name: str, svg: bytes | Path, priority: int = 0,
                preset: str | None = None) -> Deferred[dict[str, Any]]:
+        """`svg` is the drawing, or the file `receive` wrote it to: that file
+        becomes the job's drawing (renamed) or, if the job is refused, goes."""
+        submitting = self._submit(name, svg, priority, preset)
+        if isinstance(svg, Path):
+            submitting.addErrback(self._discard_upload, svg)
+        return submitting
+
+    @staticmethod
+    def _discard_upload(failure: Any, upload: Path) -> Any:
+        upload.unlink(missing_ok=True)
+        return failure
+
+    @inlineCallbacks
+    def _submit(self, name: str, svg: bytes | Path, priority: int,
+                preset: str | None) -> Deferred[dict[str, Any]]:
         if not self._accepting:
             raise NotAccepting()
         name = check_name(name)
@@ -133,11 +172,15 @@ class QueueService(Service):
             raise InvalidJobInput(f"priority: expected an integer from {low} to {high}, "
                                   f"got {priority!r:.40}")
         settings = device_settings(self._settings, preset)
-        summary: DrawingSummary = yield self._planning.run(summarize, svg, settings)
+        summary: DrawingSummary = yield self._planning.run(summarize, svg, settings,
+                                                           self._limits)
         if not self._accepting:
             raise NotAccepting()
         job_id = uuid.uuid4().hex[:12]
-        svg_file = self.files.write(job_id, svg)
+        if isinstance(svg, Path):
+            svg_file = self.files.adopt(job_id, svg)
+        else:
+            svg_file = self.files.write(job_id, svg)
         job = Job(id=job_id, name=name, state=states.QUEUED, priority=priority, preset=preset,
                   created_at=iso8601(self._reactor.seconds()), layers=summary.layers,
                   paths=summary.paths, pen_down_mm=summary.pen_down_mm,
@@ -248,7 +291,8 @@ class QueueService(Service):
         job = yield self._store.get(job_id)
         svg = self.files.read(job.svg_file)
         settings = device_settings(self._settings, job.preset)
-        result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS)
+        result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS,
+                                          self._limits)
         self._previews.put(job_id, result)
         return result
 
@@ -311,4 +355,4 @@ class QueueService(Service):
     def _prepare_in_thread(self, svg: bytes, settings: DeviceConfig, *,
                            use_lm: bool) -> Deferred[PreparedJob]:
         return deferToThreadPool(self._reactor, self._threads, prepare, svg, settings,
-                                 use_lm=use_lm)
+                                 use_lm=use_lm, limits=self._limits)

@@ -7,13 +7,11 @@ client that hangs up meanwhile is simply not answered.
 
 from __future__ import annotations
 
-import email.policy
 import re
-from email.parser import BytesParser
-from pathlib import PurePosixPath
-from typing import Any, Callable
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO, Callable
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,10 +19,13 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from vfab.geometry.errors import SVGError
 from vfab.jobs.control import DeviceStatus, JobControl
+from vfab.jobs.errors import InvalidJobInput
 from vfab.jobs.job import PRIORITY_RANGE
 from vfab.jobs.states import STATES
 from vfab.web.errors import client_error
+from vfab.web.multipart import MultipartError, copy_body, copy_form, is_multipart
 from vfab.web.query import query_value
 from vfab.web.responses import (
     error_body,
@@ -48,7 +49,7 @@ _DECIMAL = re.compile(r"[+-]?[0-9]+")
 _MAX_DIGITS = 20
 
 
-class BadInput(ValueError):
+class BadInput(InvalidJobInput):
     """A request parameter the API itself refuses (400 invalid_input)."""
 
 
@@ -113,41 +114,16 @@ def _integer(name: str, text: str | None, low: int, high: int) -> int | None:
     return value
 
 
-def parse_multipart(content_type: bytes, body: bytes) -> dict[str, tuple[bytes, str | None]]:
-    """The fields of a multipart/form-data body: name -> (content, filename)."""
-    head = b"MIME-Version: 1.0\r\nContent-Type: " + content_type + b"\r\n\r\n"
-    message = BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-    if not message.is_multipart():
-        raise BadInput("the multipart/form-data body cannot be read")
-    fields: dict[str, tuple[bytes, str | None]] = {}
-    for part in message.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if isinstance(name, str) and name not in fields:
-            payload = part.get_payload(decode=True)
-            fields[name] = (payload if isinstance(payload, bytes) else b"", part.get_filename())
-    return fields
-
-
 class Upload:
-    """What POST /api/jobs asks for: the SVG and the job's name, priority and preset."""
+    """What POST /api/jobs asks for: the SVG (in the file it was received into)
+    and the job's name, priority and preset, from the form or the query."""
 
-    def __init__(self, request: IRequest):
-        body = request.content.read() if request.content is not None else b""
-        content_type = request.getHeader(b"content-type") or b""
-        fields: dict[str, tuple[bytes, str | None]] = {}
-        filename = None
-        if content_type.split(b";")[0].strip().lower() == b"multipart/form-data":
-            fields = parse_multipart(content_type, body)
-            if "file" not in fields:
-                raise BadInput("the multipart form has no 'file' field with the SVG")
-            body, filename = fields["file"]
-
+    def __init__(self, request: IRequest, svg: Path, fields: dict[str, str],
+                 filename: str | None):
         def field(name: str) -> str | None:
-            if name in fields:
-                return fields[name][0].decode("utf-8", "replace").strip()
-            return _arg(request, name)
+            return fields[name] if name in fields else _arg(request, name)
 
-        self.svg: bytes = body
+        self.svg = svg
         self.name: str = field("name") or _stem(filename) or "untitled"
         self.priority: int = _integer("priority", field("priority"), *PRIORITY_RANGE) or 0
         self.preset: str | None = field("preset") or None
@@ -242,17 +218,43 @@ class APIResource(Resource):
         if getattr(request, "body_too_large", False):
             return error_body(request, 413, "too_large",
                               f"the upload is larger than the limit of "
-                              f"{request.max_body_size} bytes (websocket.max_upload_size)")
-        upload = Upload(request)
-        if not upload.svg.strip():
-            return error_body(request, 400, "invalid_svg",
-                              "the request has no SVG: send it as the body "
-                              "(Content-Type: image/svg+xml) or as the multipart field 'file'")
-        return render_later(
-            request,
-            lambda: self._jobs.submit(upload.name, upload.svg, priority=upload.priority,
-                                      preset=upload.preset),
-            _created)
+                              f"{request.max_body_size} bytes (uploads.max_size)")
+        return render_later(request, lambda: self._receive_and_submit(request), _created)
+
+    @inlineCallbacks
+    def _receive_and_submit(self, request: IRequest) -> Deferred[dict[str, Any]]:
+        """Copy the body (or the form's file) to a drawing file in a thread, then
+        submit that file: the body is never read whole, nor on the reactor."""
+        content_type = request.getHeader(b"content-type") or b""
+        body = request.content
+        if body is None:
+            raise BadInput(_NO_SVG)
+        body.seek(0)
+
+        def fill(out: BinaryIO) -> tuple[dict[str, str], str | None]:
+            if is_multipart(content_type):
+                return copy_form(body, content_type, out)
+            return copy_body(body, out)
+
+        try:
+            svg, (fields, filename) = yield self._jobs.receive(fill)
+        except MultipartError as error:
+            raise BadInput(str(error)) from None
+        try:
+            upload = Upload(request, svg, fields, filename)
+        except BadInput:
+            svg.unlink(missing_ok=True)
+            raise
+        if svg.stat().st_size == 0:
+            svg.unlink(missing_ok=True)
+            raise SVGError(_NO_SVG)
+        job = yield self._jobs.submit(upload.name, upload.svg, priority=upload.priority,
+                                      preset=upload.preset)
+        return job
+
+
+_NO_SVG = ("the request has no SVG: send it as the body (Content-Type: image/svg+xml) "
+           "or as the multipart field 'file'")
 
 
 def _job(request: IRequest, job: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from twisted.web.server import Request, Site
 from twisted.web.static import File
 
 from vfab.audit import AuditLog
-from vfab.config import WebSocketConfig
+from vfab.config import UploadsConfig, WebSocketConfig
 from vfab.events import EventBus
 from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.web.api import APIResource, HealthResource
@@ -169,7 +169,7 @@ class APIChannel(HTTPChannel):
                 shown = f"{shown[:20]}... ({len(shown)} digits)"
             self._refuse(b"413 Content Too Large", "too_large",
                          f"the request body is declared as {shown} bytes, more than the "
-                         f"limit of {limit} bytes (websocket.max_upload_size)")
+                         f"limit of {limit} bytes (uploads.max_size)")
             return False
         return True
 
@@ -280,20 +280,23 @@ class WebService(Service):
     `health` reports what only the daemon knows (False or {"status":
     "unhealthy", ...} when the store is broken); `device_type` "none" keeps a
     missing plotter from degrading /health; `endpoint` overrides the listening
-    endpoint string (e.g. "systemd:domain=INET:index=0").
+    endpoint string (e.g. "systemd:domain=INET:index=0"); `max_upload_size` is
+    `uploads.max_size`.
     """
 
     def __init__(self, config: WebSocketConfig, jobs: JobControl, device: DeviceStatus,
                  bus: EventBus, reactor: Any, *,
                  health: Callable[[], bool | dict[str, Any]] | None = None,
                  endpoint: str | None = None, device_type: str | None = None,
-                 audit: AuditLog | None = None):
+                 audit: AuditLog | None = None,
+                 max_upload_size: int = UploadsConfig().max_size):
         self.config = config
         self._jobs = jobs
         self._device = device
         self._bus = bus
         self._reactor = reactor
         self._endpoint = endpoint
+        self._max_upload_size = max_upload_size
         self._clients: set[StreamProtocol] = set()
         self.monitor = SystemMonitor(jobs, device, reactor, connections=self._count_clients,
                                      health=health, device_type=device_type)
@@ -320,7 +323,7 @@ class WebService(Service):
         root.putChild(b"api", APIResource(self._jobs, self._device, self._reactor))
         root.putChild(b"metrics", MetricsResource(self.metrics))
         root.putChild(b"ws", WebSocketGate(self.factory))
-        return APISite(root, max_body_size=self.config.max_upload_size)
+        return APISite(root, max_body_size=self._max_upload_size)
 
     def _endpoint_description(self) -> str:
         if self._endpoint:
