@@ -1,4 +1,4 @@
-"""9. Submission: POST /api/jobs to 201 beside vpype reading the same file, and the
+"""11. Submission: POST /api/jobs to 201 beside vpype reading the same file, and the
 reactor of a running plot while a 50 MB upload is read.
 
 Why: a drawing is submitted while another may be plotting. The submission must
