@@ -148,7 +148,7 @@ class Site:
 
         device = DeviceService(self.settings, bus, clock, port_opener=open_port,
                                retry_policy=lambda attempt: 0.5)
-        queue = QueueService(store=store, device=device, bus=bus, settings=self.settings,
+        queue = QueueService(store=store, devices=[device], bus=bus,
                              jobs_dir=self.jobs_dir, reactor=clock,
                              planning=InProcessPlanning(), prepare_job=prepare_now)
         device.startService()

@@ -65,9 +65,11 @@ class FakeJobs:
             else:
                 d.callback(outcome)
 
-    def submit(self, name: str, svg: bytes, priority: int = 0,
-               preset: str | None = None) -> Deferred[dict[str, Any]]:
-        self.submitted.append({"name": name, "svg": svg, "priority": priority, "preset": preset})
+    def submit(self, name: str, svg: bytes, priority: int = 0, preset: str | None = None,
+               plotter: str | None = None, tags: tuple[str, ...] = ()) -> Deferred[dict[str, Any]]:
+        farm = {"plotter": plotter, "tags": tags} if plotter or tags else {}
+        self.submitted.append({"name": name, "svg": svg, "priority": priority, "preset": preset,
+                               **farm})
         if not self.accepting:
             return self._answer(error=NotAccepting())
         if b"<svg" not in svg:

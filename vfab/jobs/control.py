@@ -4,7 +4,7 @@ The queue service implements this; the HTTP API and the WebSocket depend only
 on it, so they can be tested against a fake. Jobs travel as JSON-ready dicts
 in the contract's shape: id, name, state, priority, created_at, started_at,
 finished_at, layers, paths, pen_down_mm, pen_up_mm, estimated_seconds,
-progress, error.
+progress, error, plotter, host (and tags).
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ JobDict = dict[str, Any]
 
 
 class JobControl(Protocol):
-    def submit(self, name: str, svg: bytes, priority: int = 0,
-               preset: str | None = None) -> Deferred[JobDict]:
-        """Parse, check and queue a drawing.
+    def submit(self, name: str, svg: bytes, priority: int = 0, preset: str | None = None,
+               plotter: str | None = None, tags: tuple[str, ...] = ()) -> Deferred[JobDict]:
+        """Parse, check and queue a drawing for `plotter` (None: any) with every tag.
 
-        Fails with SVGError (400), OutOfTravel (422), InvalidJobInput (400)
-        or NotAccepting (503).
+        Fails with SVGError (400), OutOfTravel (422), NoPlotterCanTake (422),
+        InvalidJobInput (400) or NotAccepting (503).
         """
 
     def get(self, job_id: str) -> Deferred[JobDict]:
