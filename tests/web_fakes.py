@@ -8,7 +8,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 
 from vfab.geometry.errors import OutOfTravel, SVGError
-from vfab.jobs.errors import InvalidJobInput, JobNotFound, NotAccepting
+from vfab.jobs.errors import InvalidJobInput, JobNotFound, NoPlotterCanTake, NotAccepting
 from vfab.jobs.states import (
     AWAITING_PEN,
     CANCELLED,
@@ -77,6 +77,8 @@ class FakeJobs:
         if b"out-of-travel" in svg:
             return self._answer(error=OutOfTravel("the drawing reaches x=500 mm; "
                                                   "the V3/A3 travels 430 mm"))
+        if plotter == "nowhere":
+            return self._answer(error=NoPlotterCanTake("no plotter is named 'nowhere'"))
         if preset == "nonesuch":
             return self._answer(error=InvalidJobInput("preset: no preset named 'nonesuch'"))
         return self._answer(dict(self.add(name, priority=priority)))
