@@ -82,6 +82,8 @@ class VfabService(MultiService):
                           record_dir=workspace / "simulator" / (
                               plotter.name if config.plotters else ""))
             for plotter in config.farm()]
+        for device in self.devices[1:]:  # service names are unique; the first stays "device"
+            device.setName(f"device {device.plotter_name}")
         #: The first plotter: the one /api/device and /health show.
         self.device = self.devices[0]
         self.queue = QueueService(store=self.store, devices=self.devices, bus=self.bus,
