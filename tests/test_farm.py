@@ -4,12 +4,14 @@ store hands each free one the next job it can take."""
 
 from __future__ import annotations
 
+import attr
 import pytest
 from twisted.internet.defer import Deferred
 
-from plotting_site import Site
+from plotting_site import SETTINGS, Site
 from test_runner import drawn_length
 from vfab.jobs import states
+from vfab.geometry import OutOfTravel
 from vfab.jobs.errors import NoPlotterCanTake
 
 FARM = [("left", ("a3", "fine")), ("right", ("a4",)), ("spare", ())]
@@ -171,3 +173,19 @@ def test_a_device_config_alone_is_one_plotter_named_after_the_host(tmp_path):
     (status,) = site.life.queue.plotters()
     assert site.job(job_id)["plotter"] == status["plotter"] == site.life.device.plotter_name
     assert site.job(job_id)["host"] == status["host"]
+
+
+def test_a_drawing_must_fit_every_plotter_that_may_take_it(tmp_path):
+    site = Site(tmp_path, plotters=[("big", ("a3",)), ("small", ())])
+    small = attr.evolve(SETTINGS, model="V3/B6")  # 190 x 140 mm
+    site.life.devices["small"].config = small
+    wide = ('<svg xmlns="http://www.w3.org/2000/svg" width="250mm" height="100mm" '
+            'viewBox="0 0 250 100"><path d="M 10 10 L 240 10" fill="none" '
+            'stroke="black"/></svg>').encode()
+    with pytest.raises(OutOfTravel):
+        site.submit(wide)
+    with pytest.raises(OutOfTravel):
+        site.submit(wide, plotter="small")
+    job_id = site.submit(wide, tags=("a3",))
+    site.wait_for(lambda: site.state(job_id) == states.COMPLETED, limit=3600)
+    assert taken_by(site, job_id) == "big"

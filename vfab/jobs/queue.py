@@ -177,10 +177,13 @@ class QueueService(Service):
         configs = [device.config for candidate, device in zip(self.farm, self.devices)
                    if candidate in takers]
         summary: DrawingSummary | None = None
-        # The drawing must fit every plotter that may take it (planned once with
-        # the settings of each kind); the first one's figures are kept.
-        for settings in dict.fromkeys(device_settings(config, preset) for config in configs):
-            figures = yield self._planning.run(summarize, svg, settings)
+        # The drawing must fit every plotter that may take it: it is planned once
+        # for each model among them; the first plotter's figures are kept.
+        models: dict[str, DeviceConfig] = {}
+        for config in configs:
+            models.setdefault(config.model, config)
+        for config in models.values():
+            figures = yield self._planning.run(summarize, svg, device_settings(config, preset))
             summary = summary or figures
         assert summary is not None
         if not self._accepting:
