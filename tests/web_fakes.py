@@ -222,12 +222,12 @@ class WebHarness:
         self.device = FakeDevice()
         self.bus = EventBus()
         self.store_ok = True
-        limit = {"max_upload_size": config.pop("max_upload_size")} \
-            if "max_upload_size" in config else {}
+        options = {key: config.pop(key) for key in ("max_upload_size", "plotters")
+                   if key in config}
         self.config = WebSocketConfig(**{"host": "127.0.0.1", "port": 0, **config})
         self.service = WebService(self.config, self.jobs, self.device, self.bus, self.reactor,
                                   health=lambda: self.store_ok, device_type=device_type,
-                                  **limit)
+                                  **options)
 
     @property
     def port(self) -> int:

@@ -45,7 +45,7 @@ const state = {
 const $ = (id) => document.getElementById(id);
 const api = new Api();
 const preview = new Preview($("preview"));
-const plotters = new PlotterList(document.querySelector("main.layout"), format.stateLabel);
+const plotters = new PlotterList($("plotters"), format.stateLabel);
 const previews = new Map();  // id -> preview document (a drawing never changes)
 let previewShown = null;
 
@@ -508,6 +508,9 @@ function takeOver() {
   state.jobs = new Map(snapshot.jobs.map((job) => [job.id, job]));
   state.jobsKnown = true;
   state.device = snapshot.device;
+  for (const status of snapshot.plotters || []) {
+    plotters.update(status);
+  }
   state.system = snapshot.system;
   state.systemReceived = Date.now();
   for (const row of $("jobs").querySelectorAll("tr[data-job-id]")) {

@@ -1,21 +1,14 @@
 // The plotters of a daemon with several (`plotters:` in its configuration): one
 // row each, from their device_status messages. With one plotter the list stays
-// hidden: the "Plotter" card shows it.
+// hidden: the "Plotter" card shows it. The card is in index.html, where the
+// first paint (vfab/web/dashboard.py) may already have filled it with these rows.
 
 export class PlotterList {
-  constructor(parent, stateLabel) {
+  constructor(card, stateLabel) {
     this.statuses = new Map();  // plotter name -> its last device_status
     this.stateLabel = stateLabel;
-    this.card = document.createElement("section");
-    this.card.className = "card plotters";
-    this.card.id = "plotters";
-    this.card.hidden = true;
-    this.card.setAttribute("aria-labelledby", "plotters-title");
-    this.card.innerHTML = `<h2 id="plotters-title">Plotters</h2>
-      <table class="jobs"><thead><tr><th>Plotter</th><th>State</th><th>Tags</th>
-      <th>Job</th></tr></thead><tbody id="plotters-rows"></tbody></table>`;
-    this.rows = this.card.querySelector("tbody");
-    parent.appendChild(this.card);
+    this.card = card;
+    this.rows = card.querySelector("tbody");
   }
 
   update(status) {
