@@ -36,7 +36,10 @@ class DaemonProcess:
         self.config_path = tmp_path / "config.yaml"
         settings = {"device": {"type": "none"}, "logging": {"level": "info"}}
         for section, values in (config or {}).items():
-            settings.setdefault(section, {}).update(values)
+            if isinstance(values, dict):
+                settings.setdefault(section, {}).update(values)
+            else:  # a list, such as `plotters`
+                settings[section] = values
         self.config_path.write_text(yaml.safe_dump(settings))
         options = ["--host", "127.0.0.1", "--port", "0", "--workspace", str(self.workspace),
                    "--config", str(self.config_path), *(extra or [])]

@@ -1,6 +1,9 @@
 """A plotting site in one process, on a Clock: the emulated board, a real SQLite store
 in a temp dir, and the daemon's device service, queue, scheduler and runner.
 
+A site may have several plotters (`plotters=[("left", ("a3",)), ...]`), each
+with a board of its own, as a farm on one daemon; `board` is the first one's.
+
 The board outlives the daemon: a "daemon life" can stop gracefully, be killed
 (kill -9: it simply stops existing, mid-move, writing nothing more) or lose the
 cable, and a new life starts on the same board and database, as on a real
@@ -11,7 +14,7 @@ minutes takes milliseconds and nothing depends on timing luck.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import attr
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -115,19 +118,26 @@ class Life:
     queue: QueueService
     bus: EventBus
     ports: list = attr.Factory(list)
+    #: Every plotter's device service, by name (the first is `device`).
+    devices: dict = attr.Factory(dict)
 
 
 class Site:
     """The board and the database that stay; daemon lives that come and go."""
 
     def __init__(self, tmp_path: Path, settings: DeviceConfig = SETTINGS, *,
-                 firmware: str = "2.8.1", **board: Any):
-        """`board`: the state other software left the board in (EBBEmulator's options)."""
+                 firmware: str = "2.8.1",
+                 plotters: Sequence[tuple[str, tuple[str, ...]]] | None = None, **board: Any):
+        """`board`: the state other software left the board in (EBBEmulator's options);
+        `plotters`: (name, tags) of each plotter, default one named after the host."""
         self.clock = Clock()
         self.settings = settings
         self.database = tmp_path / "vfab.db"
         self.jobs_dir = tmp_path / "jobs"
-        self.board = EBBEmulator(self.clock, firmware_version=firmware, **board)
+        self.plotters = list(plotters or [(None, ())])
+        self.boards = {name: EBBEmulator(self.clock, firmware_version=firmware, **board)
+                       for name, _ in self.plotters}
+        self.board = next(iter(self.boards.values()))
         self.messages: list[tuple[str, dict]] = []
         self.life: Life | None = None
         self.start()
@@ -141,26 +151,32 @@ class Site:
         store = open_store(self.database, clock)
         life_ports: list = []
 
-        def open_port(protocol: Any, path: str, reactor: Any, baud: int) -> None:
-            if not clock.alive:
-                raise OSError("this daemon is gone")
-            life_ports.append(LoopbackPort(protocol, self.board, clock))
+        def port_opener(board: EBBEmulator) -> Callable:
+            def open_port(protocol: Any, path: str, reactor: Any, baud: int) -> None:
+                if not clock.alive:
+                    raise OSError("this daemon is gone")
+                life_ports.append(LoopbackPort(protocol, board, clock))
+            return open_port
 
-        device = DeviceService(self.settings, bus, clock, port_opener=open_port,
-                               retry_policy=lambda attempt: 0.5)
-        queue = QueueService(store=store, device=device, bus=bus, settings=self.settings,
+        devices = [DeviceService(self.settings, bus, clock, port_opener=port_opener(board),
+                                 retry_policy=lambda attempt: 0.5, plotter=name, tags=tags)
+                   for (name, tags), board in zip(self.plotters, self.boards.values())]
+        queue = QueueService(store=store, devices=devices, bus=bus,
                              jobs_dir=self.jobs_dir, reactor=clock,
                              planning=InProcessPlanning(), prepare_job=prepare_now)
-        device.startService()
+        for device in devices:
+            device.startService()
         queue.startService()
-        self.life = Life(clock, store, device, queue, bus, life_ports)
+        self.life = Life(clock, store, devices[0], queue, bus, life_ports,
+                         {device.plotter_name: device for device in devices})
         return self.life
 
     def stop(self) -> None:
         """SIGTERM: the daemon stops in order (queue, device, database)."""
         life = self.life
         self.settle(life.queue.stopService())
-        self.settle(life.device.stopService())
+        for device in life.devices.values():
+            self.settle(device.stopService())
         life.store.close()
         life.clock.alive = False
         self.life = None
@@ -231,11 +247,16 @@ class Site:
     def state(self, job_id: str) -> str:
         return self.job(job_id)["state"]
 
-    def submit(self, svg: bytes, name: str = "job") -> str:
-        return self.settle(self.life.queue.submit(name, svg))["id"]
+    def submit(self, svg: bytes, name: str = "job", **farm: Any) -> str:
+        """Queue a drawing; `farm`: the `plotter` it asks for and the `tags` it requires."""
+        return self.settle(self.life.queue.submit(name, svg, **farm))["id"]
 
     @property
     def strokes(self) -> list:
+        return self.strokes_of(self.board)
+
+    def strokes_of(self, board: EBBEmulator) -> list:
+        """What a board drew: one array of points per stroke."""
         import numpy as np
-        return [np.asarray(stroke) for stroke in self.board.recording.strokes
+        return [np.asarray(stroke) for stroke in board.recording.strokes
                 if len(stroke) > 1]

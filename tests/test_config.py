@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from vfab.config import (MODEL_TRAVEL_MM, Config, ConfigError, config_from_dict,
-                         default_config_path, default_workspace, load_config, sqlite_path,
-                         with_overrides, workspace_path)
+                         default_config_path, default_workspace, load_config,
+                         plotter_name_of_host, sqlite_path, with_overrides, workspace_path)
 
 
 def problems_of(data):
@@ -147,3 +147,42 @@ def test_the_pen_change_position_must_be_within_the_travel():
         "device.pen_change_position: [310, 10] is outside the V3/A4 travel (300 x 218 mm)"]
     config = config_from_dict({"device": {"pen_change_position": [100, 0]}})
     assert config.device.pen_change_position == (100.0, 0.0)
+
+
+def test_plotters_take_the_device_keys_on_top_of_the_device_section():
+    config = config_from_dict({
+        "device": {"type": "simulator", "speed_pen_down": 40},
+        "plotters": [{"name": "left", "port": "/dev/ttyACM0", "tags": ["a3", "a3"]},
+                     {"name": "right", "model": "V3/A4", "speed_pen_down": 20}]})
+    left, right = config.farm()
+    assert (left.name, left.tags, left.device.port) == ("left", ("a3",), "/dev/ttyACM0")
+    assert (left.device.type, left.device.speed_pen_down) == ("simulator", 40)
+    assert (right.name, right.tags, right.device.model) == ("right", (), "V3/A4")
+    assert right.device.speed_pen_down == 20 and config.device.speed_pen_down == 40
+
+
+def test_a_device_section_alone_is_one_plotter_named_after_the_host():
+    config = config_from_dict({"device": {"type": "none"}})
+    (only,) = config.farm()
+    assert only.name == plotter_name_of_host() and only.tags == ()
+    assert only.device is config.device
+
+
+def test_plotter_entries_are_checked_like_the_device_section():
+    assert problems_of({"plotters": [
+        {"name": "a", "prot": "/dev/x"},
+        {"name": "a"},
+        {"port": "/dev/y"},
+        {"name": "b c", "tags": "a3"},
+        {"name": "d", "model": "V3/A4", "pen_change_position": [310, 0]},
+    ]}) == [
+        "plotters[0].prot: unknown key (did you mean 'port'?)",
+        "plotters[1].name: 'a' is already the name of another plotter",
+        "plotters[2].name: every plotter needs a name",
+        "plotters[3].name: expected a name of letters, digits, '.', '_' or '-' (at most 64), "
+        "got 'b c'",
+        "plotters[3].tags: expected a list of strings, got 'a3'",
+        "plotters[4].pen_change_position: [310, 0] is outside the V3/A4 travel (300 x 218 mm)",
+    ]
+    assert problems_of({"plotters": []}) == [
+        "plotters: expected a non-empty list of plotters, got []"]

@@ -8,7 +8,7 @@ from twisted.application.internet import backoffPolicy
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from vfab.config import DeviceConfig
+from vfab.config import DeviceConfig, host_name, plotter_name_of_host
 from vfab.events import EventBus
 from vfab.plotter.errors import DeviceLost
 from vfab.plotter.plotter import Plotter
@@ -118,7 +118,9 @@ def test_connects_when_the_plotter_appears(harness):
     status = harness.service.status()
     assert status == {"type": "device_status", "device_id": "axidraw", "status": "idle",
                       "port": "/dev/ttyACM0", "firmware_version": "2.8.1",
-                      "current_job_id": None, "pen": "up", "position_mm": [0.0, 0.0]}
+                      "current_job_id": None, "pen": "up", "position_mm": [0.0, 0.0],
+                      # Every plotter of a farm says which it is (SPEC section 4).
+                      "plotter": plotter_name_of_host(), "host": host_name(), "tags": []}
     assert fired(harness.service.when_connected()) is plotter
 
 

@@ -17,7 +17,7 @@ from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
 
 from tests.test_http_api import serve  # noqa: F401 (the fixture: a WebService on a real port)
-from tests.web_fakes import WebHarness
+from tests.web_fakes import FakeDevice, WebHarness
 from vfab.jobs.states import AWAITING_PEN, COMPLETED, INTERRUPTED, PLOTTING, QUEUED
 from vfab.web import dashboard
 from vfab.web.dashboard import FirstPaint, duration, ordered_jobs, percent
@@ -191,6 +191,35 @@ async def test_an_empty_queue_says_so(serve):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_page_lists_every_plotter(serve):
+    """With several plotters the Plotters list is painted, in plotters.js's rows,
+    and the "Plotter" card shows the first, as app.js does."""
+    statuses = [
+        {**FakeDevice().status(), "plotter": "left", "tags": ["a3"]},
+        {**FakeDevice("plotting").status(), "plotter": "right", "tags": ["a4", "fine"],
+         "current_job_id": "abc123"},
+    ]
+    web = await serve(plotters=lambda: statuses)
+    text = (await get(web))[2]
+    page = Page(text)
+    assert not page.hidden("plotters")
+    rows = re.findall(r'<tr data-plotter="([^"]+)"><td>[^<]*</td><td><span class="badge" '
+                      r'data-state="([^"]+)">[^<]*</span></td><td>([^<]*)</td><td>([^<]*)</td>',
+                      text)
+    assert rows == [("left", "idle", "a3", "–"), ("right", "plotting", "a4, fine", "abc123")]
+    assert page["device-badge"].attributes["data-state"] == "idle"
+    assert [status["plotter"] for status in page.snapshot["plotters"]] == ["left", "right"]
+    assert page.snapshot["device"]["plotter"] == "left"
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_plotter_leaves_the_list_hidden(serve):
+    web = await serve()
+    page = Page((await get(web))[2])
+    assert page.hidden("plotters") and len(page.snapshot["plotters"]) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_with_the_key_required_the_page_holds_no_data(serve):
     """Contract section 3: the dashboard's files hold no data; the page says what
     it waits for instead of claiming an empty queue."""
@@ -234,7 +263,7 @@ def test_rows_are_the_rows_app_js_builds():
     web_job = {"id": "abcdef0123456789", "name": "n", "state": QUEUED, "progress": 0,
                "created_at": "2026-01-01T00:00:00Z", "estimated_seconds": 5}
     text = FirstPaint((STATIC / "index.html").read_text(encoding="utf-8"), 0.0).render(
-        [web_job], None, None)
+        [web_job], [], None)
     row = re.search(r'<tr data-job-id="abcdef0123456789">(.*?)</tr>', text).group(1)
     assert re.findall(r'class="([^"]+)"', row) == expected + ["button quiet"]
 

@@ -104,6 +104,18 @@ class ProcessReactor(MemoryReactorClock):
         return process
 
 
+def test_each_plotter_connects_and_is_lost_on_its_own():
+    clock, bus = ProcessReactor(), EventBus()
+    hooks = config_from_dict({"hooks": {event: [{"command": ["/bin/true"]}] for event in
+                                        ("device_connected", "device_lost")}}).hooks
+    HookService(hooks, bus, clock).startService()
+    for plotter, status in [("left", "idle"), ("right", "idle"), ("left", "plotting"),
+                            ("right", "disconnected"), ("left", "idle")]:
+        bus.publish("device", {"type": "device_status", "status": status, "plotter": plotter})
+    fired = [env["VFAB_EVENT"] for _, env, _ in clock.spawned]
+    assert fired == ["device_connected", "device_connected", "device_lost"]
+
+
 def messages(events: list[dict]) -> str:
     return "\n".join(formatEvent(event) for event in events)
 

@@ -776,3 +776,40 @@ async def test_unexpected_errors_are_logged_500s_in_json(serve, logged):
     assert len(failures) == 2
     for event in failures:
         event["log_failure"].trap(RuntimeError)
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_for_a_plotter_with_tags(serve):
+    web = await serve()
+    reply = await call(web, "POST", "/api/jobs?name=cat&plotter=left&tags=a3,%20fine&tags=pen",
+                       SVG, {"Content-Type": "image/svg+xml"})
+    assert reply.status == 201
+    assert web.jobs.submitted[0]["plotter"] == "left"
+    assert web.jobs.submitted[0]["tags"] == ("a3", "fine", "pen")
+    body, content_type = multipart([("file", SVG, "cat.svg"), ("tags", b"a4", None)])
+    reply = await call(web, "POST", "/api/jobs", body, {"Content-Type": content_type})
+    assert reply.status == 201 and web.jobs.submitted[1]["tags"] == ("a4",)
+
+
+@pytest_twisted.ensureDeferred
+async def test_submit_that_no_plotter_can_take_is_422(serve):
+    web = await serve()
+    reply = await call(web, "POST", "/api/jobs?plotter=nowhere", SVG,
+                       {"Content-Type": "image/svg+xml"})
+    assert reply.status == 422
+    assert reply.json()["error"]["code"] == "no_plotter"
+    reply = await call(web, "POST", "/api/jobs?plotter=no%20such", SVG,
+                       {"Content-Type": "image/svg+xml"})
+    assert reply.status == 400 and "plotter:" in reply.json()["error"]["message"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_plotters_lists_every_plotter(serve):
+    web = await serve()
+    reply = await call(web, "GET", "/api/plotters")
+    assert reply.status == 200
+    (status,) = reply.json()["plotters"]
+    assert status.pop("timestamp").endswith("Z")
+    assert status == web.device.status()
+    reply = await call(web, "POST", "/api/plotters")
+    assert reply.status == 405

@@ -131,13 +131,13 @@ def test_a_store_failure_while_choosing_is_retried(tmp_path):
     real = store.next_to_plot
     calls = []
 
-    def failing():
+    def failing(*args, **kwargs):
         calls.append(site.clock.seconds())
         if len(calls) == 1:
             from vfab.store.jobstore import DatabaseError
             from twisted.internet.defer import fail
             return fail(DatabaseError("disk I/O error"))
-        return real()
+        return real(*args, **kwargs)
 
     store.next_to_plot = failing
     job_id = site.submit(PAGE_FRAME)

@@ -2,15 +2,17 @@
 
 import sqlite3
 
+import attr
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
 from vfab.jobs import states
 from vfab.jobs.errors import JobNotFound
+from vfab.jobs.farm import FarmPlotter
 from vfab.jobs.job import Job
 from vfab.store.jobstore import DatabaseError, JobStore
-from vfab.store.migrations import SCHEMA_VERSION, SchemaTooNew, migrate
+from vfab.store.migrations import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, migrate
 
 
 def make_job(job_id, *, priority=0, created="2026-11-26T03:00:00.000Z", state=states.QUEUED):
@@ -129,3 +131,91 @@ def test_progress_is_saved_and_survives_a_restart(tmp_path):
         assert other.state == states.QUEUED
     finally:
         again.close()
+
+
+LEFT = FarmPlotter(name="left", host="studio", tags=("a3",))
+RIGHT = FarmPlotter(name="right", host="studio", tags=("a4",))
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_plotters_never_claim_the_same_job(store):
+    for name in "abcd":
+        yield store.add(make_job(name))
+    claims = [store.next_to_plot(plotter) for plotter in (LEFT, RIGHT, LEFT, RIGHT)]
+    first_left, _ = yield claims[0]
+    first_right, _ = yield claims[1]
+    again_left, _ = yield claims[2]  # left's claim is still queued: it is offered again
+    again_right, _ = yield claims[3]
+    assert (first_left.id, first_right.id) == ("a", "b")
+    assert (again_left.id, again_right.id) == ("a", "b")
+    stored = yield store.get("a")
+    assert (stored.taken_by, stored.host, stored.state) == ("left", "studio", states.QUEUED)
+    look, _ = yield store.next_to_plot(FarmPlotter(name="third", host="x"), claim=False)
+    assert look.id == "c"
+    untouched = yield store.get("c")
+    assert untouched.taken_by is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_job_goes_only_to_the_plotter_it_names_with_every_tag_it_requires(store):
+    yield store.add(attr.evolve(make_job("named", priority=9), plotter="right"))
+    yield store.add(attr.evolve(make_job("tagged", priority=5), tags=("a3",)))
+    yield store.add(make_job("any"))
+    left, _ = yield store.next_to_plot(LEFT)
+    right, _ = yield store.next_to_plot(RIGHT)
+    assert (left.id, right.id) == ("tagged", "named")
+    stored = yield store.get("tagged")
+    assert stored.tags == ("a3",) and stored.to_dict()["plotter"] == "left"
+
+
+@pytest_twisted.inlineCallbacks
+def test_an_interrupted_job_holds_only_its_plotter(store):
+    yield store.add(make_job("held"))
+    yield store.add(make_job("next"))
+    yield store.next_to_plot(LEFT)
+    yield store.transition("held", states.PLOTTING, "started")
+    yield store.transition("held", states.INTERRUPTED, "the device was lost")
+    left, held_by = yield store.next_to_plot(LEFT)
+    assert left is None and held_by.id == "held"
+    right, held_by = yield store.next_to_plot(RIGHT)
+    assert right.id == "next" and held_by is None
+    yield store.transition("held", states.QUEUED, "resume requested")
+    yield store.release("held")  # begun on the left: it stays there
+    stored = yield store.get("held")
+    assert stored.taken_by == "left"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_claim_not_begun_is_released_and_orphans_are_adopted(store):
+    yield store.add(make_job("claimed"))
+    yield store.add(make_job("begun"))
+    yield store.next_to_plot(LEFT)
+    yield store.release("claimed")
+    stored = yield store.get("claimed")
+    assert stored.taken_by is None
+    yield store.next_to_plot(LEFT)  # claims "claimed" again
+    yield store.transition("claimed", states.PLOTTING, "started")
+    yield store.transition("claimed", states.INTERRUPTED, "the daemon stopped")
+    # The left plotter leaves the configuration: its begun job goes to the first.
+    changed = yield store.adopt([RIGHT])
+    assert changed == 1
+    stored = yield store.get("claimed")
+    assert stored.taken_by == "right"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_schema_1_database_is_migrated_with_its_jobs(tmp_path):
+    path = tmp_path / "vfab.db"
+    connection = sqlite3.connect(path)
+    connection.executescript(f"BEGIN; {MIGRATIONS[0]} PRAGMA user_version = 1; COMMIT;")
+    connection.execute("INSERT INTO jobs (id, name, state, created_at, svg_file) VALUES "
+                       "('old', 'old job', 'interrupted', '2026-11-26T03:00:00.000Z', 'old.svg')")
+    connection.commit()
+    connection.close()
+    store = JobStore(path, reactor=reactor)
+    store.open()
+    try:
+        job = yield store.get("old")
+    finally:
+        store.close()
+    assert (job.plotter, job.tags, job.taken_by, job.host) == (None, (), None, None)

@@ -196,7 +196,7 @@ def test_an_upload_is_written_in_a_thread_and_a_full_disk_is_told_on_the_reactor
 
     bus, settings = EventBus(), DeviceConfig(type="none")
     device = DeviceService(settings, bus, reactor, record_dir=tmp_path / "simulator")
-    queue = QueueService(store=store, device=device, bus=bus, settings=settings,
+    queue = QueueService(store=store, devices=[device], bus=bus,
                          jobs_dir=tmp_path / "jobs", reactor=reactor, disk=Disk())
     queue.startService()
     try:

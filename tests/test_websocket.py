@@ -798,3 +798,20 @@ def test_a_reader_that_catches_up_is_kept():
             factory.publish("jobs", event)
         transport.producer.resumeProducing()
     assert not transport.disconnecting
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_device_snapshot_is_one_device_status_per_plotter(serve):
+    web = await serve()
+    left = {**web.device.status(), "plotter": "left", "host": "studio", "tags": ["a3"]}
+    right = {**left, "plotter": "right", "tags": [], "status": "plotting"}
+    web.service.factory.plotters = lambda: [left, right]
+    client = await connect(web)
+    await client.ask({"type": "subscribe", "channels": ["device"]})
+    shown = [await client.next(), await client.next()]
+    assert [{k: v for k, v in status.items() if k != "timestamp"} for status in shown] == [
+        left, right]
+    web.bus.publish("device", {**right, "status": "idle"})
+    live = await client.next()
+    assert (live["type"], live["plotter"], live["status"]) == ("device_status", "right", "idle")
+    await client.still_open()

@@ -11,7 +11,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 
 from vfab.geometry.errors import OutOfTravel, SVGError
-from vfab.jobs.errors import InvalidJobInput, JobNotFound, NotAccepting
+from vfab.jobs.errors import InvalidJobInput, JobNotFound, NoPlotterCanTake, NotAccepting
 from vfab.jobs.states import (
     AWAITING_PEN,
     CANCELLED,
@@ -83,11 +83,13 @@ class FakeJobs:
             return fail(error)
         return succeed((path, result))
 
-    def submit(self, name: str, svg: bytes | Path, priority: int = 0,
-               preset: str | None = None) -> Deferred[dict[str, Any]]:
+    def submit(self, name: str, svg: bytes | Path, priority: int = 0, preset: str | None = None,
+               plotter: str | None = None, tags: tuple[str, ...] = ()) -> Deferred[dict[str, Any]]:
         if isinstance(svg, Path):
             svg, _ = svg.read_bytes(), svg.unlink()
-        self.submitted.append({"name": name, "svg": svg, "priority": priority, "preset": preset})
+        farm = {"plotter": plotter, "tags": tags} if plotter or tags else {}
+        self.submitted.append({"name": name, "svg": svg, "priority": priority, "preset": preset,
+                               **farm})
         if not self.accepting:
             return self._answer(error=NotAccepting())
         if b"<svg" not in svg:
@@ -95,6 +97,8 @@ class FakeJobs:
         if b"out-of-travel" in svg:
             return self._answer(error=OutOfTravel("the drawing reaches x=500 mm; "
                                                   "the V3/A3 travels 430 mm"))
+        if plotter == "nowhere":
+            return self._answer(error=NoPlotterCanTake("no plotter is named 'nowhere'"))
         if preset == "nonesuch":
             return self._answer(error=InvalidJobInput("preset: no preset named 'nonesuch'"))
         return self._answer(dict(self.add(name, priority=priority)))
@@ -218,12 +222,12 @@ class WebHarness:
         self.device = FakeDevice()
         self.bus = EventBus()
         self.store_ok = True
-        limit = {"max_upload_size": config.pop("max_upload_size")} \
-            if "max_upload_size" in config else {}
+        options = {key: config.pop(key) for key in ("max_upload_size", "plotters")
+                   if key in config}
         self.config = WebSocketConfig(**{"host": "127.0.0.1", "port": 0, **config})
         self.service = WebService(self.config, self.jobs, self.device, self.bus, self.reactor,
                                   health=lambda: self.store_ok, device_type=device_type,
-                                  **limit)
+                                  **options)
 
     @property
     def port(self) -> int:

@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -276,6 +277,40 @@ class DeviceConfig:
         return MODEL_TRAVEL_MM[self.model]
 
 
+_PLOTTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def plotter_name(value: Any) -> str:
+    """A plotter's name: a word people type in `--plotter` and URLs."""
+    if isinstance(value, str) and _PLOTTER_NAME.match(value):
+        return value
+    raise _Invalid(f"expected a name of letters, digits, '.', '_' or '-' (at most 64), "
+                   f"got {_shown(value)}")
+
+
+def tag_list(value: Any) -> tuple[str, ...]:
+    """A plotter's tags: free words (a paper size, a pen) that a job may require."""
+    tags = text_list(value)
+    for tag in tags:
+        if not tag.strip() or tag != tag.strip() or "," in tag:
+            raise _Invalid(f"expected tags without commas or surrounding spaces, "
+                           f"got {_shown(tag)}")
+    return tuple(dict.fromkeys(tags))
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class PlotterConfig:
+    """One plotter of the daemon: its name, its tags and its `device` settings."""
+
+    name: str
+    tags: tuple[str, ...]
+    device: DeviceConfig
+
+
+def host_name() -> str:
+    """This host's name, as jobs and statuses show it."""
+    return socket.gethostname() or "localhost"
+
 
 @attr.s(frozen=True, auto_attribs=False)
 class LoggingConfig:
@@ -305,6 +340,22 @@ class Config:
     logging: LoggingConfig = attr.ib(factory=LoggingConfig)
     uploads: UploadsConfig = attr.ib(factory=UploadsConfig)
     hooks: Mapping[str, tuple[HookAction, ...]] = attr.ib(factory=dict)
+    #: The `plotters:` list as given; empty means one plotter from `device`.
+    plotters: tuple[PlotterConfig, ...] = attr.ib(default=())
+
+    def farm(self) -> tuple[PlotterConfig, ...]:
+        """Every plotter of this daemon: the `plotters:` list, or one plotter named
+        after the host from `device`."""
+        if self.plotters:
+            return self.plotters
+        return (PlotterConfig(name=plotter_name_of_host(), tags=(), device=self.device),)
+
+
+def plotter_name_of_host() -> str:
+    """The name of the one plotter of a `device:`-only configuration: the host's
+    name, made a valid plotter name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", host_name().split(".")[0])[:64].lstrip("._-")
+    return name or "plotter"
 
 
 SECTIONS: dict[str, type] = {
@@ -402,6 +453,58 @@ def _old_upload_size(data: dict[str, Any], problems: list[str]) -> dict[str, Any
     return {**data, "websocket": websocket, "uploads": uploads}
 
 
+def _device_problems(where: str, device: DeviceConfig, problems: list[str]) -> None:
+    if device.pen_change_position is not None:
+        (x, y), (width, height) = device.pen_change_position, device.travel_mm
+        if x > width or y > height:
+            problems.append(f"{where}.pen_change_position: [{x:g}, {y:g}] is outside the "
+                            f"{device.model} travel ({width:g} x {height:g} mm)")
+
+
+def _plotters(data: Any, device: DeviceConfig, problems: list[str]) -> tuple[PlotterConfig, ...]:
+    """The `plotters:` list: each entry is the `device` section's settings with its
+    own keys on top, plus a unique `name` and its `tags`."""
+    if data is None:
+        return ()
+    if not isinstance(data, list) or not data:
+        problems.append(f"plotters: expected a non-empty list of plotters, got {_shown(data)}")
+        return ()
+    fields = {a.name: a for a in attr.fields(DeviceConfig)}
+    plotters: list[PlotterConfig] = []
+    for index, entry in enumerate(data):
+        where = f"plotters[{index}]"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: expected a mapping of keys, got {_shown(entry)}")
+            continue
+        name: str | None = None
+        tags: tuple[str, ...] = ()
+        values = {}
+        for key, value in entry.items():
+            try:
+                if key == "name":
+                    name = plotter_name(value)
+                elif key == "tags":
+                    tags = tag_list(value)
+                elif key in fields:
+                    values[key] = fields[key].metadata["check"](value)
+                else:
+                    problems.append(_unknown(f"{where}.", key, sorted([*fields, "name", "tags"])))
+            except _Invalid as error:
+                problems.append(f"{where}.{key}: {error}")
+        if "name" not in entry:
+            problems.append(f"{where}.name: every plotter needs a name")
+            continue
+        if name is None:
+            continue
+        if any(plotter.name == name for plotter in plotters):
+            problems.append(f"{where}.name: {name!r} is already the name of another plotter")
+            continue
+        settings = attr.evolve(device, **values)
+        _device_problems(f"{where}", settings, problems)
+        plotters.append(PlotterConfig(name=name, tags=tags, device=settings))
+    return tuple(plotters)
+
+
 def config_from_dict(data: Any) -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
     if data is None:
@@ -414,22 +517,20 @@ def config_from_dict(data: Any) -> Config:
     for key, value in data.items():
         if key in SECTIONS:
             sections[key] = _section(key, SECTIONS[key], value, problems)
-        elif key != "hooks":
-            problems.append(_unknown("", key, sorted([*SECTIONS, "hooks"])))
+        elif key not in ("hooks", "plotters"):
+            problems.append(_unknown("", key, sorted([*SECTIONS, "hooks", "plotters"])))
     hooks = _hooks(data.get("hooks"), problems)
     ws = sections.get("websocket")
     key_refused = any(problem.startswith("websocket.api_key:") for problem in problems)
     if ws is not None and ws.authenticate and not ws.api_key and not key_refused:
         problems.append("websocket.api_key: required when websocket.authenticate is true")
     device = sections.get("device")
-    if device is not None and device.pen_change_position is not None:
-        (x, y), (width, height) = device.pen_change_position, device.travel_mm
-        if x > width or y > height:
-            problems.append(f"device.pen_change_position: [{x:g}, {y:g}] is outside the "
-                            f"{device.model} travel ({width:g} x {height:g} mm)")
+    if device is not None:
+        _device_problems("device", device, problems)
+    plotters = _plotters(data.get("plotters"), device or DeviceConfig(), problems)
     if problems:
         raise ConfigError(problems)
-    return Config(hooks=hooks, **sections)
+    return Config(hooks=hooks, plotters=plotters, **sections)
 
 
 def load_config(path: Path | str | None = None) -> Config:

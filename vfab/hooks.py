@@ -172,7 +172,8 @@ class HookService(Service):
         self._agent = agent
         self._stop_grace = stop_grace
         self._unsubscribe: Any = None
-        self._device_was: str | None = None
+        #: Each plotter's last device status (by name): its edges are its own.
+        self._device_was: dict[str | None, str | None] = {}
         self._running: set[Deferred[None]] = set()
         self._processes: set[_HookProcess] = set()
 
@@ -208,9 +209,10 @@ class HookService(Service):
             running.cancel()
 
     def _on_message(self, channel: str, message: dict[str, Any]) -> None:
-        event = hook_event(channel, message, self._device_was)
+        plotter = message.get("plotter")
+        event = hook_event(channel, message, self._device_was.get(plotter))
         if channel == "device" and message.get("type") == "device_status":
-            self._device_was = message.get("status")
+            self._device_was[plotter] = message.get("status")
         if event is None or not self._hooks.get(event):
             return
         environment = hook_environment(event, message)

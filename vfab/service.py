@@ -4,10 +4,10 @@
 daemon needs a strict order both ways, so `VfabService` sequences them itself:
 
 start: database opened and migrated -> HTTP/WebSocket server listening ->
-       device service started (these three before twistd drops root) ->
-       queue service started -> hooks ready.
-stop:  stop accepting jobs -> let the active plot finish or pause it at a
-       safe point -> close WebSocket clients (1001) -> park the device ->
+       device services started, one per plotter (these three before twistd
+       drops root) -> queue service started -> hooks ready.
+stop:  stop accepting jobs -> let the active plots finish or pause them at a
+       safe point -> close WebSocket clients (1001) -> park every plotter ->
        close the database.
 """
 
@@ -19,18 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from vfab.audit import AuditLog
-from vfab.config import Config, sqlite_path
+from vfab.config import Config, host_name, sqlite_path
 from vfab.disk import DiskSpace
 from vfab.events import EventBus
 from vfab.geometry import SVGLimits
 from vfab.hooks import HookService
 from vfab.jobs.queue import QueueService
 from vfab.performance import PerformanceLog
+from vfab.plotter.ebb import SerialCounts
 from vfab.plotter.service import DeviceService
 from vfab.store.jobstore import DatabaseError, JobStore
 from vfab.systemd import ActivationError, activation_endpoint, tell_systemd
@@ -73,11 +74,21 @@ class VfabService(MultiService):
         self.store = JobStore(sqlite_path(config.database.url, workspace), reactor=reactor,
                               pool_size=config.database.pool_size, drawings=workspace / "jobs",
                               on_disk_full=self.disk.noticed_full)
-        self.device = DeviceService(config.device, self.bus, reactor,
-                                    record_dir=workspace / "simulator")
-        self.queue = QueueService(store=self.store, device=self.device, bus=self.bus,
-                                  settings=config.device, jobs_dir=workspace / "jobs",
-                                  reactor=reactor, disk=self.disk,
+        host = host_name()
+        # One device service per plotter; a `device:`-only configuration keeps its
+        # simulator's drawing where it always was.
+        self.devices = [
+            DeviceService(plotter.device, self.bus, reactor, plotter=plotter.name, host=host,
+                          tags=plotter.tags,
+                          record_dir=workspace / "simulator" / (
+                              plotter.name if config.plotters else ""))
+            for plotter in config.farm()]
+        for device in self.devices[1:]:  # service names are unique; the first stays "device"
+            device.setName(f"device {device.plotter_name}")
+        #: The first plotter: the one /api/device and /health show.
+        self.device = self.devices[0]
+        self.queue = QueueService(store=self.store, devices=self.devices, bus=self.bus,
+                                  jobs_dir=workspace / "jobs", reactor=reactor, disk=self.disk,
                                   limits=SVGLimits(config.uploads.max_elements,
                                                    config.uploads.max_coordinates))
         try:
@@ -87,13 +98,14 @@ class VfabService(MultiService):
         self.web = WebService(config.websocket, self.queue, self.device, self.bus, reactor,
                               health=self._health, device_type=config.device.type,
                               audit=self.audit, endpoint=endpoint,
-                              max_upload_size=config.uploads.max_size)
+                              max_upload_size=config.uploads.max_size,
+                              plotters=self.queue.plotters)
         self.bus.subscribe(self.web.metrics.on_message)
-        self.web.metrics.count_serial(lambda: self.device.serial_counts)
+        self.web.metrics.count_serial(self._serial_counts)
         self.performance = PerformanceLog(
             self.bus, config.device.simulator_speed if config.device.type == "simulator" else 1.0)
         self.hooks = HookService(config.hooks, self.bus, reactor)
-        for child in (self.web, self.device, self.queue, self.hooks):
+        for child in (self.web, *self.devices, self.queue, self.hooks):
             child.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
@@ -104,15 +116,26 @@ class VfabService(MultiService):
                 and parent.getComponent(ILogObserver, None) is None:
             parent.setComponent(ILogObserver, self._log_observer)
 
+    def _serial_counts(self) -> SerialCounts:
+        """The serial counters of every plotter, added up."""
+        return SerialCounts(commands=sum(d.serial_counts.commands for d in self.devices),
+                            errors=sum(d.serial_counts.errors for d in self.devices))
+
     def _health(self) -> dict[str, Any]:
         """What the web face cannot see: a store that is closed or damaged makes
-        /health "unhealthy", a full disk "degraded"; `reason` says why."""
+        /health "unhealthy", a full disk or a plotter after the first that is
+        missing "degraded"; `reason` says why."""
         if not self.store.is_open:
             return {"status": "unhealthy", "reason": "the database is closed"}
         if self.store.damage is not None:
             return {"status": "unhealthy", "reason": self.store.damage}
         if self.disk.full is not None:
             return {"status": "degraded", "disk": "full", "reason": self.disk.full}
+        for device in self.devices[1:]:
+            status = device.status()["status"]
+            if device.config.type != "none" and status in ("disconnected", "error"):
+                return {"status": "degraded",
+                        "reason": f"plotter {device.plotter_name} is {status}"}
         return {}
 
     # -- start ------------------------------------------------------------------
@@ -125,8 +148,10 @@ class VfabService(MultiService):
         Service.privilegedStartService(self)
         self._step("database", self._open_database)
         self._step("HTTP/WebSocket server", self._listen)
-        self._step("device service", self.device.startService)
-        _log.info("device service started ({type})", type=self.config.device.type)
+        for device in self.devices:
+            self._step(f"device service of plotter {device.plotter_name}", device.startService)
+            _log.info("device service started ({type}): plotter {plotter}",
+                      plotter=device.plotter_name, type=device.config.type)
 
     def startService(self) -> None:
         self.privilegedStartService()
@@ -224,8 +249,9 @@ class VfabService(MultiService):
         yield self._stop_step("hooks", self.hooks)
         _log.info("shutdown: closing WebSocket clients")
         yield self._stop_step("HTTP/WebSocket server", self.web)
-        _log.info("shutdown: parking the device (pen up, motors off)")
-        yield self._stop_step("device", self.device)
+        _log.info("shutdown: parking the device (pen up, motors off) of every plotter")
+        yield DeferredList([self._stop_step(f"plotter {device.plotter_name}", device)
+                            for device in self.devices])
         self.disk.stop()
         self.store.close()
         self._lock.release()

@@ -48,14 +48,20 @@ def parser() -> argparse.ArgumentParser:
     job.add_argument("file", type=Path)
     job.add_argument("--priority", type=int, default=0, help="higher runs first [default: 0]")
     job.add_argument("--preset", help="plot settings preset (default, fast, quality, draft)")
+    job.add_argument("--plotter", help="plot on this plotter only [default: any that can]")
+    job.add_argument("--tag", action="append", default=[], dest="tags", metavar="TAG",
+                     help="a tag the plotter must have (repeatable: it needs them all)")
 
     listing = commands.add_parser("list", help="list jobs")
-    list_what = listing.add_subparsers(dest="what", metavar="jobs")
+    list_what = listing.add_subparsers(dest="what", metavar="jobs|plotters")
     list_what.required = True
     jobs = list_what.add_parser("jobs", help="list jobs, newest first", parents=[shared])
     jobs.add_argument("--state", help="only jobs in this state")
     jobs.add_argument("--limit", type=int)
     jobs.add_argument("--json", action="store_true", help="print JSON")
+    plotters = list_what.add_parser("plotters", help="list the daemon's plotters",
+                                    parents=[shared])
+    plotters.add_argument("--json", action="store_true", help="print JSON")
 
     status = commands.add_parser("status", help="the daemon's or a job's status",
                                  parents=[shared])

@@ -44,7 +44,13 @@ def run_check(what: str, *, config_path: str | None, workspace: str | None) -> i
             return _problem(error.problems[0])
         return _check_database(path, space / "jobs")
     from vfab.plotter.check import check_device
-    return check_device(config.device, _say, _problem)
+    if not config.plotters:
+        return check_device(config.device, _say, _problem)
+    # Several plotters: each is checked, and any problem makes the exit 1.
+    codes = [check_device(plotter.device, lambda text, name=plotter.name: _say(f"{name}: {text}"),
+                          lambda text, name=plotter.name: _problem(f"{name}: {text}"))
+             for plotter in config.plotters]
+    return max(codes)
 
 
 def config_problems(config: Config, config_path: str | None) -> list[str]:
@@ -85,7 +91,10 @@ def _check_config(config: Config, config_path: str | None) -> int:
     shown = config_path or default_config_path()
     where = shown if Path(shown).exists() else "built-in defaults (no file)"
     hooks = sum(len(actions) for actions in config.hooks.values())
-    _say(f"config OK: {where} (device {config.device.type}, "
+    plotters = (f"{len(config.plotters)} plotters: "
+                f"{', '.join(plotter.name for plotter in config.plotters)}"
+                if config.plotters else f"device {config.device.type}")
+    _say(f"config OK: {where} ({plotters}, "
          f"http://{config.websocket.host}:{config.websocket.port}, {hooks} hook action(s))")
     return 0
 

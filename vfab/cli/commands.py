@@ -68,7 +68,8 @@ def add(client: DaemonClient, args: argparse.Namespace) -> int:
         return 2
     job = client.request("POST", "/api/jobs", body=svg, content_type="image/svg+xml",
                          query={"name": args.name, "priority": args.priority,
-                                "preset": args.preset})
+                                "preset": args.preset, "plotter": args.plotter,
+                                "tags": ",".join(args.tags) or None})
     sys.stdout.write(job["id"] + "\n")
     device = client.request("GET", "/api/device")
     _err.print(f"queued '{job['name']}': {job['paths']} paths on {job['layers']} "
@@ -77,6 +78,8 @@ def add(client: DaemonClient, args: argparse.Namespace) -> int:
 
 
 def list(client: DaemonClient, args: argparse.Namespace) -> int:  # noqa: A001 - the verb
+    if args.what == "plotters":
+        return list_plotters(client, args)
     answer = client.request("GET", "/api/jobs", query={"state": args.state,
                                                        "limit": args.limit})
     if args.json:
@@ -107,6 +110,29 @@ def list(client: DaemonClient, args: argparse.Namespace) -> int:  # noqa: A001 -
     return 0
 
 
+def list_plotters(client: DaemonClient, args: argparse.Namespace) -> int:
+    answer = client.request("GET", "/api/plotters")
+    if args.json:
+        from vfab.cli import print_json
+        print_json(answer)
+        return 0
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for header in ("NAME", "HOST", "STATUS", "TAGS", "JOB", "PORT"):
+        table.add_column(header, no_wrap=True)
+    for plotter in answer["plotters"]:
+        table.add_row(str(plotter.get("plotter")), str(plotter.get("host")),
+                      plotter["status"], ",".join(plotter.get("tags") or []) or "-",
+                      plotter.get("current_job_id") or "-", plotter.get("port") or "-")
+    _out.print(table)
+    return 0
+
+
+def _device_line(device: dict[str, Any]) -> str:
+    return (device["status"] + (f" on {device['port']}" if device.get("port") else "")
+            + (f", firmware {device['firmware_version']}"
+               if device.get("firmware_version") else ""))
+
+
 def status(client: DaemonClient, args: argparse.Namespace) -> int:
     if args.job_id:
         job = client.request("GET", _job_path(resolve_job_id(client, args.job_id)))
@@ -118,28 +144,36 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
         return 0
     health = client.request("GET", "/health")
     device = client.request("GET", "/api/device")
+    plotters = client.request("GET", "/api/plotters")["plotters"]
     active = [job for state in ("plotting", "paused", "awaiting_pen")
               for job in client.request("GET", "/api/jobs", query={"state": state})["jobs"]]
     queued = client.request("GET", "/api/jobs", query={"state": "queued"})["jobs"]
     interrupted = client.request("GET", "/api/jobs", query={"state": "interrupted"})["jobs"]
     if args.json:
         from vfab.cli import print_json
-        print_json({"health": health, "device": device, "active_jobs": active,
-                    "queued_jobs": len(queued), "interrupted_jobs": interrupted})
+        print_json({"health": health, "device": device, "plotters": plotters,
+                    "active_jobs": active, "queued_jobs": len(queued),
+                    "interrupted_jobs": interrupted})
         return 0
+    farm = len(plotters) > 1
     _out.print(f"daemon   {client.url}: {health['status']}, up {duration(health['uptime'])}")
-    _out.print(f"device   {device['status']}"
-               + (f" on {device['port']}" if device.get("port") else "")
-               + (f", firmware {device['firmware_version']}"
-                  if device.get("firmware_version") else ""))
+    if farm:
+        for plotter in plotters:
+            tags = ",".join(plotter.get("tags") or [])
+            _out.print(f"plotter  {plotter['plotter']}: {_device_line(plotter)}"
+                       + (f" [{tags}]" if tags else ""))
+    else:
+        _out.print(f"device   {_device_line(device)}")
     _out.print(f"queue    {len(queued)} waiting")
     for job in active:
+        where = f" on {job['plotter']}" if farm and job.get("plotter") else ""
         _out.print(f"active   {job['id']} '{job['name']}' {job['state']} "
-                   f"{job['progress'] * 100:.0f}%")
+                   f"{job['progress'] * 100:.0f}%{where}")
     for job in interrupted:
         _out.print(f"held     {job['id']} '{job['name']}' interrupted at "
                    f"{job['progress'] * 100:.0f}%: {job['error'] or 'no reason recorded'}")
-        _out.print(f"         the queue waits for it: vfab resume {job['id']} "
+        waiting = f"plotter {job['plotter']}" if farm and job.get("plotter") else "the queue"
+        _out.print(f"         {waiting} waits for it: vfab resume {job['id']} "
                    f"(or vfab cancel {job['id']})")
     return 0
 
@@ -150,9 +184,11 @@ def _print_job(job: dict[str, Any]) -> None:
     table.add_column()
     for key in ("id", "name", "state", "priority", "progress", "layers", "paths",
                 "pen_down_mm", "pen_up_mm", "estimated_seconds", "created_at", "started_at",
-                "finished_at", "error"):
+                "finished_at", "error", "plotter", "host", "tags"):
         value = job.get(key)
-        if key == "progress":
+        if key == "tags":
+            value = ",".join(value or []) or None
+        elif key == "progress":
             value = f"{value * 100:.1f}%"
         elif key == "estimated_seconds":
             value = duration(value)

@@ -4,7 +4,7 @@ The queue service implements this; the HTTP API and the WebSocket depend only
 on it, so they can be tested against a fake. Jobs travel as JSON-ready dicts
 in the contract's shape: id, name, state, priority, created_at, started_at,
 finished_at, layers, paths, pen_down_mm, pen_up_mm, estimated_seconds,
-progress, error.
+progress, error, plotter, host (and tags).
 """
 
 from __future__ import annotations
@@ -23,13 +23,14 @@ class JobControl(Protocol):
         """A new file for an upload, written by `fill(out)` in a thread; fires with
         the file (for `submit`) and what `fill` returned. Fails with DiskFull (507)."""
 
-    def submit(self, name: str, svg: bytes | Path, priority: int = 0,
-               preset: str | None = None) -> Deferred[JobDict]:
-        """Parse, check and queue a drawing: its bytes, or the file `receive`
-        wrote, which becomes the job's (or goes, if the job is refused).
+    def submit(self, name: str, svg: bytes | Path, priority: int = 0, preset: str | None = None,
+               plotter: str | None = None, tags: tuple[str, ...] = ()) -> Deferred[JobDict]:
+        """Parse, check and queue a drawing for `plotter` (None: any) with every tag:
+        its bytes, or the file `receive` wrote, which becomes the job's (or goes, if
+        the job is refused).
 
-        Fails with SVGError (400), OutOfTravel (422), InvalidJobInput (400)
-        or NotAccepting (503).
+        Fails with SVGError (400), OutOfTravel (422), NoPlotterCanTake (422),
+        InvalidJobInput (400) or NotAccepting (503).
         """
 
     def get(self, job_id: str) -> Deferred[JobDict]:

@@ -3,7 +3,7 @@
 from vfab.jobs.states import InvalidTransition
 
 __all__ = ["InvalidTransition", "JobNotFound", "NotAccepting", "InvalidJobInput", "DiskFull",
-           "DatabaseDamaged"]
+           "DatabaseDamaged", "NoPlotterCanTake"]
 
 
 class JobNotFound(KeyError):
@@ -26,6 +26,10 @@ class NotAccepting(RuntimeError):
 
 class InvalidJobInput(ValueError):
     """A job field (name, priority, preset) is not acceptable (HTTP 400)."""
+
+
+class NoPlotterCanTake(ValueError):
+    """No plotter of the farm has the name or every tag a job asks for (HTTP 422)."""
 
 
 class DiskFull(OSError):

@@ -39,6 +39,12 @@ class Job:
     svg_file: str = ""
     #: Saved progress in the motion plan: {"layer", "path", "move"}, or None.
     position: dict[str, int] | None = None
+    #: The plotter the job asked for, if any, and the tags a plotter must all have.
+    plotter: str | None = None
+    tags: tuple[str, ...] = ()
+    #: The plotter that took the job, and its host; an interrupted job stays with it.
+    taken_by: str | None = None
+    host: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The job in the contract's JSON shape."""
@@ -59,4 +65,7 @@ class Job:
                                   else round(self.estimated_seconds, 1)),
             "progress": round(self.progress, 4),
             "error": self.error,
+            "plotter": self.plotter or self.taken_by,
+            "host": self.host,
+            "tags": list(self.tags),
         }

@@ -2,9 +2,10 @@
 
 It checks what clients ask for and wires the pieces that do the work: the
 drawing files (DrawingFiles), the record of state changes (StateRecorder),
-and the Scheduler, the one owner of what plots next, which runs each job's
-PlotRunner. Jobs run one at a time in the contract's order (higher priority
-first, then oldest).
+and one Scheduler per plotter, the one owner of what plots next there, which
+runs each job's PlotRunner. Each plotter runs one job at a time, the next it
+can take in the contract's order (higher priority first, then oldest); the
+store's claim makes sure no two plotters take the same job.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, Sequence, TypeVar
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -27,6 +28,7 @@ from vfab.geometry import SVGLimits
 from vfab.jobs import states
 from vfab.disk import DiskSpace
 from vfab.jobs.errors import DiskFull, InvalidJobInput, NotAccepting
+from vfab.jobs.farm import FarmPlotter, check_takers
 from vfab.jobs.job import PRIORITY_RANGE, Job, iso8601
 from vfab.jobs.planning import DrawingSummary, PlanningProcess, summarize
 from vfab.jobs.planning import preview as read_preview
@@ -68,20 +70,25 @@ class QueueService(Service):
 
     name = "queue"
 
-    def __init__(self, *, store: JobStore, device: Any, bus: EventBus, settings: DeviceConfig,
+    def __init__(self, *, store: JobStore, devices: Sequence[Any], bus: EventBus,
                  jobs_dir: Path, reactor: Any, planning: Any = None, prepare_job: Any = None,
                  disk: DiskSpace | None = None, limits: SVGLimits = SVGLimits()):
-        """`planning` reads submissions and previews (a PlanningProcess by default);
-        `prepare_job(svg, settings, use_lm=)` plans a job about to start (in a thread
-        by default). Tests inject both to run in-process on a Clock. `disk` is told
-        of a full disk and holds the room a delete needs then; `limits` bound the
-        drawings read."""
+        """`devices`: one DeviceService per plotter, each with its `config` (the
+        plot settings), `plotter_name`, `host` and `tags`; the first is the one a
+        single-plotter client sees. `planning` reads submissions and previews (a
+        PlanningProcess by default); `prepare_job(svg, settings, use_lm=)` plans a
+        job about to start (in a thread by default). Tests inject both to run
+        in-process on a Clock. `disk` is told of a full disk and holds the room a
+        delete needs then; `limits` bound the drawings read."""
+        if not devices:
+            raise ValueError("the queue needs at least one plotter")
         self._limits = limits
         self._disk = disk
         self._store = store
-        self._device = device
+        self.devices = list(devices)
+        self.farm = [FarmPlotter(name=device.plotter_name, host=device.host, tags=device.tags)
+                     for device in self.devices]
         self._bus = bus
-        self._settings = settings
         self._reactor = reactor
         self._accepting = True
         self.files = DrawingFiles(jobs_dir, on_disk_full=disk.noticed_full if disk else None)
@@ -96,10 +103,29 @@ class QueueService(Service):
         self._upload_threads = ThreadPool(minthreads=0, maxthreads=UPLOAD_THREADS,
                                           name="vfab-uploads")
         self._prepare_job = prepare_job if prepare_job is not None else self._prepare_in_thread
-        self.scheduler = Scheduler(store=store, recorder=self.recorder, device=device,
-                                   prepare=self._plan_for, make_runner=self._runner_for_job,
-                                   clock=reactor, shutdown_grace=settings.shutdown_grace)
+        #: plotter name -> its scheduler, in the configuration's order.
+        self.schedulers = {
+            plotter.name: self._scheduler_for(plotter, device)
+            for plotter, device in zip(self.farm, self.devices)}
         self._unsubscribe = None
+
+    def _scheduler_for(self, plotter: FarmPlotter, device: Any) -> Scheduler:
+        return Scheduler(
+            store=self._store, recorder=self.recorder, device=device,
+            prepare=lambda job, connected: self._plan_for(device, job, connected),
+            make_runner=lambda job, prepared, connected: self._runner_for_job(
+                device, job, prepared, connected),
+            clock=self._reactor, shutdown_grace=device.config.shutdown_grace,
+            plotter=plotter, released=self._wake_all)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The first plotter's scheduler (the only one of a single-plotter daemon)."""
+        return next(iter(self.schedulers.values()))
+
+    def _wake_all(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.wake()
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -110,8 +136,21 @@ class QueueService(Service):
         self._threads.start()
         self._upload_threads.start()
         self._unsubscribe = self._bus.subscribe(self._on_event)
-        self.recorder.refresh().addCallback(lambda _: self.scheduler.start())
+        starting = self.recorder.refresh().addCallback(lambda _: self._store.adopt(self.farm))
+        starting.addCallback(self._adopted)
+        starting.addErrback(lambda failure: _log.failure(
+            "could not settle which plotter holds which job", failure))
+        starting.addCallback(lambda _: self._start_schedulers())
         _log.info("queue service started")
+
+    def _adopted(self, changed: int) -> None:
+        if changed:
+            _log.info("{count} job(s) handed over: their plotter is no longer configured, "
+                      "or they were claimed as the daemon last stopped", count=changed)
+
+    def _start_schedulers(self) -> None:
+        for scheduler in self.schedulers.values():
+            scheduler.start()
 
     def stop_accepting(self) -> None:
         """Shutdown's first step: no new jobs from now on."""
@@ -125,7 +164,7 @@ class QueueService(Service):
         yield super().stopService()
         if self._unsubscribe is not None:
             self._unsubscribe()
-        yield self.scheduler.stop()
+        yield DeferredList([scheduler.stop() for scheduler in self.schedulers.values()])
         self._threads.stop()  # idle by now: the scheduler waited for its planning
         self._upload_threads.stop()
         self._planning.stop()
@@ -146,11 +185,12 @@ class QueueService(Service):
         return deferToThreadPool(self._reactor, self._upload_threads, self.files.spool,
                                  fill).addErrback(disk_full)
 
-    def submit(self, name: str, svg: bytes | Path, priority: int = 0,
-               preset: str | None = None) -> Deferred[dict[str, Any]]:
+    def submit(self, name: str, svg: bytes | Path, priority: int = 0, preset: str | None = None,
+               plotter: str | None = None,
+               tags: tuple[str, ...] = ()) -> Deferred[dict[str, Any]]:
         """`svg` is the drawing, or the file `receive` wrote it to: that file
         becomes the job's drawing (renamed) or, if the job is refused, goes."""
-        submitting = self._submit(name, svg, priority, preset)
+        submitting = self._submit(name, svg, priority, preset, plotter, tags)
         if isinstance(svg, Path):
             submitting.addErrback(self._discard_upload, svg)
         return submitting
@@ -161,8 +201,8 @@ class QueueService(Service):
         return failure
 
     @inlineCallbacks
-    def _submit(self, name: str, svg: bytes | Path, priority: int,
-                preset: str | None) -> Deferred[dict[str, Any]]:
+    def _submit(self, name: str, svg: bytes | Path, priority: int, preset: str | None,
+                plotter: str | None, tags: tuple[str, ...]) -> Deferred[dict[str, Any]]:
         if not self._accepting:
             raise NotAccepting()
         name = check_name(name)
@@ -171,9 +211,21 @@ class QueueService(Service):
                 or not low <= priority <= high:
             raise InvalidJobInput(f"priority: expected an integer from {low} to {high}, "
                                   f"got {priority!r:.40}")
-        settings = device_settings(self._settings, preset)
-        summary: DrawingSummary = yield self._planning.run(summarize, svg, settings,
-                                                           self._limits)
+        tags = tuple(tags)
+        takers = check_takers(self.farm, plotter, tags)
+        configs = [device.config for candidate, device in zip(self.farm, self.devices)
+                   if candidate in takers]
+        summary: DrawingSummary | None = None
+        # The drawing must fit every plotter that may take it: it is planned once
+        # for each model among them; the first plotter's figures are kept.
+        models: dict[str, DeviceConfig] = {}
+        for config in configs:
+            models.setdefault(config.model, config)
+        for config in models.values():
+            figures = yield self._planning.run(summarize, svg, device_settings(config, preset),
+                                               self._limits)
+            summary = summary or figures
+        assert summary is not None
         if not self._accepting:
             raise NotAccepting()
         job_id = uuid.uuid4().hex[:12]
@@ -185,20 +237,20 @@ class QueueService(Service):
                   created_at=iso8601(self._reactor.seconds()), layers=summary.layers,
                   paths=summary.paths, pen_down_mm=summary.pen_down_mm,
                   pen_up_mm=summary.pen_up_mm, estimated_seconds=summary.estimated_seconds,
-                  svg_file=svg_file)
+                  svg_file=svg_file, plotter=plotter, tags=tags)
         try:
             yield self._store.add(job)
         except Exception:
             self.files.remove(svg_file)
             raise
-        factor = self._time_factor()
+        factor = self._time_factor(configs[0])
         here = (f"about {job.estimated_seconds:.0f} s" if factor == 1.0 else
                 f"about {job.estimated_seconds / factor:.0f} s here "
                 f"({job.estimated_seconds:.0f} s on an AxiDraw)")
         _log.info("job {job_id} '{name}' queued: {paths} paths, {layers} layers, {here}",
                   job_id=job_id, name=name, paths=job.paths, layers=job.layers, here=here)
         self.recorder.announce(job, None, "submitted")
-        self.scheduler.wake()
+        self._wake_all()
         return job.to_dict()
 
     @inlineCallbacks
@@ -218,9 +270,16 @@ class QueueService(Service):
             return attr.evolve(job, progress=runner.progress)
         return job
 
+    def _scheduler_of(self, job_id: str) -> Scheduler | None:
+        """The scheduler whose plotter runs the job now, if any."""
+        for scheduler in self.schedulers.values():
+            if scheduler.runner is not None and scheduler.runner.job_id == job_id:
+                return scheduler
+        return None
+
     def _runner(self, job_id: str) -> PlotRunner | None:
-        runner = self.scheduler.runner
-        return runner if runner is not None and runner.job_id == job_id else None
+        scheduler = self._scheduler_of(job_id)
+        return None if scheduler is None else scheduler.runner
 
     @inlineCallbacks
     def pause(self, job_id: str) -> Deferred[dict[str, Any]]:
@@ -242,7 +301,7 @@ class QueueService(Service):
             # Back in the queue with its saved progress, which puts it first.
             yield self.recorder.change(job_id, states.QUEUED,
                                        "resume requested; continues from the saved progress")
-            self.scheduler.wake()
+            self._wake_all()
         else:
             raise states.InvalidTransition(job_id, job.state, states.PLOTTING)
         result = yield self.get(job_id)
@@ -251,10 +310,10 @@ class QueueService(Service):
     @inlineCallbacks
     def cancel(self, job_id: str) -> Deferred[dict[str, Any]]:
         job = yield self._store.get(job_id)
-        runner = self._runner(job_id)
-        if runner is not None:
-            ended = self.scheduler.when_ended()
-            runner.cancel()
+        scheduler = self._scheduler_of(job_id)
+        if scheduler is not None and scheduler.runner is not None:
+            ended = scheduler.when_ended()
+            scheduler.runner.cancel()
             try:
                 yield ended
             except DiskFull:
@@ -264,7 +323,7 @@ class QueueService(Service):
         else:
             states.check_transition(job_id, job.state, states.CANCELLED)
             yield self.recorder.change(job_id, states.CANCELLED, "cancelled by request")
-            self.scheduler.wake()
+            self._wake_all()
         result = yield self.get(job_id)
         return result
 
@@ -290,11 +349,23 @@ class QueueService(Service):
             return cached
         job = yield self._store.get(job_id)
         svg = self.files.read(job.svg_file)
-        settings = device_settings(self._settings, job.preset)
+        settings = device_settings(self._device_of(job).config, job.preset)
         result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS,
                                           self._limits)
         self._previews.put(job_id, result)
         return result
+
+    def _device_of(self, job: Job) -> Any:
+        """The device of the plotter that took (or was asked for) the job, else the first."""
+        name = job.taken_by or job.plotter
+        for plotter, device in zip(self.farm, self.devices):
+            if plotter.name == name:
+                return device
+        return self.devices[0]
+
+    def plotters(self) -> list[dict[str, Any]]:
+        """Every plotter's `device_status`, in the configuration's order."""
+        return [device.status() for device in self.devices]
 
     def queue_length(self) -> int:
         return self.recorder.count(states.QUEUED)
@@ -310,47 +381,53 @@ class QueueService(Service):
     def _on_event(self, channel: str, message: dict[str, Any]) -> None:
         if channel == "device" and message.get("type") == "device_status" \
                 and message.get("status") == "idle":
-            self.scheduler.wake()
+            scheduler = self.schedulers.get(message.get("plotter"))
+            if scheduler is not None:
+                scheduler.wake()
+            else:
+                self._wake_all()
 
-    def _plan_for(self, job: Job, plotter: Any) -> Deferred[PreparedJob]:
-        settings = device_settings(self._settings, job.preset)
+    def _plan_for(self, device: Any, job: Job, plotter: Any) -> Deferred[PreparedJob]:
+        settings = device_settings(device.config, job.preset)
         svg = self.files.read(job.svg_file)
         return self._prepare_job(svg, settings, use_lm=plotter.supports_lm)
 
-    def _runner_for_job(self, job: Job, prepared: PreparedJob, plotter: Any) -> PlotRunner:
-        settings = device_settings(self._settings, job.preset)
+    def _runner_for_job(self, device: Any, job: Job, prepared: PreparedJob,
+                        plotter: Any) -> PlotRunner:
+        settings = device_settings(device.config, job.preset)
         resuming = job.position is not None
         return PlotRunner(
-            job_id=job.id, plan=prepared.plan, plotter=plotter, device=self._device,
+            job_id=job.id, plan=prepared.plan, plotter=plotter, device=device,
             settings=settings, clock=self._reactor,
             publish=lambda message: self._bus.publish(
                 "system" if message["type"] == "system_alert" else "jobs", message),
             transition=lambda to_state, reason, **fields: self._runner_changed(
-                job.id, to_state, reason, **fields),
+                device, job.id, to_state, reason, **fields),
             save_progress=lambda progress, position: self._store.save_progress(
                 job.id, progress, position),
             start=Position.from_dict(job.position),
-            position_kept=resuming and self._device.position_kept,
+            position_kept=resuming and device.position_kept,
             use_lm=plotter.supports_lm, layer_settings=prepared.layer_settings,
-            time_factor=self._time_factor())
+            time_factor=self._time_factor(device.config))
 
-    def _runner_changed(self, job_id: str, to_state: str, reason: str,
+    def _runner_changed(self, device: Any, job_id: str, to_state: str, reason: str,
                         **fields: Any) -> Deferred[Job]:
-        """A state change of the running job, which the device's status follows."""
+        """A state change of the running job, which its device's status follows."""
         changing = self.recorder.change(job_id, to_state, reason, **fields)
 
         def follow(job: Job) -> Job:
             if to_state == states.PLOTTING:
-                self._device.set_job(job_id, "plotting")
+                device.set_job(job_id, "plotting")
             elif to_state in (states.PAUSED, states.AWAITING_PEN):
-                self._device.set_job(job_id, "paused")
+                device.set_job(job_id, "paused")
             return job
 
         return changing.addCallback(follow)
 
-    def _time_factor(self) -> float:
+    @staticmethod
+    def _time_factor(settings: DeviceConfig) -> float:
         """How much faster than the real plotter this one runs (the virtual one may)."""
-        return self._settings.simulator_speed if self._settings.type == "simulator" else 1.0
+        return settings.simulator_speed if settings.type == "simulator" else 1.0
 
     def _prepare_in_thread(self, svg: bytes, settings: DeviceConfig, *,
                            use_lm: bool) -> Deferred[PreparedJob]:

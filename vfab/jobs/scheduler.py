@@ -9,6 +9,10 @@ starts a job. The scheduler is a small state machine:
 A `wake()` while it is busy is remembered and acted on when it is idle
 again, so no event is lost and no two jobs ever start. A failure to read the
 store is retried after a pause rather than stopping the queue.
+
+With several plotters each has a scheduler of its own; choosing claims the
+job for this plotter in the store (one transaction), so two never take one
+job, and a claim given up before the job began is released for the others.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from twisted.python.failure import Failure
 
 from vfab.jobs import states
 from vfab.jobs.errors import DatabaseDamaged, DiskFull
+from vfab.jobs.farm import FarmPlotter
 from vfab.jobs.job import Job
 from vfab.jobs.position import Position
 from vfab.jobs.prepare import forget_frozen, release_freed_memory
@@ -52,8 +57,14 @@ class Scheduler:
     """Runs the queue's jobs one after another on one plotter."""
 
     def __init__(self, *, store: Any, recorder: Any, device: Any, prepare: Callable,
-                 make_runner: RunnerFactory, clock: Any, shutdown_grace: float):
-        """`prepare(job, plotter)` fires with the job's plan (PreparedJob)."""
+                 make_runner: RunnerFactory, clock: Any, shutdown_grace: float,
+                 plotter: FarmPlotter | None = None,
+                 released: Callable[[], None] = lambda: None):
+        """`prepare(job, plotter)` fires with the job's plan (PreparedJob); `plotter`
+        is the farm's name for this one (None: take any job); `released()` is told
+        when a claimed job was given back, so that other plotters look again."""
+        self.plotter = plotter
+        self._released = released
         self._store = store
         self._recorder = recorder
         self._device = device
@@ -156,7 +167,7 @@ class Scheduler:
             return  # the device's `idle` status wakes us when it connects
         self._state = SchedulerState.CHOOSING
         self._again = False
-        step = self._store.next_to_plot()
+        step = self._store.next_to_plot(self.plotter)
         step.addCallback(self._chosen, plotter)
         step.addErrback(self._choosing_failed)
         self._step = step
@@ -219,6 +230,8 @@ class Scheduler:
         if job is None or self._state is SchedulerState.STOPPED:
             if self._state is not SchedulerState.STOPPED:
                 self._idle()
+            elif job is not None:
+                yield self._release(job)
             return
         self._state = SchedulerState.PREPARING
         try:
@@ -231,8 +244,10 @@ class Scheduler:
             self._idle()
             return
         if self._state is SchedulerState.STOPPED:
-            return  # shutting down: the job stays queued
+            yield self._release(job)  # shutting down: the job stays queued
+            return
         if self._device.plotter is not plotter:
+            yield self._release(job)
             self._idle()  # the plotter went away meanwhile; its return wakes us
             return
         try:
@@ -248,6 +263,18 @@ class Scheduler:
                                "started; resume continues from the saved progress")
             return
         self._run(job, prepared, plotter)
+
+    @inlineCallbacks
+    def _release(self, job: Job) -> Deferred[None]:
+        """Give back a job claimed but not begun; never fails (the next start frees it)."""
+        if self.plotter is None:
+            return
+        try:
+            yield self._store.release(job.id)
+        except Exception:  # the store: the claim is freed when the daemon starts again
+            _log.failure("could not give job {job_id} back to the queue", job_id=job.id)
+            return
+        self._released()
 
     def _run(self, job: Job, prepared: Any, plotter: Any) -> None:
         self._state = SchedulerState.RUNNING
@@ -327,7 +354,7 @@ class Scheduler:
         if plotter is None:
             return
         try:
-            job, held_by = yield self._store.next_to_plot()
+            job, held_by = yield self._store.next_to_plot(self.plotter, claim=False)
             if job is None and held_by is None:
                 yield plotter.motors_off()
         except Exception:  # the device or the store: the next plot switches them on anyway

@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from vfab.config import DeviceConfig
+from vfab.config import DeviceConfig, host_name, plotter_name_of_host
 from vfab.events import EventBus
 from vfab.plotter.ebb import EBBProtocol, SerialCounts
 from vfab.plotter.errors import DeviceError, DeviceLost, EBBError, DeviceTimeout
@@ -66,12 +66,19 @@ class DeviceService(Service):
                  device_id: str | None = None,
                  list_ports: Callable | None = None,
                  retry_policy: Callable[[int], float] | None = None,
-                 simulator_faults: "Faults | None" = None):
+                 simulator_faults: "Faults | None" = None,
+                 plotter: str | None = None, host: str | None = None,
+                 tags: tuple[str, ...] = ()):
         """`record_dir`: where the virtual plotter writes its drawing (type simulator);
-        `device_id`: the status's id (default: the device type); `list_ports`,
-        `retry_policy` (attempt -> seconds) and `simulator_faults` are for tests.
+        `device_id`: the status's id (default: the device type); `plotter`, `host`
+        and `tags`: the farm's name of this plotter (default: the host's), its host
+        and its tags, which the status carries; `list_ports`, `retry_policy` (attempt -> seconds) and
+        `simulator_faults` are for tests.
         """
         self.config = config
+        self.plotter_name = plotter or plotter_name_of_host()
+        self.host = host or host_name()
+        self.tags = tags
         self.bus = bus
         self.reactor = reactor
         self.record_dir = record_dir
@@ -114,6 +121,9 @@ class DeviceService(Service):
             "current_job_id": self._job_id,
             "pen": self._pen,
             "position_mm": [round(self._position[0], 3), round(self._position[1], 3)],
+            "plotter": self.plotter_name,
+            "host": self.host,
+            "tags": list(self.tags),
             # How much faster than an AxiDraw the virtual plotter runs: estimates
             # (an AxiDraw's time) divided by it are the time a plot takes here.
             **({"simulator_speed": self.config.simulator_speed}

@@ -19,6 +19,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from vfab.jobs.farm import FarmPlotter
 from vfab.jobs.job import Job, iso8601
 from vfab.jobs.states import (ACTIVE, FINISHED, INTERRUPTED, PLOTTING, QUEUED,
                               InvalidTransition, check_transition)
@@ -29,7 +30,8 @@ _log = Logger()
 
 _COLUMNS = ("id", "name", "state", "priority", "preset", "created_at", "started_at",
             "finished_at", "layers", "paths", "pen_down_mm", "pen_up_mm",
-            "estimated_seconds", "progress", "error", "svg_file", "position")
+            "estimated_seconds", "progress", "error", "svg_file", "position",
+            "plotter", "tags", "taken_by", "host")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
@@ -65,7 +67,17 @@ def _configure(connection: sqlite3.Connection) -> None:
 def _job(row: tuple[Any, ...]) -> Job:
     fields = dict(zip(_COLUMNS, row))
     fields["position"] = json.loads(fields["position"]) if fields["position"] else None
+    fields["tags"] = tuple(json.loads(fields["tags"] or "[]"))
     return Job(**fields)
+
+
+def _stored(job: Job, name: str) -> Any:
+    """A job field as its column holds it (JSON for the position and the tags)."""
+    if name == "position":
+        return json.dumps(job.position) if job.position else None
+    if name == "tags":
+        return json.dumps(list(job.tags))
+    return getattr(job, name)
 
 
 def _fetch(cursor: Any, job_id: str) -> Job:
@@ -211,8 +223,7 @@ class JobStore:
             cursor.execute(
                 f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES "
                 f"({', '.join('?' * len(_COLUMNS))})",
-                tuple(json.dumps(job.position) if name == "position" and job.position
-                      else getattr(job, name) for name in _COLUMNS))
+                tuple(_stored(job, name) for name in _COLUMNS))
             cursor.execute(
                 "INSERT INTO job_events (job_id, at, from_state, to_state, reason) "
                 "VALUES (?, ?, NULL, ?, ?)", (job.id, job.created_at, job.state, "submitted"))
@@ -237,21 +248,69 @@ class JobStore:
             return [_job(row) for row in cursor.fetchall()]
         return self._run(select)
 
-    def next_to_plot(self) -> Deferred[tuple[Job | None, Job | None]]:
-        """(the job to plot next, None), or (None, the interrupted job that holds
-        the queue): while a job is interrupted its drawing is half on the paper,
-        and nothing else starts until a person resumes or cancels it."""
+    def next_to_plot(self, plotter: FarmPlotter | None = None, *,
+                     claim: bool = True) -> Deferred[tuple[Job | None, Job | None]]:
+        """(the job `plotter` plots next, None), or (None, the interrupted job that
+        holds it): while a job is interrupted its drawing is half on that plotter's
+        paper, and nothing else starts there until a person resumes or cancels it.
+
+        The job is claimed for `plotter` (`taken_by`, `host`) in the same
+        transaction, so that no other plotter takes it; `claim=False` only looks.
+        With no `plotter`, any job counts and none is claimed.
+        """
         def select(cursor: Any) -> tuple[Job | None, Job | None]:
-            cursor.execute(f"{_SELECT} WHERE state = ? ORDER BY seq ASC LIMIT 1",
-                           (INTERRUPTED,))
+            mine = "" if plotter is None else " AND taken_by = ?"
+            cursor.execute(f"{_SELECT} WHERE state = ?{mine} ORDER BY seq ASC LIMIT 1",
+                           (INTERRUPTED,) if plotter is None else (INTERRUPTED, plotter.name))
             row = cursor.fetchone()
             if row:
                 return None, _job(row)
-            cursor.execute(f"{_SELECT} WHERE state = ? ORDER BY position IS NULL, "
-                           f"priority DESC, seq ASC LIMIT 1", (QUEUED,))
-            row = cursor.fetchone()
-            return (_job(row) if row else None), None
+            free = "" if plotter is None else (" AND (taken_by IS NULL OR taken_by = ?) "
+                                               "AND (plotter IS NULL OR plotter = ?)")
+            cursor.execute(f"{_SELECT} WHERE state = ?{free} ORDER BY position IS NULL, "
+                           f"priority DESC, seq ASC", (QUEUED,) if plotter is None
+                           else (QUEUED, plotter.name, plotter.name))
+            for row in cursor.fetchall():
+                job = _job(row)
+                if plotter is None:
+                    return job, None
+                if plotter.can_take(job.plotter, job.tags):
+                    break
+            else:
+                return None, None
+            if claim and job.taken_by is None:
+                self._update(cursor, job.id, {"taken_by": plotter.name, "host": plotter.host})
+                job = _fetch(cursor, job.id)
+            return job, None
         return self._run(select)
+
+    def release(self, job_id: str) -> Deferred[None]:
+        """Give back a claimed job that never started, for any plotter to take."""
+        def write(cursor: Any) -> None:
+            cursor.execute("UPDATE jobs SET taken_by = NULL, host = NULL WHERE id = ? "
+                           "AND state = ? AND started_at IS NULL", (job_id, QUEUED))
+        return self._run(write)
+
+    def adopt(self, plotters: list[FarmPlotter]) -> Deferred[int]:
+        """At start, with this daemon's plotters: a job taken by a plotter that is no
+        longer configured (or by none, before there were several) is given to the
+        first plotter if it was begun (its sheet is the likeliest there), and
+        freed if it was not. Returns how many jobs changed."""
+        def write(cursor: Any) -> int:
+            names = [plotter.name for plotter in plotters]
+            marks = ", ".join("?" * len(names))
+            unfinished = ", ".join("?" * len(FINISHED))
+            orphan = (f"state NOT IN ({unfinished}) AND (taken_by IS NULL OR "
+                      f"taken_by NOT IN ({marks}))")
+            cursor.execute(f"UPDATE jobs SET taken_by = ?, host = ? WHERE {orphan} AND "
+                           f"(state != ? OR started_at IS NOT NULL)",
+                           (plotters[0].name, plotters[0].host, *FINISHED, *names, QUEUED))
+            changed = cursor.rowcount
+            # Claimed by the last life as it stopped, before the job began.
+            cursor.execute("UPDATE jobs SET taken_by = NULL, host = NULL WHERE state = ? "
+                           "AND started_at IS NULL AND taken_by IS NOT NULL", (QUEUED,))
+            return changed + cursor.rowcount
+        return self._run(write)
 
     def counts(self) -> Deferred[dict[str, int]]:
         """How many jobs are in each state."""

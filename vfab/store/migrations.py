@@ -42,6 +42,14 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX job_events_job ON job_events (job_id);
     """,
+    # 2: several plotters. `plotter` is the one a job asks for, `tags` (a JSON
+    # list) what it requires; `taken_by` and `host` say which plotter took it.
+    """
+    ALTER TABLE jobs ADD COLUMN plotter TEXT;
+    ALTER TABLE jobs ADD COLUMN tags TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN taken_by TEXT;
+    ALTER TABLE jobs ADD COLUMN host TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

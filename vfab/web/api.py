@@ -19,14 +19,16 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from vfab.config import plotter_name
 from vfab.geometry.errors import SVGError
 from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.jobs.errors import InvalidJobInput
+from vfab.jobs.farm import parse_tags
 from vfab.jobs.job import PRIORITY_RANGE
 from vfab.jobs.states import STATES
 from vfab.web.errors import client_error
 from vfab.web.multipart import MultipartError, copy_body, copy_form, is_multipart
-from vfab.web.query import query_value
+from vfab.web.query import query_pairs, query_value
 from vfab.web.responses import (
     error_body,
     json_body,
@@ -116,7 +118,9 @@ def _integer(name: str, text: str | None, low: int, high: int) -> int | None:
 
 class Upload:
     """What POST /api/jobs asks for: the SVG (in the file it was received into)
-    and the job's name, priority and preset, from the form or the query."""
+    and the job's name, priority and preset, from the form or the query, and the
+    plotter it asks for and the tags it requires (`tags=a3,fine` or `tags` given
+    more than once)."""
 
     def __init__(self, request: IRequest, svg: Path, fields: dict[str, str],
                  filename: str | None):
@@ -127,6 +131,15 @@ class Upload:
         self.name: str = field("name") or _stem(filename) or "untitled"
         self.priority: int = _integer("priority", field("priority"), *PRIORITY_RANGE) or 0
         self.preset: str | None = field("preset") or None
+        self.plotter: str | None = field("plotter") or None
+        if self.plotter is not None:
+            try:
+                plotter_name(self.plotter)
+            except ValueError as error:
+                raise BadInput(f"plotter: {error}") from None
+        tags = [fields["tags"]] if "tags" in fields else \
+            [value for key, value in query_pairs(request.uri) if key == "tags"]
+        self.tags: tuple[str, ...] = parse_tags(",".join(tags))
 
 
 def _stem(filename: str | None) -> str | None:
@@ -157,10 +170,12 @@ class APIResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, jobs: JobControl, device: DeviceStatus, clock: IReactorTime):
+    def __init__(self, jobs: JobControl, device: DeviceStatus, clock: IReactorTime, *,
+                 plotters: Callable[[], list[dict[str, Any]]] | None = None):
         super().__init__()
         self._jobs = jobs
         self._device = device
+        self._plotters = plotters or (lambda: [device.status()])
         self._clock = clock
 
     def render(self, request: IRequest) -> bytes | int:
@@ -202,6 +217,13 @@ class APIResource(Resource):
                 status = {"timestamp": utc_timestamp(self._clock.seconds()),
                           **self._device.status(), "type": "device_status"}
                 return json_body(request, 200, status)
+            case ["plotters"]:
+                if method != b"GET":
+                    return method_not_allowed(request, [b"GET"])
+                stamp = utc_timestamp(self._clock.seconds())
+                return json_body(request, 200, {"plotters": [
+                    {"timestamp": stamp, **status, "type": "device_status"}
+                    for status in self._plotters()]})
         return not_found(request)
 
     def _list(self, request: IRequest) -> bytes | int:
@@ -249,7 +271,8 @@ class APIResource(Resource):
             svg.unlink(missing_ok=True)
             raise SVGError(_NO_SVG)
         job = yield self._jobs.submit(upload.name, upload.svg, priority=upload.priority,
-                                      preset=upload.preset)
+                                      preset=upload.preset, plotter=upload.plotter,
+                                      tags=upload.tags)
         return job
 
 

@@ -55,7 +55,8 @@ WAITING_FOR_KEY = ("This daemon asks for its API key: the plotter and the queue 
                    "once the dashboard has connected with it.")
 WAITING_FOR_QUEUE = "The queue shows once the dashboard has connected with its API key."
 
-Snapshot = Callable[[str], "Deferred[dict[str, Any]]"]
+#: A channel's snapshot: a message, or for the device channel one per plotter.
+Snapshot = Callable[[str], "Deferred[dict[str, Any] | list[dict[str, Any]]]"]
 
 
 # -- figures, as format.js writes them -------------------------------------------------
@@ -243,17 +244,22 @@ class FirstPaint:
         page.fill("jobs-empty", WAITING_FOR_QUEUE)
         return page.text
 
-    def render(self, jobs: list[dict[str, Any]], device: dict[str, Any] | None,
+    def render(self, jobs: list[dict[str, Any]], plotters: list[dict[str, Any]],
                system: dict[str, Any] | None) -> str:
+        """`plotters`: one device_status per plotter; the "Plotter" card shows the
+        first, the Plotters list (with two or more) every one."""
         shown = ordered_jobs(jobs)
+        device = plotters[0] if plotters else None
         self._speed = _number((device or {}).get("simulator_speed")) or 1.0
         if system is not None:
             self._system(system, shown)
         if device is not None:
             self._device(device)
+        self._plotters(plotters)
         self._current(current_job(shown, device))
         self._jobs(shown)
-        snapshot = json.dumps({"jobs": shown, "device": device, "system": system},
+        snapshot = json.dumps({"jobs": shown, "device": device, "plotters": plotters,
+                               "system": system},
                               separators=(",", ":"), default=str)
         # In a <script> element only "</" could end it early; \u escapes are JSON.
         snapshot = snapshot.replace("<", "\\u003c").replace(">", "\\u003e")
@@ -286,6 +292,24 @@ class FirstPaint:
         page.fill("device-firmware", device.get("firmware_version") or "–")
         page.fill("device-pen", device.get("pen") or "–")
         page.fill("device-position", millimetres(device.get("position_mm")))
+
+    def _plotters(self, plotters: list[dict[str, Any]]) -> None:
+        """The Plotters list, one row each as plotters.js builds it."""
+        page = self._page
+        page.set("plotters", hidden=len(plotters) < 2)
+        page.inner("plotters-rows", "".join(self._plotter_row(status) for status in plotters))
+
+    @staticmethod
+    def _plotter_row(status: dict[str, Any]) -> str:
+        state = status.get("status") or "unknown"
+        tags = ", ".join(str(tag) for tag in status.get("tags") or []) or "–"
+        return (
+            f'<tr data-plotter="{_escape(status.get("plotter"))}">'
+            f'<td>{_escape(status.get("plotter"))}</td>'
+            f'<td><span class="badge" data-state="{_escape(state)}">'
+            f"{_escape(state_label(status.get('status')))}</span></td>"
+            f"<td>{_escape(tags)}</td>"
+            f'<td>{_escape(status.get("current_job_id") or "–")}</td></tr>')
 
     def _current(self, job: dict[str, Any] | None) -> None:
         page = self._page
@@ -402,8 +426,8 @@ class DashboardPage(Resource):
                     _log.failure("dashboard: a snapshot for the first paint failed",
                                  failure)
             return self._template  # app.js shows what the WebSocket says
-        (_, jobs), (_, device), (_, system) = results
-        return page.render(jobs["jobs"], device, system)
+        (_, jobs), (_, plotters), (_, system) = results
+        return page.render(jobs["jobs"], plotters, system)
 
     def _unrendered(self, failure: Failure) -> str:
         _log.failure("dashboard: the first paint failed", failure)

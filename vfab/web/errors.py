@@ -8,7 +8,7 @@ from twisted.python.failure import Failure
 
 from vfab.geometry.errors import OutOfTravel, SVGError
 from vfab.jobs.errors import (DatabaseDamaged, DiskFull, InvalidJobInput, InvalidTransition,
-                              JobNotFound, NotAccepting)
+                              JobNotFound, NoPlotterCanTake, NotAccepting)
 
 
 class ClientError(NamedTuple):
@@ -20,6 +20,7 @@ class ClientError(NamedTuple):
 _KNOWN: tuple[tuple[type[Exception], int, str], ...] = (
     (SVGError, 400, "invalid_svg"),
     (OutOfTravel, 422, "out_of_travel"),
+    (NoPlotterCanTake, 422, "no_plotter"),
     (InvalidJobInput, 400, "invalid_input"),
     (NotAccepting, 503, "not_accepting"),
     (JobNotFound, 404, "not_found"),

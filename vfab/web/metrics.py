@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Protocol
 
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram)
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
@@ -59,11 +59,35 @@ class _SerialCollector:
                                   value=counts.errors)
 
 
+class _PlotterCollector:
+    """vfab_plotter_connected{plotter, host}: one series per plotter, read at scrape time."""
+
+    def __init__(self, plotters: Callable[[], list[dict[str, Any]]]):
+        self._plotters = plotters
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily("vfab_plotter_connected",
+                                   "1 when the plotter answers, else 0",
+                                   labels=["plotter", "host"])
+        for status in self._plotters():
+            family.add_metric([str(status.get("plotter")), str(status.get("host"))],
+                              1.0 if status.get("status") in DEVICE_CONNECTED else 0.0)
+        yield family
+
+
 class WebMetrics:
-    """The series; gauges are read when scraped, counters as things happen."""
+    """The series; gauges are read when scraped, counters as things happen.
+
+    The unlabelled device series are the first plotter's (the one a
+    single-plotter daemon has); the `vfab_plotter_*` series carry a `plotter`
+    label, one per plotter of the farm."""
 
     def __init__(self, jobs: JobControl, monitor: SystemMonitor,
-                 connections: Callable[[], int]):
+                 connections: Callable[[], int],
+                 plotters: Callable[[], list[dict[str, Any]]] | None = None):
         self._jobs = jobs
         self.registry = CollectorRegistry()
         self._jobs_by_state = Gauge("vfab_jobs", "Jobs in the store, by state",
@@ -97,6 +121,11 @@ class WebMetrics:
                                        registry=self.registry)
         self._serial = _SerialCollector()
         self.registry.register(self._serial)
+        if plotters is not None:
+            self.registry.register(_PlotterCollector(plotters))
+        self.plotter_plots = Counter("vfab_plotter_plots", "Plots that ended, by plotter "
+                                     "and outcome", ["plotter", "outcome"],
+                                     registry=self.registry)
         #: job id -> (pen-down mm of the whole job, progress already counted).
         self._drawing: dict[str, tuple[float, float]] = {}
 
@@ -125,6 +154,8 @@ class WebMetrics:
             self._drawing.pop(job_id, None)
         if to_state in self.plots:
             self.plots[to_state].inc()
+            if job.get("plotter"):
+                self.plotter_plots.labels(plotter=str(job["plotter"]), outcome=to_state).inc()
         if to_state == "completed":
             seconds = plot_seconds(job)
             if seconds is not None:

@@ -281,7 +281,8 @@ class WebService(Service):
     "unhealthy", ...} when the store is broken); `device_type` "none" keeps a
     missing plotter from degrading /health; `endpoint` overrides the listening
     endpoint string (e.g. "systemd:domain=INET:index=0"); `max_upload_size` is
-    `uploads.max_size`.
+    `uploads.max_size`; `plotters` lists every plotter's status (default: only
+    `device`'s).
     """
 
     def __init__(self, config: WebSocketConfig, jobs: JobControl, device: DeviceStatus,
@@ -289,10 +290,12 @@ class WebService(Service):
                  health: Callable[[], bool | dict[str, Any]] | None = None,
                  endpoint: str | None = None, device_type: str | None = None,
                  audit: AuditLog | None = None,
-                 max_upload_size: int = UploadsConfig().max_size):
+                 max_upload_size: int = UploadsConfig().max_size,
+                 plotters: Callable[[], list[dict[str, Any]]] | None = None):
         self.config = config
         self._jobs = jobs
         self._device = device
+        self._plotters = plotters or (lambda: [device.status()])
         self._bus = bus
         self._reactor = reactor
         self._endpoint = endpoint
@@ -300,7 +303,8 @@ class WebService(Service):
         self._clients: set[StreamProtocol] = set()
         self.monitor = SystemMonitor(jobs, device, reactor, connections=self._count_clients,
                                      health=health, device_type=device_type)
-        self.metrics = WebMetrics(jobs, self.monitor, connections=self._count_clients)
+        self.metrics = WebMetrics(jobs, self.monitor, connections=self._count_clients,
+                                  plotters=self._plotters)
         self.auth = APIKeyCheck(config.api_key, config.authenticate, reactor, audit=audit)
         self.factory: StreamFactory | None = None
         self.port: int | None = None
@@ -314,13 +318,15 @@ class WebService(Service):
     def _build_site(self) -> APISite:
         self.factory = StreamFactory(self.config, self._jobs, self._device, self.monitor,
                                      self.auth, self._reactor, clients=self._clients,
-                                     messages_sent=self.metrics.messages_sent.inc)
+                                     messages_sent=self.metrics.messages_sent.inc,
+                                     plotters=self._plotters)
         page = DashboardPage((STATIC / "index.html").read_text(encoding="utf-8"),
                              self.factory.snapshot, self._reactor,
                              holds_data=not self.config.authenticate)
         root = Root(self.auth, page, StaticFiles(str(STATIC)))
         root.putChild(b"health", HealthResource(self.monitor))
-        root.putChild(b"api", APIResource(self._jobs, self._device, self._reactor))
+        root.putChild(b"api", APIResource(self._jobs, self._device, self._reactor,
+                                          plotters=self._plotters))
         root.putChild(b"metrics", MetricsResource(self.metrics))
         root.putChild(b"ws", WebSocketGate(self.factory))
         return APISite(root, max_body_size=self._max_upload_size)

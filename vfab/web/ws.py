@@ -553,7 +553,8 @@ class StreamProtocol(WebSocketServerProtocol):
         def ready(results: list[tuple[bool, Any]]) -> None:
             for channel, (ok, value) in zip(channels, results):
                 if ok:
-                    self.send_message(value)
+                    for message in value if isinstance(value, list) else [value]:
+                        self.send_message(message)
                     continue
                 known = client_error(value)
                 if known is not None:  # a damaged database: the reason is the answer
@@ -583,7 +584,8 @@ class StreamFactory(WebSocketServerFactory):
     def __init__(self, config: WebSocketConfig, jobs: JobControl, device: DeviceStatus,
                  monitor: SystemMonitor, auth: APIKeyCheck, reactor: Any, *,
                  clients: set[StreamProtocol] | None = None,
-                 messages_sent: Callable[[], None] = lambda: None):
+                 messages_sent: Callable[[], None] = lambda: None,
+                 plotters: Callable[[], list[dict[str, Any]]] | None = None):
         super().__init__(server="vfab", reactor=reactor)
         self.setProtocolOptions(
             maxFramePayloadSize=config.max_message_size,
@@ -594,6 +596,8 @@ class StreamFactory(WebSocketServerFactory):
         self.config = config
         self.jobs = jobs
         self.device = device
+        #: Every plotter's status: the device channel's snapshot is one each.
+        self.plotters = plotters or (lambda: [device.status()])
         self.monitor = monitor
         self.auth = auth
         self.clients: set[StreamProtocol] = clients if clients is not None else set()
@@ -630,15 +634,16 @@ class StreamFactory(WebSocketServerFactory):
         for client in list(self.clients):
             client.heartbeat(status)
 
-    def snapshot(self, channel: str) -> Deferred[dict[str, Any]]:
-        """The message that tells a new subscriber where `channel` stands."""
+    def snapshot(self, channel: str) -> Deferred[dict[str, Any] | list[dict[str, Any]]]:
+        """The message that tells a new subscriber where `channel` stands (for the
+        device channel, one `device_status` per plotter)."""
         if channel == "system":
             return maybeDeferred(self.monitor.system_status)
         if channel == "jobs":
             return maybeDeferred(self.jobs.list).addCallback(
                 lambda jobs: {"type": "job_list", "jobs": jobs})
-        return maybeDeferred(self.device.status).addCallback(
-            lambda status: {**status, "type": "device_status"})
+        return maybeDeferred(self.plotters).addCallback(
+            lambda statuses: [{**status, "type": "device_status"} for status in statuses])
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "server shutting down",
                   timeout: float = CLOSE_TIMEOUT) -> Deferred[Any]:

@@ -12,6 +12,7 @@ const [{ Api, ApiError }, { Stream }, { Preview }, format] = await Promise.all([
   import(`./preview.js${query}`),
   import(`./format.js${query}`),
 ]);
+const { PlotterList } = await import(`./plotters.js${query}`);
 
 // States in which a job holds the plotter (vfab.jobs.states.ACTIVE).
 const ACTIVE = new Set(["plotting", "paused", "awaiting_pen"]);
@@ -44,6 +45,7 @@ const state = {
 const $ = (id) => document.getElementById(id);
 const api = new Api();
 const preview = new Preview($("preview"));
+const plotters = new PlotterList($("plotters"), format.stateLabel);
 const previews = new Map();  // id -> preview document (a drawing never changes)
 let previewShown = null;
 
@@ -65,7 +67,11 @@ function handle(message) {
       }
       break;
     case "device_status":
-      state.device = message;
+      plotters.update(message);
+      // The "Plotter" card shows the first plotter; the list shows them all.
+      if (!state.device || state.device.plotter === message.plotter) {
+        state.device = message;
+      }
       break;
     case "system_status":
       state.system = message;
@@ -502,6 +508,9 @@ function takeOver() {
   state.jobs = new Map(snapshot.jobs.map((job) => [job.id, job]));
   state.jobsKnown = true;
   state.device = snapshot.device;
+  for (const status of snapshot.plotters || []) {
+    plotters.update(status);
+  }
   state.system = snapshot.system;
   state.systemReceived = Date.now();
   for (const row of $("jobs").querySelectorAll("tr[data-job-id]")) {
