@@ -182,6 +182,11 @@ def test_a_database_damaged_under_the_daemon_is_a_503_that_says_what_to_do(tmp_p
     try:
         assert daemon.request("GET", "/api/jobs/job5")[0] == 200
         path = daemon.workspace / "vfab.db"
+        # What the daemon wrote at start (its claims) goes from the WAL into the
+        # file first, so that the damage is what the daemon reads.
+        checkpoint = sqlite3.connect(path)
+        checkpoint.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        checkpoint.close()
         for page in range(1, path.stat().st_size // PAGE):
             write_garbage_page(path, page)
         replies = [daemon.request("GET", "/api/jobs"), daemon.request("GET", "/api/jobs/job5"),
@@ -218,7 +223,7 @@ def test_the_queue_meeting_a_damaged_database_adds_no_traceback_to_the_log(tmp_p
     site.advance(1)
     store = site.life.store
     damaged = DatabaseDamaged(f"database {store.path} is damaged (test)")
-    store.next_to_plot = lambda: fail(damaged)
+    store.next_to_plot = lambda plotter: fail(damaged)
     store.counts = lambda: fail(damaged)
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
