@@ -39,6 +39,9 @@ class Job:
     svg_file: str = ""
     #: Saved progress in the motion plan: {"layer", "path", "move"}, or None.
     position: dict[str, int] | None = None
+    #: Seconds the plotter has spent on the job over all its runs, pauses and
+    #: waits for a pen not counted (on the virtual plotter, at its own speed).
+    plotting_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The job in the contract's JSON shape."""
@@ -59,4 +62,5 @@ class Job:
                                   else round(self.estimated_seconds, 1)),
             "progress": round(self.progress, 4),
             "error": self.error,
+            "plotting_seconds": round(self.plotting_seconds, 1),
         }

@@ -42,6 +42,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX job_events_job ON job_events (job_id);
     """,
+    # 2: the time a job has spent plotting, over all its runs (pauses and pen
+    # changes not counted), so that a restart does not forget the runs before.
+    """
+    ALTER TABLE jobs ADD COLUMN plotting_seconds REAL NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
