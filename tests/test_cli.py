@@ -228,7 +228,7 @@ def printed(monkeypatch, command, client, **args) -> str:
 
     from vfab.cli import commands
     out = io.StringIO()
-    monkeypatch.setattr(commands, "_out", Console(file=out, width=120, highlight=False))
+    monkeypatch.setattr(commands, "_out", Console(file=out, width=80, highlight=False))
     assert command(client, argparse.Namespace(**args)) == 0
     return out.getvalue()
 
@@ -240,6 +240,7 @@ def test_list_and_status_show_the_time_here_and_an_axidraws(monkeypatch):
     virtual = FakeDaemon(speed=4)
     listed = printed(monkeypatch, commands.list, virtual, state=None, limit=None, json=False)
     assert "ESTIMATE (AXIDRAW)" in listed and "33 s (2 min 12 s)" in listed
+    assert "sample" in listed  # in 80 columns the name is not cut to make room
     shown = printed(monkeypatch, commands.status, virtual, job_id="3c45", json=False)
     assert "33 s here, 2 min 12 s on an AxiDraw" in shown
     real = FakeDaemon(speed=None)
@@ -260,6 +261,8 @@ def test_watch_shows_the_time_left_here_and_an_axidraws():
     progress = Progress(console=Console(file=io.StringIO()))
     board = JobBoard(progress, progress.console, [job], speed=4.0)
     assert progress.tasks[0].fields["eta"] == "33 s here, 2 min 12 s on an AxiDraw"
+    JobBoard(progress, progress.console, [{**job, "id": "half", "progress": 0.5}], 4.0)
+    assert progress.tasks[1].fields["eta"] == "16 s here, 1 min 06 s on an AxiDraw"
     board.on_message({"type": "job_progress", "job_id": job["id"], "progress": 0.5,
                       "current_layer": 1, "total_layers": 1, "eta_seconds": 16.5})
     assert progress.tasks[0].fields["eta"] == "16 s (1 min 06 s on an AxiDraw)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import urllib.parse
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -101,7 +102,7 @@ def list(client: DaemonClient, args: argparse.Namespace) -> int:  # noqa: A001 -
     speed = speed_of(client.request("GET", "/api/device"))
     rows = [(job["id"], job["name"], job["state"], str(job["priority"]),
              f"{job['progress'] * 100:.0f}%", _brief_estimate(job["estimated_seconds"], speed),
-             job["created_at"].replace("T", " ")[:16]) for job in jobs]
+             _local_minute(job["created_at"])) for job in jobs]
     # Only the name gives way to a narrow terminal: an id must stay whole to be pasted.
     headers = ("ID", "NAME", "STATE", "PRIO", "PROGRESS",
                "ESTIMATE" if speed == 1.0 else "ESTIMATE (AXIDRAW)", "CREATED")
@@ -118,6 +119,16 @@ def list(client: DaemonClient, args: argparse.Namespace) -> int:  # noqa: A001 -
     needed = sum(widths) + gaps
     (_out if _out.width >= needed else Console(highlight=False, width=needed)).print(table)
     return 0
+
+
+def _local_minute(iso: str) -> str:
+    """A job's UTC time as "12-07 16:24" in this machine's zone (as the dashboard
+    shows it in the browser's): short, so that the name keeps room."""
+    try:
+        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except (AttributeError, ValueError):
+        return str(iso)
+    return moment.astimezone().strftime("%m-%d %H:%M")
 
 
 def _brief_estimate(seconds: float | None, speed: float) -> str:

@@ -36,7 +36,7 @@ class JobBoard:
         for job in jobs:
             self._tasks[job["id"]] = progress.add_task(
                 job["name"], total=1.0, completed=job["progress"], state=job["state"],
-                layer="", eta=estimate(job["estimated_seconds"], speed))
+                layer="", eta=estimate(_left(job), speed))
 
     @property
     def done(self) -> bool:
@@ -72,6 +72,13 @@ class JobBoard:
                 self.outcomes[job_id] = state
                 if state != "completed":
                     self._console.print(f"job {job_id} {state}: {message['reason']}")
+
+
+def _left(job: dict[str, Any]) -> float | None:
+    """An AxiDraw's time for what is left of `job`, until its first job_progress."""
+    if job["estimated_seconds"] is None:
+        return None
+    return job["estimated_seconds"] * (1.0 - float(job["progress"] or 0.0))
 
 
 def _websocket_url(http_url: str, api_key: str | None) -> str:
