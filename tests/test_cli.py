@@ -194,3 +194,102 @@ def test_list_keeps_ids_whole_and_any_unique_prefix_names_a_job(tmp_path):
         assert "no job has an id beginning 'zz'" in unknown.stderr
     finally:
         assert daemon.stop() == 0, daemon.log
+
+
+# -- in process, against a fake daemon ---------------------------------------------------
+
+class FakeDaemon:
+    """The HTTP API as the client commands ask it, for one queued job."""
+
+    url = "http://fake:8766"
+    api_key = None
+
+    def __init__(self, speed: float | None):
+        self.job = {"id": "3c4531aa3f0e", "name": "sample", "state": "queued", "priority": 0,
+                    "progress": 0.0, "layers": 1, "paths": 4, "pen_down_mm": 900.0,
+                    "pen_up_mm": 300.0, "estimated_seconds": 132.0, "plotting_seconds": 0.0,
+                    "created_at": "2026-12-07T15:40:00.000Z", "started_at": None,
+                    "finished_at": None, "error": None}
+        self.device = {"status": "idle", **({} if speed is None else {"simulator_speed": speed})}
+
+    def request(self, method: str, path: str, **options) -> dict:
+        if path == "/api/device":
+            return self.device
+        if path == "/api/jobs":
+            return {"jobs": [self.job]}
+        assert path == f"/api/jobs/{self.job['id']}", path
+        return self.job
+
+
+def printed(monkeypatch, command, client, **args) -> str:
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from vfab.cli import commands
+    out = io.StringIO()
+    monkeypatch.setattr(commands, "_out", Console(file=out, width=80, highlight=False))
+    assert command(client, argparse.Namespace(**args)) == 0
+    return out.getvalue()
+
+
+def test_list_and_status_show_the_time_here_and_an_axidraws(monkeypatch):
+    """On the virtual plotter at speed 4 the sample takes 33 s, not 2 min 12 s
+    (issue 15, item 2); on an AxiDraw the one time is the AxiDraw's."""
+    from vfab.cli import commands
+    virtual = FakeDaemon(speed=4)
+    listed = printed(monkeypatch, commands.list, virtual, what="jobs", state=None, limit=None, json=False)
+    assert "ESTIMATE (AXIDRAW)" in listed and "33 s (2 min 12 s)" in listed
+    assert "sample" in listed  # in 80 columns the name is not cut to make room
+    shown = printed(monkeypatch, commands.status, virtual, job_id="3c45", json=False)
+    assert "33 s here, 2 min 12 s on an AxiDraw" in shown
+    real = FakeDaemon(speed=None)
+    listed = printed(monkeypatch, commands.list, real, what="jobs", state=None, limit=None, json=False)
+    assert "ESTIMATE " in listed and "(AXIDRAW)" not in listed and "2 min 12 s" in listed
+    shown = printed(monkeypatch, commands.status, real, job_id="3c45", json=False)
+    assert "2 min 12 s" in shown and "here" not in shown
+
+
+def test_watch_shows_the_time_left_here_and_an_axidraws():
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from vfab.cli.watch import JobBoard
+    job = FakeDaemon(speed=4).job
+    progress = Progress(console=Console(file=io.StringIO()))
+    board = JobBoard(progress, progress.console, [job], speed=4.0)
+    assert progress.tasks[0].fields["eta"] == "33 s here, 2 min 12 s on an AxiDraw"
+    JobBoard(progress, progress.console, [{**job, "id": "half", "progress": 0.5}], 4.0)
+    assert progress.tasks[1].fields["eta"] == "16 s here, 1 min 06 s on an AxiDraw"
+    board.on_message({"type": "job_progress", "job_id": job["id"], "progress": 0.5,
+                      "current_layer": 1, "total_layers": 1, "eta_seconds": 16.5})
+    assert progress.tasks[0].fields["eta"] == "16 s (1 min 06 s on an AxiDraw)"
+
+
+def test_client_options_go_before_the_command_or_after_it():
+    from vfab.cli import parser
+    before = parser().parse_args(["--url", "http://a:1", "--api-key", "K", "add", "job",
+                                  "n", "f.svg"])
+    assert (before.command, before.url, before.api_key) == ("add", "http://a:1", "K")
+    after = parser().parse_args(["list", "jobs", "--url", "http://b:2"])
+    assert after.url == "http://b:2"
+    both = parser().parse_args(["-c", "a.yaml", "status", "--url", "http://b:2"])
+    assert (both.config, both.url) == ("a.yaml", "http://b:2")
+    checked = parser().parse_args(["-c", "a.yaml", "check", "config"])
+    assert checked.config == "a.yaml"
+
+
+def test_an_empty_job_id_is_refused_before_the_daemon_is_asked(capsys):
+    """An empty prefix begins every id: `vfab cancel ""` must not pick a job."""
+    import pytest
+
+    from vfab.cli import main
+    for argv in (["cancel", ""], ["pause", " "], ["resume", "\t"], ["status", ""],
+                 ["watch", " "]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--url", "http://127.0.0.1:9"])
+        assert exit_.value.code == 2, argv
+        assert "an empty job id names no job" in capsys.readouterr().err

@@ -256,6 +256,8 @@ def test_plot_through_the_dashboard(browser: Any, daemon: DaemonProcess, tmp_pat
     row = f'#jobs tr[data-job-id="{job_id}"]'
     assert page.text(f"{row} .job-id") == job_id[:8]
     assert re.fullmatch(r"\d\d:\d\d( [AP]M)?", page.text(f"{row} .col-submitted"))
+    created = daemon.request("GET", f"/api/jobs/{job_id}")[1]["created_at"]
+    assert page.page.get_attribute(f"{row} .col-submitted time", "datetime") == created
     assert page.text(f"{row} .col-estimate").startswith("took ")
 
     page.page.set_viewport_size({"width": 390, "height": 844})

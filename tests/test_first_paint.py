@@ -268,6 +268,27 @@ def test_rows_are_the_rows_app_js_builds():
     assert re.findall(r'class="([^"]+)"', row) == expected + ["button quiet"]
 
 
+def test_times_are_time_elements_the_page_localises(monkeypatch):
+    """The daemon's zone is not the reader's: the first paint names it, and
+    carries the moment itself for app.js to write in the browser's way."""
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    import time
+    time.tzset()
+    try:
+        web_job = {"id": "abcdef0123456789", "name": "n", "state": QUEUED, "progress": 0,
+                   "created_at": "2026-01-01T13:05:00.000Z", "estimated_seconds": 5}
+        now = 1767272700.0  # 2026-01-01T13:05:00Z
+        text = FirstPaint((STATIC / "index.html").read_text(encoding="utf-8"), now).render(
+            [web_job], [], None)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    cell = re.search(r'<td class="col-submitted">(.*?)</td>', text).group(1)
+    assert cell == '<time datetime="2026-01-01T13:05:00.000Z">14:05 CET</time>'
+    app = (STATIC / "app.js").read_text(encoding="utf-8")
+    assert 'row.querySelector(".col-submitted time")' in app
+
+
 @pytest.mark.parametrize("seconds, text", [
     (None, "–"), (float("nan"), "–"), (0.4, "0 s"), (0.5, "1 s"), (42, "42 s"),
     (200, "3 min 20 s"), (3900, "1 h 05 min"), (-3, "0 s"),

@@ -272,7 +272,7 @@ def test_a_plot_that_ends_on_a_full_disk_is_recorded_once_space_is_back(tmp_path
 def test_progress_that_cannot_be_saved_for_space_is_said_once_and_the_plot_goes_on(tmp_path):
     site = Site(tmp_path)
     store = site.life.store
-    store.save_progress = lambda job_id, progress, position: fail(DiskFull("the job database"))
+    store.save_progress = lambda *args, **kwargs: fail(DiskFull("the job database"))
     events = []
     globalLogPublisher.addObserver(events.append)
     try:

@@ -8,12 +8,14 @@ import attr
 import numpy as np
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.logger import formatEvent, globalLogPublisher
 
 from plotting_site import SETTINGS, Site
 from test_every_stroke_once import BOARDS, finish
 from test_runner import TWO_LAYERS, assert_same_drawing, drawn_length
 from vfab.jobs import states
 from vfab.jobs.errors import InvalidJobInput, InvalidTransition
+from vfab.performance import PerformanceLog
 
 #: A page frame through the home corner, with a circle and a square (issue 11).
 PAGE_FRAME = b"""<svg xmlns="http://www.w3.org/2000/svg" width="200mm" height="200mm"
@@ -239,7 +241,7 @@ def test_a_failing_store_is_said_once_and_the_plot_goes_on(tmp_path):
     store = site.life.store
     real_save, failures = store.save_progress, []
 
-    def failing_save(*args):
+    def failing_save(*args, **kwargs):
         failures.append(args)
         return fail(OSError("disk I/O error"))
 
@@ -289,3 +291,39 @@ def test_a_priority_the_store_cannot_hold_is_refused_before_anything_is_kept(tmp
     assert failures and failures[0].check(InvalidJobInput)  # no time passed
     assert "from -1000000 to 1000000" in str(failures[0].value)
     assert not list(site.jobs_dir.glob("*"))
+
+
+def test_plotting_time_adds_up_over_pauses_restarts_and_a_kill(tmp_path):
+    """A paused hour, a stop, a kill -9 and the time spent interrupted do not
+    count; every run's plotting does, after a restart too (issue 15, item 7)."""
+    reference = Site(tmp_path / "reference")
+    alone = reference.job(plot(reference, PAGE_FRAME))["plotting_seconds"]
+    site = Site(tmp_path / "site")
+    job_id = site.submit(PAGE_FRAME)
+    site.advance(3.0)
+    site.settle(site.life.queue.pause(job_id), limit=30)
+    site.advance(3600.0)
+    site.settle(site.life.queue.resume(job_id))
+    site.advance(2.0)
+    site.stop()
+    site.start()
+    site.advance(600.0)
+    site.settle(site.life.queue.resume(job_id))
+    site.advance(2.0)
+    site.kill()
+    site.start()
+    site.advance(600.0)
+    lines = []
+    PerformanceLog(site.life.bus)
+    globalLogPublisher.addObserver(lines.append)
+    try:
+        site.settle(site.life.queue.resume(job_id))
+        assert finish(site, job_id) == states.COMPLETED
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
+    plotted = site.job(job_id)["plotting_seconds"]
+    # Each new run lifts the pen and travels back to where it stopped.
+    assert alone <= plotted <= alone + 6.0
+    performance = [formatEvent(event) for event in lines
+                   if "performance:" in event.get("log_format", "")]
+    assert len(performance) == 1 and f"plotted in {plotted:.1f} s" in performance[0]

@@ -107,6 +107,32 @@ def test_only_finished_jobs_can_be_deleted(store):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_first_schema_database_keeps_its_jobs_and_learns_their_plotting_time(tmp_path):
+    """Migration 2: a job half plotted before the upgrade goes on, its earlier
+    plotting time unknown (0), and from then on it is saved with the progress."""
+    path = tmp_path / "vfab.db"
+    connection = sqlite3.connect(path)
+    connection.executescript(f"{MIGRATIONS[0]} PRAGMA user_version = 1;")
+    connection.execute("INSERT INTO jobs (id, name, state, created_at, svg_file, progress) "
+                       "VALUES ('a', 'old', 'paused', '2026-11-26T03:00:00.000Z', 'a.svg', 0.5)")
+    connection.commit()
+    connection.close()
+    store = JobStore(path, reactor=reactor)
+    store.open()
+    try:
+        job = yield store.get("a")
+        assert (job.state, job.progress, job.plotting_seconds) == (states.INTERRUPTED, 0.5, 0.0)
+        yield store.save_progress("a", 0.6, None, plotting_seconds=12.5)
+        job = yield store.get("a")
+        assert job.plotting_seconds == 12.5
+        yield store.save_progress("a", 0.7, None)  # kept as it was
+        job = yield store.get("a")
+        assert (job.progress, job.plotting_seconds) == (0.7, 12.5)
+    finally:
+        store.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_progress_is_saved_and_survives_a_restart(tmp_path):
     path = tmp_path / "vfab.db"
     store = JobStore(path, reactor=reactor)

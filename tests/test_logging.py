@@ -24,7 +24,7 @@ from tests.daemon_process import DaemonProcess, run_vfab, wait_until
 from vfab.config import ConfigError, LoggingConfig
 from vfab.logs import check_format, make_observer, open_log_file
 from vfab.events import EventBus
-from vfab.performance import PerformanceLog, performance_line, plot_seconds
+from vfab.performance import PerformanceLog, performance_line
 from vfab.tap import Options
 
 ETC = Path(__file__).parent.parent / "etc"
@@ -144,11 +144,11 @@ def test_backup_count_0_leaves_rotation_to_logrotate(tmp_path):
 
 # -- the performance line ------------------------------------------------------------
 
-def test_the_performance_line_compares_with_the_estimate():
+def test_the_performance_line_compares_plotting_time_with_the_estimate():
+    """Plotting time, not the wall time from start to end (paused for hours here)."""
     job = {"id": "j1", "name": "poster", "state": "completed", "pen_down_mm": 2500.0,
-           "estimated_seconds": 100.0, "progress": 1.0,
-           "started_at": "2026-01-01T10:00:00.000Z", "finished_at": "2026-01-01T10:01:50.500Z"}
-    assert plot_seconds(job) == 110.5
+           "estimated_seconds": 100.0, "progress": 1.0, "plotting_seconds": 110.5,
+           "started_at": "2026-01-01T10:00:00.000Z", "finished_at": "2026-01-01T12:01:50.500Z"}
     text, fields = performance_line(job)
     line = text.format(**fields)
     assert line == ("performance: job j1 (poster) plotted in 110.5 s (estimate 100.0 s, +10%), "
@@ -156,8 +156,19 @@ def test_the_performance_line_compares_with_the_estimate():
     assert performance_line({**job, "started_at": None}) is None
 
 
-def test_the_performance_line_counts_plotting_time_only():
-    """Paused for an hour and interrupted once: only the two runs' plotting counts."""
+def test_the_performance_line_of_the_virtual_plotter_compares_like_with_like():
+    """At simulator_speed 4 a 33.6 s plot is 33.6 s, against the estimate here
+    (an AxiDraw's 132 s beside it), not 134 s against 132 s."""
+    job = {"id": "j1", "name": "sample", "state": "completed", "pen_down_mm": 900.0,
+           "estimated_seconds": 132.0, "progress": 1.0, "plotting_seconds": 33.6,
+           "started_at": "2026-01-01T10:00:00.000Z", "finished_at": "2026-01-01T10:00:40.000Z"}
+    text, fields = performance_line(job, time_factor=4.0)
+    assert text.format(**fields) == (
+        "performance: job j1 (sample) plotted in 33.6 s (estimate 33.0 s here "
+        "(132.0 s on an AxiDraw), +2%), 0.90 m pen down")
+
+
+def test_the_performance_line_is_logged_when_a_job_ends():
     lines: list[str] = []
 
     def observe(event: dict) -> None:
@@ -166,30 +177,18 @@ def test_the_performance_line_counts_plotting_time_only():
 
     bus = EventBus()
     PerformanceLog(bus, time_factor=1.0)
-    job = {"id": "j1", "name": "poster", "state": "completed", "pen_down_mm": 2500.0,
-           "estimated_seconds": 100.0, "progress": 1.0,
+    job = {"id": "j1", "name": "poster", "state": "cancelled", "pen_down_mm": 2500.0,
+           "estimated_seconds": 100.0, "progress": 0.25, "plotting_seconds": 20.0,
            "started_at": "2026-01-01T10:00:00.000Z", "finished_at": "2026-01-01T12:00:00.000Z"}
-
-    def progress(elapsed: float) -> None:
-        bus.publish("jobs", {"type": "job_progress", "job_id": "j1", "elapsed_seconds": elapsed})
-
-    def change(to_state: str) -> None:
-        bus.publish("jobs", {"type": "job_state_change", "job_id": "j1", "to_state": to_state,
-                             "job": {**job, "state": to_state}})
-
     globalLogPublisher.addObserver(observe)
     try:
-        progress(20.0)
-        change("paused")
-        change("plotting")
-        progress(40.0)  # the run's clock does not count the pause
-        change("interrupted")
-        progress(65.0)  # the resumed run counts from zero
-        change("completed")
+        for state in ("paused", "interrupted", "cancelled"):
+            bus.publish("jobs", {"type": "job_state_change", "job_id": "j1",
+                                 "to_state": state, "job": {**job, "state": state}})
     finally:
         globalLogPublisher.removeObserver(observe)
-    assert lines == ["performance: job j1 (poster) plotted in 105.0 s (estimate 100.0 s, "
-                     "+5%), 2.50 m pen down"]
+    assert lines == ["performance: job j1 (poster) cancelled after 20.0 s at 25% "
+                     "(estimate 100.0 s, -80% for the whole plot)"]
 
 
 # -- on the real daemon ------------------------------------------------------------
@@ -218,7 +217,7 @@ def test_the_daemon_log_file_greps_and_reopens(tmp_path):
         assert " - ERROR - " in text and "no-such-hook" in text
         assert re.search(r"websocket client 127\.0\.0\.1 connected", text)
         assert re.search(rf"performance: job {job['id']} \(logged\) plotted in [\d.]+ s "
-                         r"\(estimate [\d.]+ s, [+-]\d+%\)", text)
+                         r"\(estimate [\d.]+ s here \([\d.]+ s on an AxiDraw\), [+-]\d+%\)", text)
 
         # logrotate's way: rename, then SIGUSR1; the daemon writes a new file.
         log.rename(log.with_name("vfab.log.old"))

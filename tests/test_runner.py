@@ -95,7 +95,7 @@ class Bench:
             self.transitions.append((to_state, reason, fields))
             return succeed(None)
 
-        def save(progress, position):
+        def save(progress, position, plotting_seconds):
             self.saved.append((progress, position))
             return succeed(None)
 

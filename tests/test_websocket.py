@@ -51,6 +51,8 @@ class Client(WebSocketClientProtocol):
     def __init__(self) -> None:
         super().__init__()
         self.messages: DeferredQueue[dict[str, Any]] = DeferredQueue()
+        #: Every text frame's payload as it came, byte for byte.
+        self.payloads: list[bytes] = []
         self.pings: DeferredQueue[bytes] = DeferredQueue()
         self.opened: Deferred[Client] = Deferred()
         self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
@@ -60,6 +62,7 @@ class Client(WebSocketClientProtocol):
         self.opened.callback(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.payloads.append(payload)
         self.messages.put(json.loads(payload))
 
     def onPing(self, payload: bytes) -> None:
@@ -269,6 +272,43 @@ async def test_one_event_is_one_message_for_every_client(serve):
     held_back = await paced.next()
     assert at_once["progress"] == held_back["progress"] == 0.2
     assert at_once == held_back
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_event_is_stamped_and_serialised_once_for_all_its_clients(
+        serve, monkeypatch):
+    """SPEC section 4 (issue 15, item 10): five clients get the same bytes for
+    an event, stamped with the time it happened, encoded and framed once
+    (autobahn's prepareMessage), not once per client."""
+    from vfab.web import ws
+    web = await serve()
+    clients = [await connect(web) for _ in range(5)]
+    for client in clients:
+        await client.ask({"type": "subscribe", "channels": ["jobs"]})
+        await client.next()  # job_list
+    factory = web.service.factory
+    prepared, encoded = [], []
+    prepare, encode = factory.prepareMessage, ws._encode
+    monkeypatch.setattr(factory, "prepareMessage",
+                        lambda payload, *args: prepared.append(payload) or prepare(payload, *args))
+    monkeypatch.setattr(ws, "_encode", lambda message: encoded.append(message) or encode(message))
+    web.clock.advance(1.5)
+    happened = web.clock.seconds()
+    web.bus.publish("jobs", {"type": "job_state_change", "job_id": "job-1",
+                             "from_state": "queued", "to_state": "plotting", "reason": None})
+    web.bus.publish("jobs", {"type": "job_progress", "job_id": "job-1", "progress": 0.1})
+    web.clock.advance(2.0)  # written out later than it happened
+    received = [[await client.next(), await client.next()] for client in clients]
+    assert len(prepared) == len(encoded) == 2
+    for index, kind in enumerate(("job_state_change", "job_progress")):
+        frames = {client.payloads[-2 + index] for client in clients}
+        assert len(frames) == 1, frames
+        assert frames == {prepared[index]}
+        stamps = {messages[index]["timestamp"] for messages in received}
+        assert {messages[index]["type"] for messages in received} == {kind}
+        assert stamps == {ws.utc_timestamp(happened)}
+    for client in clients:
+        await client.still_open()
 
 
 @pytest_twisted.ensureDeferred

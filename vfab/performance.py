@@ -2,6 +2,7 @@
 
 The reference's troubleshooting guide greps the log for `performance`; this
 listens to the event bus, so the job runner does not have to know about it.
+`plot_seconds` (wall time, pauses included) is what the metrics' histogram counts.
 """
 
 from __future__ import annotations
@@ -32,22 +33,25 @@ def plot_seconds(job: dict[str, Any]) -> float | None:
     return max(0.0, (end - begin).total_seconds())
 
 
-def performance_line(job: dict[str, Any], plotting_seconds: float | None = None,
-                     time_factor: float = 1.0) -> tuple[str, dict[str, Any]] | None:
+def performance_line(job: dict[str, Any], time_factor: float = 1.0
+                     ) -> tuple[str, dict[str, Any]] | None:
     """The log format and fields for an ended job, or None when it never plotted.
 
-    `plotting_seconds` is the time the plotter spent moving for the job (pauses
-    and waits for a pen not counted); without it, the wall time is all there is.
-    `time_factor` is how much faster than real the plotter runs (the virtual
-    plotter's speed), so that its plots compare with the estimate too.
+    The time is the job's `plotting_seconds`: the plotter's time over all its
+    runs, restarts included, pauses and waits for a pen not. The estimate is
+    an AxiDraw's; `time_factor` is how much faster the plotter runs (the
+    virtual plotter's speed), so the estimate here is the AxiDraw's divided by
+    it, and the line names both where they differ.
     """
-    seconds = plotting_seconds if plotting_seconds is not None else plot_seconds(job)
-    if seconds is None:
+    if not job.get("started_at"):
         return None
-    seconds *= time_factor
+    seconds = float(job.get("plotting_seconds") or 0.0)
     estimate = job.get("estimated_seconds")
     if estimate:
-        versus = f"estimate {estimate:.1f} s, {(seconds - estimate) / estimate * 100.0:+.0f}%"
+        here = estimate / time_factor
+        versus = (f"estimate {here:.1f} s" if time_factor == 1.0 else
+                  f"estimate {here:.1f} s here ({estimate:.1f} s on an AxiDraw)")
+        versus += f", {(seconds - here) / here * 100.0:+.0f}%"
     else:
         versus = "no estimate"
     fields = {"job_id": job.get("id"), "name": job.get("name"), "state": job.get("state"),
@@ -64,38 +68,20 @@ def performance_line(job: dict[str, Any], plotting_seconds: float | None = None,
 class PerformanceLog:
     """Logs a `performance:` line when a job that plotted ends.
 
-    The time compared with the estimate is plotting time, as each run's
-    `job_progress` counts it (`elapsed_seconds`), summed over the job's runs in
-    this daemon: a plot paused overnight did not take a night.
+    The job's stored plotting time is what is compared with the estimate: a
+    plot paused overnight did not take a night, and one resumed after a
+    restart took its runs before too.
     """
 
     def __init__(self, bus: EventBus, time_factor: float = 1.0):
         self._time_factor = time_factor
-        #: Plotting seconds of each job's ended runs, and of the run under way.
-        self._earlier_runs: dict[str, float] = {}
-        self._this_run: dict[str, float] = {}
         self._unsubscribe: Callable[[], None] | None = bus.subscribe(self._on_message)
 
     def _on_message(self, channel: str, message: dict[str, Any]) -> None:
-        if channel != "jobs":
+        if channel != "jobs" or message.get("type") != "job_state_change" \
+                or message.get("to_state") not in _ENDED:
             return
-        job_id = message.get("job_id")
-        if message.get("type") == "job_progress":
-            self._this_run[job_id] = float(message.get("elapsed_seconds") or 0.0)
-            return
-        if message.get("type") != "job_state_change":
-            return
-        if message.get("to_state") == "interrupted":
-            # The run ended; a resume starts a new one, counting from zero.
-            self._earlier_runs[job_id] = (self._earlier_runs.get(job_id, 0.0)
-                                          + self._this_run.pop(job_id, 0.0))
-            return
-        if message.get("to_state") not in _ENDED:
-            return
-        plotting = None
-        if job_id in self._this_run or job_id in self._earlier_runs:
-            plotting = self._earlier_runs.pop(job_id, 0.0) + self._this_run.pop(job_id, 0.0)
-        line = performance_line(message.get("job") or {}, plotting, self._time_factor)
+        line = performance_line(message.get("job") or {}, self._time_factor)
         if line is not None:
             _log.info(line[0], **line[1])
 

@@ -20,21 +20,41 @@ JOB_ID_HELP = "a job id, or any start of one that no other job's id shares"
 COMMANDS = ("daemon", "add", "list", "status", "pause", "resume", "cancel", "watch", "check")
 
 
-def _client_options() -> argparse.ArgumentParser:
+def job_id_prefix(text: str) -> str:
+    """A job id or the start of one, as typed; an empty one would be the start
+    of every id, so it is refused before the daemon is asked."""
+    prefix = text.strip()
+    if not prefix:
+        raise argparse.ArgumentTypeError(
+            "an empty job id names no job: give an id, or any start of one that no "
+            "other job's id shares (`vfab list jobs` shows them)")
+    return prefix
+
+
+def _client_options(defaults: bool) -> argparse.ArgumentParser:
+    """The options every client command takes, before the command or after it.
+
+    Only the top-level parser has defaults: a subcommand's own default would
+    overwrite what was given before the command (`vfab --url URL add job ...`).
+    """
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--url", help="the daemon's address "
+    missing = argparse.SUPPRESS
+    shared.add_argument("--url", default=None if defaults else missing,
+                        help="the daemon's address "
                         "[default: http://<config host>:<config port>]")
-    shared.add_argument("--api-key", default=os.environ.get("VFAB_API_KEY"),
-                        help="API key [default: $VFAB_API_KEY]")
-    shared.add_argument("--config", "-c", help="configuration file, for the default --url")
+    shared.add_argument("--api-key", default=os.environ.get("VFAB_API_KEY") if defaults
+                        else missing, help="API key [default: $VFAB_API_KEY]")
+    shared.add_argument("--config", "-c", default=None if defaults else missing,
+                        help="configuration file, for the default --url")
     return shared
 
 
 def parser() -> argparse.ArgumentParser:
-    shared = _client_options()
+    shared = _client_options(defaults=False)
     top = argparse.ArgumentParser(
         prog="vfab", description="vfab: a job server for AxiDraw pen plotters.",
-        epilog="Exit codes: 0 ok, 1 refused/unreachable/problem found, 2 usage error.")
+        epilog="Exit codes: 0 ok, 1 refused/unreachable/problem found, 2 usage error.",
+        parents=[_client_options(defaults=True)])
     top.add_argument("--version", action="version", version=f"vfab {__version__}")
     commands = top.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
@@ -65,20 +85,20 @@ def parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="the daemon's or a job's status",
                                  parents=[shared])
-    status.add_argument("job_id", nargs="?", help=JOB_ID_HELP)
+    status.add_argument("job_id", nargs="?", type=job_id_prefix, help=JOB_ID_HELP)
     status.add_argument("--json", action="store_true", help="print JSON")
 
     for verb in ("pause", "resume", "cancel"):
         control = commands.add_parser(verb, help=f"{verb} a job", parents=[shared])
-        control.add_argument("job_id", help=JOB_ID_HELP)
+        control.add_argument("job_id", type=job_id_prefix, help=JOB_ID_HELP)
 
     watch = commands.add_parser("watch", help="live progress until the job(s) end",
                                 parents=[shared])
-    watch.add_argument("job_id", nargs="?", help=JOB_ID_HELP)
+    watch.add_argument("job_id", nargs="?", type=job_id_prefix, help=JOB_ID_HELP)
 
     check = commands.add_parser("check", help="check the config, database or device")
     check.add_argument("what", choices=("config", "database", "device"))
-    check.add_argument("--config", "-c", help="configuration file")
+    check.add_argument("--config", "-c", default=argparse.SUPPRESS, help="configuration file")
     check.add_argument("--workspace", "-w", help="workspace (for the database)")
     return top
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import urllib.parse
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -30,13 +31,24 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
-def estimate(seconds: float | None, device: dict[str, Any]) -> str:
-    """A job's estimate (an AxiDraw's time) as it will take on `device`, with the
-    AxiDraw's time beside it when the virtual plotter runs faster."""
-    speed = device.get("simulator_speed") or 1.0
+def speed_of(device: dict[str, Any]) -> float:
+    """How much faster than an AxiDraw the daemon's plotter runs (the virtual one may)."""
+    return float(device.get("simulator_speed") or 1.0)
+
+
+def estimate(seconds: float | None, speed: float) -> str:
+    """A job's estimate (an AxiDraw's time) as it will take on a plotter of
+    `speed`, with the AxiDraw's time beside it where they differ."""
     if seconds is None or speed == 1.0:
         return duration(seconds)
     return f"{duration(seconds / speed)} here, {duration(seconds)} on an AxiDraw"
+
+
+def time_left(seconds: float | None, speed: float) -> str:
+    """Time left here (job_progress eta_seconds), and an AxiDraw's where it differs."""
+    if seconds is None or speed == 1.0:
+        return duration(seconds)
+    return f"{duration(seconds)} ({duration(seconds * speed)} on an AxiDraw)"
 
 
 def _job_path(job_id: str, action: str = "") -> str:
@@ -73,7 +85,7 @@ def add(client: DaemonClient, args: argparse.Namespace) -> int:
     sys.stdout.write(job["id"] + "\n")
     device = client.request("GET", "/api/device")
     _err.print(f"queued '{job['name']}': {job['paths']} paths on {job['layers']} "
-               f"layer(s), about {estimate(job['estimated_seconds'], device)}")
+               f"layer(s), about {estimate(job['estimated_seconds'], speed_of(device))}")
     return 0
 
 
@@ -90,11 +102,13 @@ def list(client: DaemonClient, args: argparse.Namespace) -> int:  # noqa: A001 -
     if not jobs:
         _out.print("no jobs" + (f" in state {args.state}" if args.state else ""))
         return 0
+    speed = speed_of(client.request("GET", "/api/device"))
     rows = [(job["id"], job["name"], job["state"], str(job["priority"]),
-             f"{job['progress'] * 100:.0f}%", duration(job["estimated_seconds"]),
-             job["created_at"].replace("T", " ")[:16]) for job in jobs]
+             f"{job['progress'] * 100:.0f}%", _brief_estimate(job["estimated_seconds"], speed),
+             _local_minute(job["created_at"])) for job in jobs]
     # Only the name gives way to a narrow terminal: an id must stay whole to be pasted.
-    headers = ("ID", "NAME", "STATE", "PRIO", "PROGRESS", "ESTIMATE", "CREATED")
+    headers = ("ID", "NAME", "STATE", "PRIO", "PROGRESS",
+               "ESTIMATE" if speed == 1.0 else "ESTIMATE (AXIDRAW)", "CREATED")
     widths = [max(len(header), *(len(row[index]) for row in rows))
               for index, header in enumerate(headers)]
     gaps = 2 * (len(headers) - 1)
@@ -133,6 +147,23 @@ def _device_line(device: dict[str, Any]) -> str:
                if device.get("firmware_version") else ""))
 
 
+def _local_minute(iso: str) -> str:
+    """A job's UTC time as "12-07 16:24" in this machine's zone (as the dashboard
+    shows it in the browser's): short, so that the name keeps room."""
+    try:
+        moment = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except (AttributeError, ValueError):
+        return str(iso)
+    return moment.astimezone().strftime("%m-%d %H:%M")
+
+
+def _brief_estimate(seconds: float | None, speed: float) -> str:
+    """The ESTIMATE column: the time here, and an AxiDraw's in brackets where it differs."""
+    if seconds is None or speed == 1.0:
+        return duration(seconds)
+    return f"{duration(seconds / speed)} ({duration(seconds)})"
+
+
 def status(client: DaemonClient, args: argparse.Namespace) -> int:
     if args.job_id:
         job = client.request("GET", _job_path(resolve_job_id(client, args.job_id)))
@@ -140,7 +171,7 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
             from vfab.cli import print_json
             print_json(job)
             return 0
-        _print_job(job)
+        _print_job(job, speed_of(client.request("GET", "/api/device")))
         return 0
     health = client.request("GET", "/health")
     device = client.request("GET", "/api/device")
@@ -178,20 +209,23 @@ def status(client: DaemonClient, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_job(job: dict[str, Any]) -> None:
+def _print_job(job: dict[str, Any], speed: float) -> None:
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
     table.add_column()
     for key in ("id", "name", "state", "priority", "progress", "layers", "paths",
-                "pen_down_mm", "pen_up_mm", "estimated_seconds", "created_at", "started_at",
-                "finished_at", "error", "plotter", "host", "tags"):
+                "pen_down_mm", "pen_up_mm", "estimated_seconds", "plotting_seconds",
+                "created_at", "started_at", "finished_at", "error", "plotter", "host",
+                "tags"):
         value = job.get(key)
         if key == "tags":
             value = ",".join(value or []) or None
         elif key == "progress":
             value = f"{value * 100:.1f}%"
         elif key == "estimated_seconds":
-            value = duration(value)
+            value = estimate(value, speed)
+        elif key == "plotting_seconds":
+            value = duration(value)  # this plotter's own time, pauses not counted
         table.add_row(key, "-" if value is None else str(value))
     _out.print(table)
 

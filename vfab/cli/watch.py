@@ -15,7 +15,7 @@ from twisted.internet.endpoints import clientFromString
 from twisted.internet.task import react
 
 from vfab.cli.client import ClientError, DaemonClient
-from vfab.cli.commands import duration
+from vfab.cli.commands import estimate, speed_of, time_left
 
 ENDED = frozenset({"completed", "failed", "cancelled", "interrupted"})
 WATCHED = ("plotting", "paused", "awaiting_pen", "queued")
@@ -30,13 +30,13 @@ class JobBoard:
         """`speed`: how much faster than an AxiDraw the plotter runs (virtual: its speed)."""
         self._progress = progress
         self._console = console
+        self._speed = speed
         self._tasks: dict[str, TaskID] = {}
         self.outcomes: dict[str, str] = {}
         for job in jobs:
             self._tasks[job["id"]] = progress.add_task(
                 job["name"], total=1.0, completed=job["progress"], state=job["state"],
-                layer="", eta=duration(None if job["estimated_seconds"] is None
-                                       else job["estimated_seconds"] / speed))
+                layer="", eta=estimate(_left(job), speed))
 
     @property
     def done(self) -> bool:
@@ -58,7 +58,7 @@ class JobBoard:
             self._progress.update(
                 task, completed=message["progress"],
                 layer=f"layer {message['current_layer']}/{message['total_layers']}",
-                eta=duration(message["eta_seconds"]))
+                eta=time_left(message["eta_seconds"], self._speed))
         elif message["type"] == "job_state_change":
             state = message["to_state"]
             self._progress.update(task, state=state)
@@ -72,6 +72,13 @@ class JobBoard:
                 self.outcomes[job_id] = state
                 if state != "completed":
                     self._console.print(f"job {job_id} {state}: {message['reason']}")
+
+
+def _left(job: dict[str, Any]) -> float | None:
+    """An AxiDraw's time for what is left of `job`, until its first job_progress."""
+    if job["estimated_seconds"] is None:
+        return None
+    return job["estimated_seconds"] * (1.0 - float(job["progress"] or 0.0))
 
 
 def _websocket_url(http_url: str, api_key: str | None) -> str:
@@ -109,7 +116,7 @@ def watch_jobs(client: DaemonClient, job_id: str | None) -> int:
                         TextColumn("{task.percentage:>5.1f}%"),
                         TextColumn("{task.fields[state]}"), TextColumn("{task.fields[layer]}"),
                         TextColumn("ETA {task.fields[eta]}"), console=console)
-    speed = client.request("GET", "/api/device").get("simulator_speed") or 1.0
+    speed = speed_of(client.request("GET", "/api/device"))
     board = JobBoard(progress, console, pending, speed)
     problems: list[str] = []
     interrupted: list[bool] = []

@@ -45,6 +45,9 @@ class Job:
     #: The plotter that took the job, and its host; an interrupted job stays with it.
     taken_by: str | None = None
     host: str | None = None
+    #: Seconds the plotter has spent on the job over all its runs, pauses and
+    #: waits for a pen not counted (on the virtual plotter, at its own speed).
+    plotting_seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """The job in the contract's JSON shape."""
@@ -68,4 +71,5 @@ class Job:
             "plotter": self.plotter or self.taken_by,
             "host": self.host,
             "tags": list(self.tags),
+            "plotting_seconds": round(self.plotting_seconds, 1),
         }

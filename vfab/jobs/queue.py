@@ -403,12 +403,13 @@ class QueueService(Service):
                 "system" if message["type"] == "system_alert" else "jobs", message),
             transition=lambda to_state, reason, **fields: self._runner_changed(
                 device, job.id, to_state, reason, **fields),
-            save_progress=lambda progress, position: self._store.save_progress(
-                job.id, progress, position),
+            save_progress=lambda progress, position, plotting_seconds: (
+                self._store.save_progress(job.id, progress, position,
+                                          plotting_seconds=plotting_seconds)),
             start=Position.from_dict(job.position),
             position_kept=resuming and device.position_kept,
             use_lm=plotter.supports_lm, layer_settings=prepared.layer_settings,
-            time_factor=self._time_factor(device.config))
+            time_factor=self._time_factor(device.config), plotted_before=job.plotting_seconds)
 
     def _runner_changed(self, device: Any, job_id: str, to_state: str, reason: str,
                         **fields: Any) -> Deferred[Job]:

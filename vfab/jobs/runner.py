@@ -98,10 +98,11 @@ class Stopped(Exception):
     """The daemon is stopping: the plot was paused at a safe point and saved."""
 
 
-# What a runner needs from the queue: state changes and saved progress,
-# both written to the store (and announced) by the queue.
+# What a runner needs from the queue: state changes and saved progress
+# (with the job's plotting time), both written to the store (and announced)
+# by the queue.
 Transition = Callable[..., Deferred]
-SaveProgress = Callable[[float, dict[str, int]], Deferred]
+SaveProgress = Callable[[float, dict[str, int], float], Deferred]
 
 
 class PlotRunner:
@@ -112,6 +113,8 @@ class PlotRunner:
     where the carriage stopped since that position was saved (the board kept
     power and was not re-enabled): only then, and unless the carriage was
     parked after the save, is the position checked against the counters.
+    `plotted_before` is the job's plotting time in its earlier runs: the run
+    adds its own, and saves the sum with every save and state change.
 
     The store always holds a position the plot can go on from without a
     stroke twice: before the pen first goes down in a run, before the
@@ -125,7 +128,7 @@ class PlotRunner:
                  transition: Transition, save_progress: SaveProgress,
                  start: Position | None = None, position_kept: bool = False,
                  use_lm: bool = True, layer_settings: tuple[DeviceConfig, ...] | None = None,
-                 time_factor: float = 1.0):
+                 time_factor: float = 1.0, plotted_before: float = 0.0):
         self.job_id = job_id
         self._plan = plan
         self._plotter = plotter
@@ -175,7 +178,7 @@ class PlotRunner:
         #: The position before each of the last few commands sent.
         self._history: deque[Position] = deque(maxlen=plotter.unconfirmed_moves + 1)
         self._plotting_since: float | None = None
-        self._plotting_seconds = 0.0
+        self._plotting_seconds = plotted_before
         self._last_progress = float("-inf")
         self._last_position_report = float("-inf")
         self._last_save = clock.seconds()
@@ -228,6 +231,11 @@ class PlotRunner:
         self._lost_reason = reason
         self._request("lost")
 
+    def _record(self, to_state: str, reason: str, **fields: Any) -> Deferred:
+        """A job state change, with the plotting time so far."""
+        return self._transition(to_state, reason, plotting_seconds=self.plotting_seconds,
+                                **fields)
+
     def _set_state(self, state: RunnerState) -> None:
         now = self._clock.seconds()
         if self._plotting_since is not None:
@@ -266,7 +274,8 @@ class PlotRunner:
 
     @property
     def plotting_seconds(self) -> float:
-        """Time spent moving (not paused, not waiting for a pen) in this run."""
+        """Time spent moving (not paused, not waiting for a pen) in this run and
+        the job's runs before it."""
         extra = self._clock.seconds() - self._plotting_since \
             if self._plotting_since is not None else 0.0
         return self._plotting_seconds + extra
@@ -547,12 +556,12 @@ class PlotRunner:
             if self._state is not S.PAUSING:
                 continue  # cancelled, stopped or lost while the carriage came to rest
             self._set_state(S.PAUSED)
-            yield self._transition(states.PAUSED, "paused by request", progress=self.progress,
+            yield self._record(states.PAUSED, "paused by request", progress=self.progress,
                                    position=self._position.to_dict())
             self._resolve_pause()
             state = yield self._until_changed(S.PAUSED)
             if state is S.PLOTTING:
-                yield self._transition(states.PLOTTING, "resumed")
+                yield self._record(states.PLOTTING, "resumed")
 
     @inlineCallbacks
     def _stop_here(self, reason: str) -> Deferred[None]:
@@ -563,7 +572,7 @@ class PlotRunner:
         # Park at home: the motors go off at shutdown and the board zeroes its
         # counters when they come on again, so home is where to wait.
         yield self._go_home()
-        yield self._transition(states.INTERRUPTED, reason, progress=self.progress,
+        yield self._record(states.INTERRUPTED, reason, progress=self.progress,
                                position=self._position.to_dict())
         raise Stopped()
 
@@ -605,12 +614,12 @@ class PlotRunner:
             if self._state is not S.PARKING_TO_PAUSE:
                 break
             self._set_state(S.PAUSED_FOR_PEN)
-            yield self._transition(states.PAUSED, "paused by request", progress=self.progress,
+            yield self._record(states.PAUSED, "paused by request", progress=self.progress,
                                    position=self._position.to_dict())
             self._resolve_pause()
             yield self._until_changed(S.PAUSED_FOR_PEN)
         self._set_state(S.AWAITING_PEN)
-        yield self._transition(states.AWAITING_PEN, f"next pen: {name}",
+        yield self._record(states.AWAITING_PEN, f"next pen: {name}",
                                progress=self.progress, position=self._position.to_dict())
         self._publish({"type": "system_alert", "severity": "info",
                        "title": "Pen change",
@@ -622,7 +631,7 @@ class PlotRunner:
         if self._state is S.STOPPING:
             yield self._stop_here("the daemon stopped during a pen change")
         self._reach(Position(index, 0, 0))
-        yield self._transition(states.PLOTTING, f"pen for layer {index + 1} ({name}) is in")
+        yield self._record(states.PLOTTING, f"pen for layer {index + 1} ({name}) is in")
 
     @inlineCallbacks
     def _wait_for_pen(self) -> Deferred[None]:
@@ -746,7 +755,7 @@ class PlotRunner:
                                       f"may draw a few strokes again."})
 
         stored = position.with_behind(self._history[0]) if self._history else position
-        saving = self._save_progress(self.progress, stored.to_dict())
+        saving = self._save_progress(self.progress, stored.to_dict(), self.plotting_seconds)
         saving.addCallbacks(saved, failed)
         return saving
 

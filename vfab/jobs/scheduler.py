@@ -304,13 +304,15 @@ class Scheduler:
         job_id = runner.job_id
         # A cancelled or failed job's carriage is parked: no counter can confirm it.
         fields = {"progress": runner.progress,
-                  "position": runner.position.parked_here().to_dict()}
+                  "position": runner.position.parked_here().to_dict(),
+                  "plotting_seconds": runner.plotting_seconds}
         if isinstance(outcome, Failure) and outcome.check(DeviceLost, DeviceTimeout):
             reason = (f"the device was lost: {outcome.getErrorMessage()}; resume "
                       f"continues from the saved progress")
             resume = runner.resume_position
             yield self._record(job_id, states.INTERRUPTED, reason, progress=runner.progress,
-                               position=None if resume is None else resume.to_dict())
+                               position=None if resume is None else resume.to_dict(),
+                               plotting_seconds=runner.plotting_seconds)
             self._recorder.alert_interrupted(job_id, reason)
             # Checked once the device is back, on its new connection (which may
             # already be up).
@@ -329,7 +331,8 @@ class Scheduler:
                              job_id=job_id)
         elif outcome == states.COMPLETED:
             yield self._record(job_id, states.COMPLETED, "plot finished",
-                               progress=1.0, position=None)
+                               progress=1.0, position=None,
+                               plotting_seconds=runner.plotting_seconds)
         elif outcome == states.CANCELLED:
             yield self._record(job_id, states.CANCELLED, "cancelled by request", **fields)
         # INTERRUPTED by a stop: the runner recorded it.

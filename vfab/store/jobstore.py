@@ -31,7 +31,7 @@ _log = Logger()
 _COLUMNS = ("id", "name", "state", "priority", "preset", "created_at", "started_at",
             "finished_at", "layers", "paths", "pen_down_mm", "pen_up_mm",
             "estimated_seconds", "progress", "error", "svg_file", "position",
-            "plotter", "tags", "taken_by", "host")
+            "plotter", "tags", "taken_by", "host", "plotting_seconds")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
@@ -357,11 +357,15 @@ class JobStore:
         cursor.execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
                        (*values.values(), job_id))
 
-    def save_progress(self, job_id: str, progress: float,
-                      position: dict[str, int] | None) -> Deferred[None]:
-        """Record how far an active job has come, without a state change."""
+    def save_progress(self, job_id: str, progress: float, position: dict[str, int] | None,
+                      plotting_seconds: float | None = None) -> Deferred[None]:
+        """Record how far an active job has come, without a state change (and how
+        long it has plotted, unless None: kept as it is)."""
         def write(cursor: Any) -> None:
-            self._update(cursor, job_id, {"progress": progress, "position": position})
+            values: dict[str, Any] = {"progress": progress, "position": position}
+            if plotting_seconds is not None:
+                values["plotting_seconds"] = plotting_seconds
+            self._update(cursor, job_id, values)
         return self._run(write)
 
     def delete(self, job_id: str) -> Deferred[Job]:

@@ -50,6 +50,11 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE jobs ADD COLUMN taken_by TEXT;
     ALTER TABLE jobs ADD COLUMN host TEXT;
     """,
+    # 3: the time a job has spent plotting, over all its runs (pauses and pen
+    # changes not counted), so that a restart does not forget the runs before.
+    """
+    ALTER TABLE jobs ADD COLUMN plotting_seconds REAL NOT NULL DEFAULT 0;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -114,15 +114,23 @@ def _moment(iso: Any) -> datetime | None:
 
 
 def clock(iso: Any, now: float) -> str:
-    """"14:05" today, "6 Dec 14:05" before, in the daemon's time zone (app.js
-    rewrites it in the browser's)."""
+    """"14:05 CET" today, "6 Dec 14:05 CET" before, in the daemon's time zone and
+    naming it: the page's fallback until app.js writes it in the browser's own
+    zone and manner (format.clock)."""
     moment = _moment(iso)
     if moment is None:
         return "–"
     local, today = moment.astimezone(), datetime.fromtimestamp(now).astimezone()
     if local.date() == today.date():
-        return local.strftime("%H:%M")
-    return f"{local.day} {local.strftime('%b %H:%M')}"
+        return local.strftime("%H:%M %Z")
+    return f"{local.day} {local.strftime('%b %H:%M %Z')}"
+
+
+def time_element(iso: Any, now: float) -> str:
+    """A moment as <time datetime=ISO>: a machine-readable time the page localises."""
+    if _moment(iso) is None:
+        return "<time>–</time>"
+    return f'<time datetime="{_escape(iso)}">{_escape(clock(iso, now))}</time>'
 
 
 def seconds_between(start: Any, end: Any) -> float | None:
@@ -371,7 +379,7 @@ class FirstPaint:
             f'<td class="col-name" title="{_escape(f"{job_id}: {error}" if error else job_id)}">'
             f'<span class="job-name">{_escape(job.get("name"))}</span> '
             f'<code class="job-id">{_escape(job_id[:8])}</code></td>'
-            f'<td class="col-submitted">{_escape(clock(job.get("created_at"), self._now))}</td>'
+            f'<td class="col-submitted">{time_element(job.get("created_at"), self._now)}</td>'
             f'<td class="col-estimate">{_escape(estimate)}</td>'
             f'<td class="col-progress"><div class="mini-track"><div class="mini-fill" '
             f'style="{_width(progress)}"></div></div>'

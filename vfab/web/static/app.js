@@ -225,6 +225,13 @@ function estimate(seconds) {
   return `${format.duration(seconds / speed)} here, ${format.duration(seconds)} on an AxiDraw`;
 }
 
+/** The time left here (job_progress eta_seconds), and an AxiDraw's where it differs. */
+function timeLeft(seconds) {
+  const speed = (state.device && state.device.simulator_speed) || 1;
+  if (speed === 1 || seconds == null) return `${format.duration(seconds)} left`;
+  return `${format.duration(seconds)} left (${format.duration(seconds * speed)} on an AxiDraw)`;
+}
+
 function showProgress(job, message) {
   $("progress").hidden = !job;
   const progress = message ? message.progress : job ? job.progress || 0 : 0;
@@ -235,7 +242,7 @@ function showProgress(job, message) {
   $("progress-layer").textContent = layers;
   let eta = "";
   if (job && message && ACTIVE.has(job.state)) {
-    eta = `${format.duration(message.eta_seconds)} left`;
+    eta = timeLeft(message.eta_seconds);
   } else if (job && job.state === "queued") {
     eta = `about ${estimate(job.estimated_seconds)}`;
   }
@@ -321,7 +328,7 @@ function newRow(id) {
   row.innerHTML = `
     <td class="col-state"><span class="badge"></span></td>
     <td class="col-name"><span class="job-name"></span> <code class="job-id"></code></td>
-    <td class="col-submitted"></td>
+    <td class="col-submitted"><time></time></td>
     <td class="col-estimate"></td>
     <td class="col-progress"><div class="mini-track"><div class="mini-fill"></div></div>
       <span class="mini-figure"></span></td>
@@ -336,7 +343,10 @@ function fillRow(row, job) {
   // The id as far as it tells jobs apart (the CLI takes any unique prefix).
   name.querySelector(".job-id").textContent = job.id.slice(0, 8);
   name.title = job.error ? `${job.id}: ${job.error}` : job.id;
-  row.querySelector(".col-submitted").textContent = format.clock(job.created_at);
+  // The daemon's first paint names its own zone; the browser's is the reader's.
+  const submitted = row.querySelector(".col-submitted time");
+  submitted.dateTime = job.created_at || "";
+  submitted.textContent = format.clock(job.created_at);
   const took = job.finished_at ? format.secondsBetween(job.started_at, job.finished_at) : null;
   row.querySelector(".col-estimate").textContent = took !== null
     ? `took ${format.duration(took)}` : estimate(job.estimated_seconds);
