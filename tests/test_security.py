@@ -368,6 +368,56 @@ def test_upload_too_large_is_413(daemon: DaemonProcess) -> None:
     healthy(daemon)
 
 
+FORM_PART = (b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.svg"\r\n\r\n'
+             + SVG + b"\r\n--B--\r\n")
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data",
+                                          "multipart/form-data; boundary=X; boundary=B",
+                                          "multipart/form-data; boundary="])
+def test_a_form_without_a_usable_boundary_is_a_json_400(daemon: DaemonProcess,
+                                                        content_type: str) -> None:
+    status, reply = daemon.request("POST", "/api/jobs", FORM_PART,
+                                   {**AUTH, "Content-Type": content_type})
+    assert status == 400 and reply["error"]["code"] == "invalid_input", reply
+    assert "boundary" in reply["error"]["message"]
+    healthy(daemon)
+
+
+@pytest.mark.parametrize("content_type", [b"multipart/form-data; boundary=B",
+                                          b"application/x-www-form-urlencoded"])
+def test_twisted_web_never_reads_a_form_body_whole_on_the_reactor(
+        monkeypatch: pytest.MonkeyPatch, content_type: bytes) -> None:
+    from twisted.internet.testing import StringTransport
+    from twisted.web import http
+    from twisted.web.resource import Resource
+
+    from vfab.web.server import APISite
+
+    def whole_body(*args: Any) -> None:
+        raise AssertionError("twisted.web parsed the form body in memory")
+
+    monkeypatch.setattr(http, "_getMultiPartArgs", whole_body)
+    monkeypatch.setattr(http, "parse_qs", whole_body)
+    seen: list[bytes] = []
+
+    class Leaf(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            seen.append(request.content.read())
+            return b"{}"
+
+    channel = APISite(Leaf(), max_body_size=MAX_UPLOAD).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type
+                         + b"\r\nContent-Length: %d\r\n\r\n" % len(FORM_PART) + FORM_PART)
+    assert seen == [FORM_PART]
+    assert transport.value().startswith(b"HTTP/1.1 200")
+    channel.connectionLost(None)
+
+
 class RawWebSocket:
     """A WebSocket client on a bare socket that can stop reading, as a stalled browser would."""
 
