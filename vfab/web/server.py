@@ -210,7 +210,11 @@ class APISite(Site):
     noisy = False  # WebService logs the one line that matters: where it listens
 
     def __init__(self, root: Resource, max_body_size: int):
-        super().__init__(root)
+        # Left to itself twisted.web reads a form body whole into memory and parses
+        # it on the reactor (a 40 MB form: 0.9 GB and /health stalled for 1.7 s),
+        # and answers a bad one with a bare 400; the API reads forms itself, a
+        # piece at a time (vfab.web.multipart).
+        super().__init__(root, parsePOSTFormSubmission=False)
         self.max_body_size = max_body_size
 
     def log(self, request: IRequest) -> None:
