@@ -368,6 +368,38 @@ def test_upload_too_large_is_413(daemon: DaemonProcess) -> None:
     healthy(daemon)
 
 
+def test_a_chunked_body_over_the_limit_is_413_as_soon_as_it_passes_it(
+        daemon: DaemonProcess) -> None:
+    """No Content-Length to refuse up front: the 413 must come once the limit is
+    passed, not after however much the client cares to send (300 MB were read
+    and dropped without an answer)."""
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=WAIT)
+    sock.sendall(f"POST /api/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+                 f"Content-Type: image/svg+xml\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    piece = 64 * 1024
+    chunk = b"%x\r\n" % piece + b" " * piece + b"\r\n"
+    answer = b""
+    for _ in range(20 * MAX_UPLOAD // piece):
+        try:
+            sock.sendall(chunk)
+        except OSError:
+            break
+        sock.settimeout(0.05)
+        try:
+            answer = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if answer:
+            break
+    sock.settimeout(WAIT)
+    while answer and b"}}" not in answer:
+        answer += sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b'"too_large"' in answer and str(MAX_UPLOAD).encode() in answer
+    healthy(daemon)
+
+
 FORM_PART = (b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.svg"\r\n\r\n'
              + SVG + b"\r\n--B--\r\n")
 
