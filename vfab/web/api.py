@@ -215,10 +215,6 @@ class APIResource(Resource):
                             _job_list)
 
     def _submit(self, request: IRequest) -> bytes | int:
-        if getattr(request, "body_too_large", False):
-            return error_body(request, 413, "too_large",
-                              f"the upload is larger than the limit of "
-                              f"{request.max_body_size} bytes (uploads.max_size)")
         return render_later(request, lambda: self._receive_and_submit(request), _created)
 
     @inlineCallbacks

@@ -61,9 +61,9 @@ class APIRequest(Request):
     """A request whose body is bounded and whose failures answer in JSON.
 
     twisted.web buffers the whole body before a resource sees it, so the limit
-    is applied here, as it arrives: past `max_body_size` the rest is counted
-    and discarded and the resource answers 413. (A declared Content-Length
-    over the limit never gets here: APIChannel answers it at once.)
+    is applied here, as it arrives: a chunked body that passes `max_body_size`
+    is answered 413 at once and the rest is never read. (A declared
+    Content-Length over the limit never gets here: APIChannel answers it at once.)
     """
 
     max_body_size: int = 0
@@ -76,14 +76,17 @@ class APIRequest(Request):
 
     def handleContentChunk(self, data: bytes) -> None:
         self._body_received += len(data)
-        if self._body_received > self.max_body_size:
-            self.body_too_large = True
-        if not self.body_too_large:
+        if self._body_received <= self.max_body_size:
             super().handleContentChunk(data)
+        elif not self.body_too_large:  # only a chunked body gets here: no length to refuse
+            self.body_too_large = True
+            self.channel.refuse_body(self.max_body_size, "the request body is larger than")
 
     def process(self) -> None:
         """As twisted.web, but `*` (OPTIONS *) answers in JSON like any other path
         rather than an empty 200 that claims support for OPTIONS."""
+        if self.body_too_large:  # answered 413 already, while the body came
+            return
         if self.path != b"*":
             super().process()
             return
@@ -167,11 +170,14 @@ class APIChannel(HTTPChannel):
             shown = digits.decode("ascii")
             if len(shown) > 40:
                 shown = f"{shown[:20]}... ({len(shown)} digits)"
-            self._refuse(b"413 Content Too Large", "too_large",
-                         f"the request body is declared as {shown} bytes, more than the "
-                         f"limit of {limit} bytes (uploads.max_size)")
+            self.refuse_body(limit, f"the request body is declared as {shown} bytes, more than")
             return False
         return True
+
+    def refuse_body(self, limit: int, why: str) -> None:
+        """Answer 413 at once: the rest of the body is not read (see _refuse)."""
+        self._refuse(b"413 Content Too Large", "too_large",
+                     f"{why} the limit of {limit} bytes (uploads.max_size)")
 
     def _refuse_headers(self) -> None:
         self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
