@@ -386,3 +386,36 @@ def test_cancelling_the_plot_on_a_full_disk_without_a_reserve_never_hangs(small_
     finally:
         assert daemon.stop() == 0
     assert "Unhandled error in Deferred" not in daemon.log
+
+
+def test_a_request_body_that_meets_a_full_disk_is_a_json_507(monkeypatch) -> None:
+    """twisted.web spools a large body to a temporary file (in $TMPDIR, not the
+    workspace): on a full disk that was an "Unhandled Error" traceback and a
+    dropped connection with no answer."""
+    import tempfile as tempfile_module
+
+    from twisted.internet.testing import StringTransport
+    from twisted.web import http
+    from twisted.web.resource import Resource
+
+    from vfab.web.server import APISite
+
+    class FullFile:
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(http, "_getContentFile", lambda length: FullFile())
+    channel = APISite(Resource(), max_body_size=1 << 20).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+                         b"Content-Length: 200000\r\n\r\n" + b" " * 65536)
+    answer = transport.value()
+    assert answer.startswith(b"HTTP/1.1 507"), answer
+    reply = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert reply["error"]["code"] == "insufficient_storage"
+    assert tempfile_module.gettempdir() in reply["error"]["message"]
+    channel.connectionLost(None)

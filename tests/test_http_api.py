@@ -719,6 +719,19 @@ def test_a_client_that_hung_up_is_not_answered(logged):
     assert not [e for e in logged if e.get("log_failure")]
 
 
+def test_work_that_fails_because_the_client_hung_up_is_not_a_logged_failure(logged):
+    """A client that hangs up while its upload is copied closes the body under the
+    copying thread ("read of closed file"): that was a CRITICAL traceback."""
+    request = DummyRequest([b"jobs"])
+    request.method, request.path = b"POST", b"/api/jobs"
+    waiting: Deferred[dict[str, Any]] = Deferred()
+    render_later(request, lambda: waiting, lambda req, job: req.write(b"late"))
+    request.processingFailed(Exception("connection lost"))
+    waiting.errback(ValueError("read of closed file"))
+    assert request.written == []
+    assert not [e for e in logged if e.get("log_failure")]
+
+
 @pytest_twisted.ensureDeferred
 async def test_slow_job_calls_are_answered_later(serve):
     web = await serve()

@@ -368,6 +368,88 @@ def test_upload_too_large_is_413(daemon: DaemonProcess) -> None:
     healthy(daemon)
 
 
+def test_a_chunked_body_over_the_limit_is_413_as_soon_as_it_passes_it(
+        daemon: DaemonProcess) -> None:
+    """No Content-Length to refuse up front: the 413 must come once the limit is
+    passed, not after however much the client cares to send (300 MB were read
+    and dropped without an answer)."""
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=WAIT)
+    sock.sendall(f"POST /api/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+                 f"Content-Type: image/svg+xml\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    piece = 64 * 1024
+    chunk = b"%x\r\n" % piece + b" " * piece + b"\r\n"
+    answer = b""
+    for _ in range(20 * MAX_UPLOAD // piece):
+        try:
+            sock.sendall(chunk)
+        except OSError:
+            break
+        sock.settimeout(0.05)
+        try:
+            answer = sock.recv(65536)
+        except socket.timeout:
+            continue
+        if answer:
+            break
+    sock.settimeout(WAIT)
+    while answer and b"}}" not in answer:
+        answer += sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b'"too_large"' in answer and str(MAX_UPLOAD).encode() in answer
+    healthy(daemon)
+
+
+FORM_PART = (b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.svg"\r\n\r\n'
+             + SVG + b"\r\n--B--\r\n")
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data",
+                                          "multipart/form-data; boundary=X; boundary=B",
+                                          "multipart/form-data; boundary="])
+def test_a_form_without_a_usable_boundary_is_a_json_400(daemon: DaemonProcess,
+                                                        content_type: str) -> None:
+    status, reply = daemon.request("POST", "/api/jobs", FORM_PART,
+                                   {**AUTH, "Content-Type": content_type})
+    assert status == 400 and reply["error"]["code"] == "invalid_input", reply
+    assert "boundary" in reply["error"]["message"]
+    healthy(daemon)
+
+
+@pytest.mark.parametrize("content_type", [b"multipart/form-data; boundary=B",
+                                          b"application/x-www-form-urlencoded"])
+def test_twisted_web_never_reads_a_form_body_whole_on_the_reactor(
+        monkeypatch: pytest.MonkeyPatch, content_type: bytes) -> None:
+    from twisted.internet.testing import StringTransport
+    from twisted.web import http
+    from twisted.web.resource import Resource
+
+    from vfab.web.server import APISite
+
+    def whole_body(*args: Any) -> None:
+        raise AssertionError("twisted.web parsed the form body in memory")
+
+    monkeypatch.setattr(http, "_getMultiPartArgs", whole_body)
+    monkeypatch.setattr(http, "parse_qs", whole_body)
+    seen: list[bytes] = []
+
+    class Leaf(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> bytes:
+            seen.append(request.content.read())
+            return b"{}"
+
+    channel = APISite(Leaf(), max_body_size=MAX_UPLOAD).buildProtocol(None)
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    channel.dataReceived(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type
+                         + b"\r\nContent-Length: %d\r\n\r\n" % len(FORM_PART) + FORM_PART)
+    assert seen == [FORM_PART]
+    assert transport.value().startswith(b"HTTP/1.1 200")
+    channel.connectionLost(None)
+
+
 class RawWebSocket:
     """A WebSocket client on a bare socket that can stop reading, as a stalled browser would."""
 

@@ -70,6 +70,12 @@ def render_later(request: IRequest, work: Callable[[], Deferred[Any]],
             answer(request, result)
 
     def failed(failure: Failure) -> None:
+        if gone:  # e.g. its body closed under the copy: the client is not waiting
+            _log.info("{method} {path}: the client hung up before the answer ({error})",
+                      method=request.method.decode("ascii", "replace"),
+                      path=request.path.decode("utf-8", "replace"),
+                      error=failure.getErrorMessage())
+            return
         known = client_error(failure)
         if known is None:
             _log.failure("{method} {path} failed", failure,
@@ -77,8 +83,7 @@ def render_later(request: IRequest, work: Callable[[], Deferred[Any]],
                          path=request.path.decode("utf-8", "replace"))
             known = (500, "internal_error",
                      "the daemon failed to handle this request; its log has the details")
-        if not gone:
-            write_error(request, *known)
+        write_error(request, *known)
 
     def unanswerable(failure: Failure) -> None:
         _log.failure("could not answer {path}", failure,
@@ -237,10 +242,6 @@ class APIResource(Resource):
                             _job_list)
 
     def _submit(self, request: IRequest) -> bytes | int:
-        if getattr(request, "body_too_large", False):
-            return error_body(request, 413, "too_large",
-                              f"the upload is larger than the limit of "
-                              f"{request.max_body_size} bytes (uploads.max_size)")
         return render_later(request, lambda: self._receive_and_submit(request), _created)
 
     @inlineCallbacks

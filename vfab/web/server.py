@@ -9,6 +9,7 @@ clients while HTTP keeps answering; `stopService()` then stops listening.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ from vfab.audit import AuditLog
 from vfab.config import UploadsConfig, WebSocketConfig
 from vfab.events import EventBus
 from vfab.jobs.control import DeviceStatus, JobControl
+from vfab.jobs.files import NO_SPACE
 from vfab.web.api import APIResource, HealthResource
 from vfab.web.auth import APIKeyCheck, Verdict, client_address, exposure_warning
 from vfab.web.dashboard import DashboardPage
@@ -61,13 +63,13 @@ class APIRequest(Request):
     """A request whose body is bounded and whose failures answer in JSON.
 
     twisted.web buffers the whole body before a resource sees it, so the limit
-    is applied here, as it arrives: past `max_body_size` the rest is counted
-    and discarded and the resource answers 413. (A declared Content-Length
-    over the limit never gets here: APIChannel answers it at once.)
+    is applied here, as it arrives: a chunked body that passes `max_body_size`
+    is answered 413 at once and the rest is never read. (A declared
+    Content-Length over the limit never gets here: APIChannel answers it at once.)
     """
 
     max_body_size: int = 0
-    body_too_large = False
+    body_refused = False
     _body_received = 0
 
     def gotLength(self, length: int | None) -> None:
@@ -75,15 +77,26 @@ class APIRequest(Request):
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
+        if self.body_refused:  # answered already; the rest is not read
+            return
         self._body_received += len(data)
-        if self._body_received > self.max_body_size:
-            self.body_too_large = True
-        if not self.body_too_large:
+        if self._body_received > self.max_body_size:  # only a chunked body: no length to refuse
+            self.body_refused = True
+            self.channel.refuse_body(self.max_body_size, "the request body is larger than")
+            return
+        try:
             super().handleContentChunk(data)
+        except OSError as error:
+            if error.errno not in NO_SPACE:
+                raise
+            self.body_refused = True
+            self.channel.refuse_for_space()
 
     def process(self) -> None:
         """As twisted.web, but `*` (OPTIONS *) answers in JSON like any other path
         rather than an empty 200 that claims support for OPTIONS."""
+        if self.body_refused:  # answered (413, 507) already, while the body came
+            return
         if self.path != b"*":
             super().process()
             return
@@ -167,11 +180,22 @@ class APIChannel(HTTPChannel):
             shown = digits.decode("ascii")
             if len(shown) > 40:
                 shown = f"{shown[:20]}... ({len(shown)} digits)"
-            self._refuse(b"413 Content Too Large", "too_large",
-                         f"the request body is declared as {shown} bytes, more than the "
-                         f"limit of {limit} bytes (uploads.max_size)")
+            self.refuse_body(limit, f"the request body is declared as {shown} bytes, more than")
             return False
         return True
+
+    def refuse_body(self, limit: int, why: str) -> None:
+        """Answer 413 at once: the rest of the body is not read (see _refuse)."""
+        self._refuse(b"413 Content Too Large", "too_large",
+                     f"{why} the limit of {limit} bytes (uploads.max_size)")
+
+    def refuse_for_space(self) -> None:
+        """Answer 507 at once: the body's temporary file (twisted.web puts it in
+        the temporary directory, not the workspace) met a full disk."""
+        where = tempfile.gettempdir()
+        _log.error("a request body did not fit in {where}: the disk is full", where=where)
+        self._refuse(b"507 Insufficient Storage", "insufficient_storage",
+                     f"the request body does not fit: the disk of {where} is full")
 
     def _refuse_headers(self) -> None:
         self._refuse(b"431 Request Header Fields Too Large", "headers_too_large",
@@ -210,7 +234,11 @@ class APISite(Site):
     noisy = False  # WebService logs the one line that matters: where it listens
 
     def __init__(self, root: Resource, max_body_size: int):
-        super().__init__(root)
+        # Left to itself twisted.web reads a form body whole into memory and parses
+        # it on the reactor (a 40 MB form: 0.9 GB and /health stalled for 1.7 s),
+        # and answers a bad one with a bare 400; the API reads forms itself, a
+        # piece at a time (vfab.web.multipart).
+        super().__init__(root, parsePOSTFormSubmission=False)
         self.max_body_size = max_body_size
 
     def log(self, request: IRequest) -> None:
