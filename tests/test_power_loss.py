@@ -55,6 +55,19 @@ def assert_nothing_skipped(strokes: list[np.ndarray], reference: list[np.ndarray
         <= drawn_length(reference) * 1.002 + again_mm
 
 
+def lose_again(site: Site, then: str) -> None:
+    """A second loss before the resume: a kill -9, a graceful restart or a pulled cable."""
+    if then == "kill":
+        site.kill()
+        site.start()
+    elif then == "restart":
+        site.stop()
+        site.start()
+    else:
+        site.pull_cable()
+    site.advance(2.0)
+
+
 def reference_of(tmp_path, board: dict, svg: bytes = ZIGZAG) -> list[np.ndarray]:
     site = Site(tmp_path / "reference", **board)
     finish(site, site.submit(svg))
@@ -161,15 +174,7 @@ def test_a_power_cut_then_another_loss_before_the_resume_skips_no_stroke(tmp_pat
     site.power_cut()
     site.wait_for(lambda: site.state(job_id) == states.INTERRUPTED, limit=30.0)
     site.advance(2.0)  # the board is back, without its counters
-    if then == "kill":
-        site.kill()
-        site.start()
-    elif then == "restart":
-        site.stop()
-        site.start()
-    else:
-        site.pull_cable()
-    site.advance(2.0)
+    lose_again(site, then)
     assert finish(site, job_id) == states.COMPLETED
     strokes = site.strokes
     site.stop()
@@ -247,12 +252,7 @@ def test_a_job_resumed_before_the_plotter_is_back_keeps_its_step_back(tmp_path, 
     site.board.speak()  # back
     site.wait_for(lambda: site.life.device.plotter is not None, limit=90.0)
     site.advance(1.0)  # planning
-    if then == "kill":
-        site.kill()
-        site.start()
-    else:
-        site.pull_cable()
-    site.advance(2.0)
+    lose_again(site, then)
     assert finish(site, job_id) == states.COMPLETED
     strokes = site.strokes
     site.stop()
