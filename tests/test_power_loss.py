@@ -198,10 +198,7 @@ def test_a_power_cut_as_the_carriage_leaves_the_drawing_skips_no_stroke(tmp_path
     change (or home), while the board still draws the last moves it took: after a
     cut those are drawn again, even when a kill -9 comes before the resume."""
     board = BOARDS["3.0.3 left by other software"]
-    site = Site(tmp_path / "reference", **board)
-    finish(site, site.submit(TWO_LAYERS))
-    reference = site.strokes
-    site.stop()
+    reference = reference_of(tmp_path, board, TWO_LAYERS)
     site = Site(tmp_path / "cut", **board)
     job_id = site.submit(TWO_LAYERS)
 
@@ -268,10 +265,7 @@ def test_a_power_cut_on_a_3x_board_redraws_no_more_than_it_held(tmp_path):
                                                               (10, 30)]],
               [[(5, 5), (25, 25)], [(25, 5), (5, 25), (25, 5)]]]
     svg = svg_of(layers)
-    site = Site(tmp_path / "reference", **BOARDS["3.0.3"])
-    finish(site, site.submit(svg))
-    reference = site.strokes
-    site.stop()
+    reference = reference_of(tmp_path, BOARDS["3.0.3"], svg)
     site = Site(tmp_path / "cut", **BOARDS["3.0.3"])
     job_id = site.submit(svg)
     site.advance(3.85)
@@ -290,10 +284,7 @@ def test_a_pulled_cable_on_the_connection_that_began_without_counters_draws_once
     from test_every_stroke_once import apply, svg_of
     from test_runner import assert_same_drawing
     svg = svg_of([[[(0.0, 0.0), (0.0, 5.0)], [(0.0, 0.0), (0.0, 10.0)]]])
-    site = Site(tmp_path / "reference", **BOARDS["2.6.5"])
-    finish(site, site.submit(svg))
-    reference = site.strokes
-    site.stop()
+    reference = reference_of(tmp_path, BOARDS["2.6.5"], svg)
     site = Site(tmp_path / "cable", **BOARDS["2.6.5"])
     job_id = site.submit(svg)
     site.advance(1.0)
