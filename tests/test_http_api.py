@@ -678,7 +678,7 @@ async def test_a_client_that_sends_the_body_anyway_still_reads_the_413(serve):
 
 @pytest_twisted.ensureDeferred
 async def test_a_refused_client_that_never_hangs_up_is_let_go(serve, monkeypatch):
-    monkeypatch.setattr(server, "LINGER_SECONDS", 0.2)
+    monkeypatch.setattr(server, "LINGER_IDLE_SECONDS", 0.2)
     web = await serve(max_upload_size=1024)
     status, _, _ = await raw(web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\n"
                                   b"Content-Length: 2048\r\n\r\n", hang_up=False)

@@ -50,9 +50,12 @@ _OWN_ACCESS = (b"health", b"ws")
 _PAGE = (b"", b"index.html")
 #: Every method some path of the API answers.
 _METHODS = b"GET, HEAD, POST, DELETE"
-#: How long the connection of a request refused before it was read stays open
-#: to take (and throw away) what the client still sends.
-LINGER_SECONDS = 5.0
+#: The connection of a request refused before its body was read stays open to
+#: take (and throw away) what the client still sends: at most this long in all,
+#: this long without a byte, and this much (see APIChannel._linger_after_answer).
+LINGER_SECONDS = 30.0
+LINGER_IDLE_SECONDS = 5.0
+LINGER_BYTES = 1 << 30
 
 
 class ListenError(RuntimeError):
@@ -137,8 +140,12 @@ class APIChannel(HTTPChannel):
     _header_bytes = 0
     #: This request's header fields so far (twisted.web's count is private too).
     _header_fields = 0
-    #: The close that ends a refused request's connection (see _refuse).
+    #: The closes that end a refused request's connection: after LINGER_SECONDS,
+    #: and after LINGER_IDLE_SECONDS without a byte (see _linger_after_answer).
     _linger: IDelayedCall | None = None
+    _linger_idle: IDelayedCall | None = None
+    #: The bytes thrown away since the refusal.
+    _dropped = 0
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse_headers()
@@ -202,27 +209,68 @@ class APIChannel(HTTPChannel):
                      f"the request line and headers are larger than the limit of "
                      f"{self.totalHeadersSize} bytes")
 
-    def _refuse(self, status: bytes, code: str, message: str) -> None:
+    def _refuse(self, status: bytes, code: str, message: str,
+                headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """Answer `status` in JSON and close: the rest of the request is never read."""
         body = json.dumps({"error": {"code": code, "message": message}},
                           separators=(",", ":")).encode("utf-8")
         _log.info("{client} request refused before it was read: {status} ({message})",
                   client=getattr(self.transport.getPeer(), "host", "?"),
                   status=status.decode("ascii"), message=message)
+        extra = b"".join(b"%s: %s\r\n" % header for header in headers)
         self.transport.write(b"HTTP/1.1 %s\r\n"
-                             b"Content-Type: application/json; charset=utf-8\r\n"
+                             b"Content-Type: application/json; charset=utf-8\r\n%s"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (status, len(body), body))
-        # Whatever else arrives is read and thrown away until the client hangs up,
-        # for LINGER_SECONDS at most: closing with its body unread would reset the
-        # connection, and a client still sending that body would lose the answer.
+                             % (status, extra, len(body), body))
+        self._linger_after_answer()
+
+    def _linger_after_answer(self) -> None:
+        """Throw away what the client still sends, then close.
+
+        Closing a socket with bytes unread, or with bytes still coming, resets
+        the connection, and a client still sending its body (most send it all
+        before they read) would lose the answer with it. So the answer is
+        followed by a half-close (the client reads the answer, then its end),
+        and the connection is closed once the client hangs up, or after
+        LINGER_IDLE_SECONDS without a byte, LINGER_SECONDS in all or
+        LINGER_BYTES thrown away, whichever comes first.
+        """
         self.clearLineBuffer()
-        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
-        self._linger = self.callLater(LINGER_SECONDS, self.loseConnection)
+        self.setTimeout(None)  # the bounds below replace the idle timeout
+        self.dataReceived = self._drop  # type: ignore[method-assign]
+        self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self.transport.unregisterProducer()  # else a paused channel holds back the FIN
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:  # TCP; TLS has none: its close comes at the end
+            half_close()
+        self._linger = self.callLater(LINGER_SECONDS, self._stop_lingering,
+                                      f"still sending after {LINGER_SECONDS:g} s")
+        self._linger_idle = self.callLater(LINGER_IDLE_SECONDS, self._stop_lingering, None)
+
+    def _drop(self, data: bytes) -> None:
+        self._dropped += len(data)
+        if self._dropped > LINGER_BYTES:
+            self._stop_lingering(f"still sending after {LINGER_BYTES} bytes")
+        elif self._linger_idle is not None and self._linger_idle.active():
+            self._linger_idle.reset(LINGER_IDLE_SECONDS)
+
+    def _stop_lingering(self, why: str | None) -> None:
+        """Close the refused request's connection; `why` if a bound cut a client
+        still sending (which then sees a reset)."""
+        for call in (self._linger, self._linger_idle):
+            if call is not None and call.active():
+                call.cancel()
+        self._linger = self._linger_idle = None
+        if why is not None:
+            _log.info("{client} refused request: closed, {why}",
+                      client=getattr(self.transport.getPeer(), "host", "?"), why=why)
+        self.dataReceived = lambda *args: None  # type: ignore[method-assign]
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
+        for call in (self._linger, self._linger_idle):
+            if call is not None and call.active():
+                call.cancel()
         super().connectionLost(reason)
 
 
