@@ -475,6 +475,8 @@ def test_a_request_body_that_meets_a_full_disk_is_a_json_507(monkeypatch) -> Non
     import tempfile as tempfile_module
 
     from twisted.internet.testing import StringTransport
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
     from twisted.web import http
     from twisted.web.resource import Resource
 
@@ -498,4 +500,4 @@ def test_a_request_body_that_meets_a_full_disk_is_a_json_507(monkeypatch) -> Non
     reply = json.loads(answer.split(b"\r\n\r\n", 1)[1])
     assert reply["error"]["code"] == "insufficient_storage"
     assert tempfile_module.gettempdir() in reply["error"]["message"]
-    channel.connectionLost(None)
+    channel.connectionLost(Failure(ConnectionDone()))

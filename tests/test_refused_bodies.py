@@ -12,9 +12,11 @@ import json
 from typing import Any
 
 import pytest
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 
 from vfab.web import server
@@ -22,6 +24,8 @@ from vfab.web.server import LINGER_IDLE_SECONDS, LINGER_SECONDS, APISite
 
 LIMIT = 1024
 PIECE = b" " * 65536
+#: What a client hanging up gives the channel.
+HUNG_UP = Failure(ConnectionDone())
 
 
 class HalfClosingTransport(StringTransport):
@@ -95,7 +99,7 @@ def test_a_client_that_goes_on_sending_reads_its_413_and_then_an_end(head):
         channel.dataReceived(PIECE)
         clock.advance(1)
     assert not transport.disconnecting
-    channel.connectionLost(None)  # the client read the answer and hung up
+    channel.connectionLost(HUNG_UP)  # the client read the answer and hung up
     assert clock.getDelayedCalls() == []
     assert len(answers(transport)) == 1
 
@@ -110,7 +114,7 @@ def test_a_refused_client_is_closed_once_it_sends_nothing_for_a_while():
     assert not transport.disconnecting
     clock.advance(0.5)
     assert transport.disconnecting
-    channel.connectionLost(None)
+    channel.connectionLost(HUNG_UP)
 
 
 def test_a_refused_client_that_never_stops_sending_is_closed_at_the_bound():
@@ -132,7 +136,7 @@ def test_a_refused_client_that_never_stops_sending_is_closed_at_the_bound():
         globalLogPublisher.removeObserver(observe)
     assert transport.disconnecting
     assert [line for line in said if f"still sending after {LINGER_SECONDS:g} s" in line]
-    channel.connectionLost(None)
+    channel.connectionLost(HUNG_UP)
     assert clock.getDelayedCalls() == []
 
 
@@ -146,7 +150,7 @@ def test_a_refused_client_is_closed_past_the_bytes_it_may_still_send(monkeypatch
     assert not transport.disconnecting
     channel.dataReceived(b" ")
     assert transport.disconnecting
-    channel.connectionLost(None)
+    channel.connectionLost(HUNG_UP)
 
 
 # -- the end of a chunked body: the limit passed in its last chunk --------------------------
@@ -163,7 +167,7 @@ def test_a_chunked_body_of_exactly_the_limit_in_its_last_chunk_is_read():
     assert bodies.bodies == [b"a" * (LIMIT - 10) + b"b" * 10]
     assert [status for status, _ in answers(transport)] == [b"HTTP/1.1 200 OK"]
     assert not transport.write_closed
-    channel.connectionLost(None)
+    channel.connectionLost(HUNG_UP)
 
 
 @pytest.mark.parametrize("arrival", [
@@ -197,5 +201,5 @@ def test_the_limit_passed_in_the_last_chunk_is_one_413_and_nothing_else(arrival)
     assert transport.write_closed and not transport.disconnecting
     clock.advance(LINGER_IDLE_SECONDS)
     assert transport.disconnecting and len(answers(transport)) == 1
-    channel.connectionLost(None)
+    channel.connectionLost(HUNG_UP)
     assert clock.getDelayedCalls() == []

@@ -485,7 +485,9 @@ def test_a_form_without_a_usable_boundary_is_a_json_400(daemon: DaemonProcess,
                                           b"application/x-www-form-urlencoded"])
 def test_twisted_web_never_reads_a_form_body_whole_on_the_reactor(
         monkeypatch: pytest.MonkeyPatch, content_type: bytes) -> None:
+    from twisted.internet.error import ConnectionDone
     from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
     from twisted.web import http
     from twisted.web.resource import Resource
 
@@ -512,7 +514,7 @@ def test_twisted_web_never_reads_a_form_body_whole_on_the_reactor(
                          + b"\r\nContent-Length: %d\r\n\r\n" % len(FORM_PART) + FORM_PART)
     assert seen == [FORM_PART]
     assert transport.value().startswith(b"HTTP/1.1 200")
-    channel.connectionLost(None)
+    channel.connectionLost(Failure(ConnectionDone()))
 
 
 class RawWebSocket:

@@ -99,6 +99,8 @@ class VfabService(MultiService):
                               health=self._health, device_type=config.device.type,
                               audit=self.audit, endpoint=endpoint,
                               max_upload_size=config.uploads.max_size,
+                              max_concurrent_uploads=config.uploads.max_concurrent,
+                              upload_room=self.disk.room_for_upload,
                               plotters=self.queue.plotters)
         self.bus.subscribe(self.web.metrics.on_message)
         self.web.metrics.count_serial(self._serial_counts)

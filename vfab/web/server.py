@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -33,7 +33,8 @@ from vfab.events import EventBus
 from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.jobs.files import NO_SPACE
 from vfab.web.api import APIResource, HealthResource
-from vfab.web.auth import APIKeyCheck, Verdict, client_address, exposure_warning
+from vfab.web.auth import (APIKeyCheck, Verdict, client_address, exposure_warning,
+                            request_key)
 from vfab.web.dashboard import DashboardPage
 from vfab.web.metrics import MetricsResource, WebMetrics
 from vfab.web.query import scrubbed_uri
@@ -56,6 +57,10 @@ _METHODS = b"GET, HEAD, POST, DELETE"
 LINGER_SECONDS = 30.0
 LINGER_IDLE_SECONDS = 5.0
 LINGER_BYTES = 1 << 30
+#: Reason phrases of the refusals (RFC 4918's for 507, not Twisted's).
+_REASONS = {**RESPONSES, 507: b"Insufficient Storage"}
+#: The Retry-After of an upload refused while others take its place or its room.
+UPLOAD_RETRY_SECONDS = 10
 
 
 class ListenError(RuntimeError):
@@ -73,7 +78,8 @@ class APIRequest(Request):
 
     max_body_size: int = 0
     body_refused = False
-    _body_received = 0
+    #: The bytes of the body received so far.
+    body_received = 0
 
     def gotLength(self, length: int | None) -> None:
         self.max_body_size = self.channel.site.max_body_size
@@ -82,8 +88,8 @@ class APIRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_refused:  # answered already; the rest is not read
             return
-        self._body_received += len(data)
-        if self._body_received > self.max_body_size:  # only a chunked body: no length to refuse
+        self.body_received += len(data)
+        if self.body_received > self.max_body_size:  # only a chunked body: no length to refuse
             self.body_refused = True
             self.channel.refuse_body(self.max_body_size, "the request body is larger than")
             return
@@ -159,6 +165,13 @@ class APIChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._header_bytes = self._header_fields = 0  # the next line is the next request's
+        if self.length != 0:  # a body follows (None: chunked)
+            refusal = self.site.admit_body(self.requests[-1], self._path, self.length,
+                                           getattr(self.transport.getPeer(), "host", "?"))
+            if refusal is not None:
+                status, code, message, headers = refusal
+                self._refuse(b"%d %s" % (status, _REASONS[status]), code, message, headers)
+                return
         super().allHeadersReceived()
 
     def headerReceived(self, line: bytes) -> bool:
@@ -217,6 +230,8 @@ class APIChannel(HTTPChannel):
         _log.info("{client} request refused before it was read: {status} ({message})",
                   client=getattr(self.transport.getPeer(), "host", "?"),
                   status=status.decode("ascii"), message=message)
+        if self.requests:  # its upload, if it was one, is over
+            self.site.uploads.pop(self.requests[-1], None)
         extra = b"".join(b"%s: %s\r\n" % header for header in headers)
         self.transport.write(b"HTTP/1.1 %s\r\n"
                              b"Content-Type: application/json; charset=utf-8\r\n%s"
@@ -274,20 +289,66 @@ class APIChannel(HTTPChannel):
         super().connectionLost(reason)
 
 
+#: Refusal = (status, code, message, headers).
+Refusal = tuple[int, str, str, tuple[tuple[bytes, bytes], ...]]
+
+
 class APISite(Site):
-    """A Site with bounded request bodies and an access log through twisted.logger."""
+    """A Site with bounded request bodies and an access log through twisted.logger.
+
+    A request body (an upload) is admitted before any of it is read: only with
+    the key when `auth` needs one (401, so that clients without it can neither
+    fill the disk nor take the uploads' places), at most `max_uploads` at once
+    (503 with Retry-After: each holds about twice its size on disk while it is
+    read), and only when `room(size, others)` says the disk can take a declared
+    size (see DiskSpace.room_for_upload).
+    """
 
     protocol = APIChannel
     requestFactory = APIRequest
     noisy = False  # WebService logs the one line that matters: where it listens
 
-    def __init__(self, root: Resource, max_body_size: int):
+    def __init__(self, root: Resource, max_body_size: int, *,
+                 max_uploads: int = UploadsConfig().max_concurrent,
+                 auth: APIKeyCheck | None = None,
+                 room: Callable[[int, int], tuple[int, str] | None] | None = None):
         # Left to itself twisted.web reads a form body whole into memory and parses
         # it on the reactor (a 40 MB form: 0.9 GB and /health stalled for 1.7 s),
         # and answers a bad one with a bare 400; the API reads forms itself, a
         # piece at a time (vfab.web.multipart).
         super().__init__(root, parsePOSTFormSubmission=False)
         self.max_body_size = max_body_size
+        self.max_uploads = max_uploads
+        self._auth = auth
+        self._room = room
+        #: The uploads being received or handled, with their declared sizes (0: chunked).
+        self.uploads: dict[APIRequest, int] = {}
+
+    def admit_body(self, request: APIRequest, target: bytes, length: int | None,
+                   client: str) -> Refusal | None:
+        """None if the body of `request` (to `target`, of `length` bytes or
+        chunked) may be read, else the refusal to answer at once."""
+        if self._auth is not None and self._auth.required:
+            verdict = self._auth.verify(request_key(request, target), client)
+            if verdict is not Verdict.ALLOWED:
+                return self._auth.refusal_parts(client, verdict)
+        retry = ((b"Retry-After", b"%d" % UPLOAD_RETRY_SECONDS),)
+        if len(self.uploads) >= self.max_uploads:
+            return (503, "too_many_uploads",
+                    f"{len(self.uploads)} uploads are being received, the most taken at once "
+                    f"(uploads.max_concurrent); try again in {UPLOAD_RETRY_SECONDS} s", retry)
+        if length and self._room is not None:
+            others = sum(max(0, size - upload.body_received)
+                         for upload, size in self.uploads.items())
+            refused = self._room(length, others)
+            if refused is not None:
+                status, message = refused
+                if status == 507:
+                    return status, "insufficient_storage", message, ()
+                return status, "too_many_uploads", message, retry
+        self.uploads[request] = length or 0
+        request.notifyFinish().addBoth(lambda _: self.uploads.pop(request, None))
+        return None
 
     def log(self, request: IRequest) -> None:
         _log.info('{client} "{method} {uri}" {code} {length}',
@@ -357,8 +418,9 @@ class WebService(Service):
     "unhealthy", ...} when the store is broken); `device_type` "none" keeps a
     missing plotter from degrading /health; `endpoint` overrides the listening
     endpoint string (e.g. "systemd:domain=INET:index=0"); `max_upload_size` is
-    `uploads.max_size`; `plotters` lists every plotter's status (default: only
-    `device`'s).
+    `uploads.max_size`, `max_concurrent_uploads` `uploads.max_concurrent`, and
+    `upload_room` says whether the disk has room for an upload (see APISite);
+    `plotters` lists every plotter's status (default: only `device`'s).
     """
 
     def __init__(self, config: WebSocketConfig, jobs: JobControl, device: DeviceStatus,
@@ -367,6 +429,8 @@ class WebService(Service):
                  endpoint: str | None = None, device_type: str | None = None,
                  audit: AuditLog | None = None,
                  max_upload_size: int = UploadsConfig().max_size,
+                 max_concurrent_uploads: int = UploadsConfig().max_concurrent,
+                 upload_room: Callable[[int, int], tuple[int, str] | None] | None = None,
                  plotters: Callable[[], list[dict[str, Any]]] | None = None):
         self.config = config
         self._jobs = jobs
@@ -376,6 +440,8 @@ class WebService(Service):
         self._reactor = reactor
         self._endpoint = endpoint
         self._max_upload_size = max_upload_size
+        self._max_concurrent_uploads = max_concurrent_uploads
+        self._upload_room = upload_room
         self._clients: set[StreamProtocol] = set()
         self.monitor = SystemMonitor(jobs, device, reactor, connections=self._count_clients,
                                      health=health, device_type=device_type)
@@ -405,7 +471,9 @@ class WebService(Service):
                                           plotters=self._plotters))
         root.putChild(b"metrics", MetricsResource(self.metrics))
         root.putChild(b"ws", WebSocketGate(self.factory))
-        return APISite(root, max_body_size=self._max_upload_size)
+        return APISite(root, max_body_size=self._max_upload_size,
+                       max_uploads=self._max_concurrent_uploads, auth=self.auth,
+                       room=self._upload_room)
 
     def _endpoint_description(self) -> str:
         if self._endpoint:
