@@ -68,6 +68,20 @@ def test_viewbox_offset_and_scale():
     np.testing.assert_allclose(path, [[20, 20], [40, 20]], atol=1e-4)
 
 
+@pytest.mark.parametrize("attributes, expected_page", [
+    ('width="200mm" viewBox="0 0 100 50"', (200, 100)),
+    ('height="100mm" viewBox="0 0 100 50"', (200, 100)),
+    ('width="200mm" height="auto" viewBox="0 0 100 50"', (200, 100)),
+])
+def test_a_missing_width_or_height_follows_the_viewbox_aspect_ratio(attributes, expected_page):
+    """An outermost <svg> with one size and a viewBox has the other from the
+    viewBox's aspect ratio (SVG 2, CSS sizing), as browsers and Inkscape show
+    it: the drawing is not squeezed into a 100 % of nothing."""
+    drawing = load_svg(svg('<path d="M0 0 L100 50"/>', attributes))
+    assert (drawing.width_mm, drawing.height_mm) == pytest.approx(expected_page, abs=1e-3)
+    np.testing.assert_allclose(only_path(drawing), [[0, 0], [200, 100]], atol=1e-4)
+
+
 def test_transforms_and_nested_groups():
     body = ('<g transform="translate(10 20)"><g transform="scale(2)">'
             '<path d="M0 0 L5 0" transform="rotate(90)"/></g></g>')

@@ -146,7 +146,8 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element, limits: SVGLimits
 
     Each step changes `root` in place and says whether it changed anything.
     """
-    changed = _hide_documentation_layers(root)
+    changed = _complete_root_size(root)
+    changed = _hide_documentation_layers(root) or changed
     changed = _hide_unrendered_containers(root) or changed
     changed = _apply_symbol_viewports(root) or changed
     changed = _inline_loose_uses(root) or changed
@@ -168,6 +169,35 @@ def _svg_tag(root: ElementTree.Element, local: str) -> str:
     """A tag in the document's own namespace (an <svg> without xmlns has none)."""
     namespace = root.tag.rpartition("}")[0] if isinstance(root.tag, str) else ""
     return f"{namespace}}}{local}" if namespace else local
+
+
+_ABSOLUTE_LENGTH = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def _complete_root_size(root: ElementTree.Element) -> bool:
+    """Give a root with a viewBox and only one of width and height the other,
+    from the viewBox's aspect ratio in the same unit (SVG 2: `auto` sizing).
+
+    svgelements takes the missing one as 100 % of the viewBox in px and fits
+    the drawing into that, so `width="200mm" viewBox="0 0 100 50"` came out
+    13 mm high and squeezed, where a browser or Inkscape shows 200 x 100 mm.
+    """
+    view_box = [float(number) for number in _NUMBER.findall(root.get("viewBox") or "")]
+    if len(view_box) != 4 or not (view_box[2] > 0 and view_box[3] > 0):
+        return False
+    sizes = {name: root.get(name) for name in ("width", "height")}
+    missing = [name for name, value in sizes.items()
+               if value is None or value.strip().lower() == "auto"]
+    if len(missing) != 1:
+        return False
+    (absent,) = missing
+    given = "height" if absent == "width" else "width"
+    match = _ABSOLUTE_LENGTH.match(sizes[given] or "")
+    if match is None:
+        return False  # a percentage or nonsense: the viewer's size, unknown here
+    ratio = view_box[2] / view_box[3] if absent == "width" else view_box[3] / view_box[2]
+    root.set(absent, f"{float(match.group(1)) * ratio!r}{match.group(2)}")
+    return True
 
 
 def _hide_documentation_layers(root: ElementTree.Element) -> bool:
