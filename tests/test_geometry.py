@@ -82,6 +82,12 @@ def test_a_missing_width_or_height_follows_the_viewbox_aspect_ratio(attributes, 
     np.testing.assert_allclose(only_path(drawing), [[0, 0], [200, 100]], atol=1e-4)
 
 
+def test_a_path_without_data_draws_nothing_and_spoils_nothing():
+    """SVG: a <path> without `d` is not rendered; the rest of the drawing is."""
+    drawing = load_svg(svg('<path id="empty"/><path d="M10 10 L20 10"/>'))
+    np.testing.assert_allclose(only_path(drawing), [[10, 10], [20, 10]], atol=1e-4)
+
+
 def test_transforms_and_nested_groups():
     body = ('<g transform="translate(10 20)"><g transform="scale(2)">'
             '<path d="M0 0 L5 0" transform="rotate(90)"/></g></g>')

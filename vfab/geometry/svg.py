@@ -147,6 +147,7 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element, limits: SVGLimits
     Each step changes `root` in place and says whether it changed anything.
     """
     changed = _complete_root_size(root)
+    changed = _give_paths_data(root) or changed
     changed = _hide_documentation_layers(root) or changed
     changed = _hide_unrendered_containers(root) or changed
     changed = _apply_symbol_viewports(root) or changed
@@ -198,6 +199,17 @@ def _complete_root_size(root: ElementTree.Element) -> bool:
     ratio = view_box[2] / view_box[3] if absent == "width" else view_box[3] / view_box[2]
     root.set(absent, f"{float(match.group(1)) * ratio!r}{match.group(2)}")
     return True
+
+
+def _give_paths_data(root: ElementTree.Element) -> bool:
+    """An empty `d` for each <path> without one: SVG does not render such a
+    path, and svgelements failed the whole document on it."""
+    changed = False
+    for path in root.iter(_svg_tag(root, "path")):
+        if path.get("d") is None:
+            path.set("d", "")
+            changed = True
+    return changed
 
 
 def _hide_documentation_layers(root: ElementTree.Element) -> bool:
