@@ -88,6 +88,22 @@ def test_a_path_without_data_draws_nothing_and_spoils_nothing():
     np.testing.assert_allclose(only_path(drawing), [[10, 10], [20, 10]], atol=1e-4)
 
 
+@pytest.mark.parametrize("body, expected", [
+    ('<line x1="0" y1="0" x2="10" y2="0" stroke="black" stroke-width="0.1em"/>', [[0, 0], [10, 0]]),
+    ('<line x1="0" y1="0" x2="10" y2="0" style="stroke:black;stroke-width:0.1em"/>',
+     [[0, 0], [10, 0]]),
+    ('<line x1="1em" y1="0" x2="40" y2="0"/>', [[16, 0], [40, 0]]),
+    ('<g font-size="10px"><line x1="2em" y1="1ex" x2="40" y2="1ex"/></g>', [[20, 5], [40, 5]]),
+    ('<g style="font-size:10px"><g font-size="2em"><line x1="1em" y1="0" x2="40" y2="0"/></g></g>',
+     [[20, 0], [40, 0]]),
+])
+def test_font_relative_lengths_are_resolved(body, expected):
+    """em and ex (CSS: the font size, 16 px unless set; ex half of it) in a
+    length or a stroke width are valid SVG; they made the upload a 400."""
+    path = only_path(load_svg(svg(body, 'width="100mm" height="100mm" viewBox="0 0 100 100"')))
+    np.testing.assert_allclose(path, expected, atol=1e-4)
+
+
 def test_transforms_and_nested_groups():
     body = ('<g transform="translate(10 20)"><g transform="scale(2)">'
             '<path d="M0 0 L5 0" transform="rotate(90)"/></g></g>')

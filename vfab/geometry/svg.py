@@ -148,6 +148,7 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element, limits: SVGLimits
     """
     changed = _complete_root_size(root)
     changed = _give_paths_data(root) or changed
+    changed = _resolve_font_relative_lengths(root) or changed
     changed = _hide_documentation_layers(root) or changed
     changed = _hide_unrendered_containers(root) or changed
     changed = _apply_symbol_viewports(root) or changed
@@ -209,6 +210,73 @@ def _give_paths_data(root: ElementTree.Element) -> bool:
         if path.get("d") is None:
             path.set("d", "")
             changed = True
+    return changed
+
+
+#: CSS's initial font size (`medium`), in px.
+_DEFAULT_FONT_PX = 16.0
+_FONT_RELATIVE = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(em|ex)\s*$",
+                            re.IGNORECASE)
+_STYLE_FONT_RELATIVE = re.compile(r"[\d.]\s*(em|ex)\s*(;|$)", re.IGNORECASE)
+#: Attributes and style properties that hold one length vfab reads.
+_LENGTHS = frozenset({"x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r", "rx", "ry",
+                      "width", "height", "stroke-width"})
+
+
+def _in_font_px(value: str, font_px: float) -> str | None:
+    """`value` in user units (px) if it is in em or ex (ex: half an em), else None."""
+    match = _FONT_RELATIVE.match(value)
+    if match is None:
+        return None
+    ems = float(match.group(1)) * (0.5 if match.group(2).lower() == "ex" else 1.0)
+    return repr(ems * font_px)
+
+
+def _font_px(element: ElementTree.Element, inherited: float) -> float:
+    """The element's font size in px: its own (style over attribute), else its parent's."""
+    declared = element.get("font-size")
+    for declaration in (element.get("style") or "").split(";"):
+        name, _, value = declaration.partition(":")
+        if name.strip().lower() == "font-size":
+            declared = value
+    if declared is None:
+        return inherited
+    relative = _in_font_px(declared, inherited)
+    if relative is not None:
+        return float(relative)
+    size = _user_units(declared.strip(), "0", inherited)
+    return size if size is not None and size > 0 else inherited
+
+
+def _resolve_font_relative_lengths(root: ElementTree.Element) -> bool:
+    """Lengths in em or ex (attributes and the style's stroke-width) in px, from
+    the font size each element inherits: svgelements leaves them unresolved and
+    the document could not be read."""
+    if not any(_FONT_RELATIVE.match(value)
+               or (name == "style" and _STYLE_FONT_RELATIVE.search(value))
+               for element in root.iter() for name, value in element.attrib.items()):
+        return False
+    changed = False
+    pending = [(root, _DEFAULT_FONT_PX)]
+    while pending:
+        element, inherited = pending.pop()
+        font_px = _font_px(element, inherited)
+        for name in _LENGTHS & set(element.attrib):
+            resolved = _in_font_px(element.get(name), font_px)
+            if resolved is not None:
+                element.set(name, resolved)
+                changed = True
+        style = element.get("style")
+        if style and ("em" in style or "ex" in style):
+            declarations = []
+            for declaration in style.split(";"):
+                name, colon, value = declaration.partition(":")
+                resolved = _in_font_px(value, font_px) if name.strip() in _LENGTHS else None
+                declarations.append(f"{name}:{resolved}" if resolved is not None else declaration)
+            if declarations != style.split(";"):
+                element.set("style", ";".join(declarations))
+                changed = True
+        pending.extend((child, font_px) for child in element)
     return changed
 
 
