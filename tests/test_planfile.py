@@ -20,7 +20,10 @@ from vfab.motion.planner import plan_drawing_rows
 
 CONFIG = DeviceConfig()
 
-point = st.tuples(st.floats(0, 200, allow_nan=False), st.floats(0, 200, allow_nan=False))
+#: Coordinates on a micrometre grid, as a drawing's are after reading (the planner
+#: itself is not made for subnormal numbers).
+coordinate = st.integers(0, 200_000).map(lambda micrometres: micrometres / 1000.0)
+point = st.tuples(coordinate, coordinate)
 path = st.lists(point, min_size=1, max_size=8).map(lambda points: np.array(points))
 layer = st.lists(path, min_size=0, max_size=6)
 
@@ -130,3 +133,73 @@ def test_the_fingerprint_follows_the_settings_that_change_the_plan():
     assert fingerprint(attr.evolve(CONFIG, pen_pos_down=10.0), use_lm=True) != base
     assert fingerprint(CONFIG, use_lm=False) != base
     assert fingerprint(attr.evolve(CONFIG, progress_save_interval=9.0), use_lm=True) == base
+
+
+# -- the daemon: planned once at submission, plotted from the file ------------------------
+
+def _planning_calls(site):
+    """The functions the submission's (in-process) planning child is asked to run."""
+    calls = []
+    planning = site.life.queue._planning
+    run = planning.run
+
+    def counted(function, *args):
+        calls.append(function.__name__)
+        return run(function, *args)
+
+    planning.run = counted
+    return calls
+
+
+def test_a_job_is_planned_once_at_submission_and_plotted_from_its_file(tmp_path):
+    from plotting_site import Site
+    from test_jobs_in_process import PAGE_FRAME, PAGE_FRAME_MM
+    from test_runner import drawn_length
+    from vfab.jobs import states
+
+    site = Site(tmp_path)
+    calls = _planning_calls(site)
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: site.life.queue.scheduler.runner is not None, step=0.01)
+    assert isinstance(site.life.queue.scheduler.runner._plan, FilePlan)
+    site.wait_for(lambda: site.state(job_id) == states.COMPLETED)
+    assert calls == ["plan_to_file"]
+    assert drawn_length(site.strokes) == pytest.approx(PAGE_FRAME_MM, rel=0.01)
+    preview = site.settle(site.life.queue.preview(job_id))
+    assert calls == ["plan_to_file", "preview_from_plan"]
+    assert preview["width_mm"] == 200 and sum(len(layer["paths"])
+                                               for layer in preview["layers"]) == 3
+    site.stop()
+
+
+def test_changed_settings_plan_the_job_again_in_a_child_and_say_so(tmp_path):
+    from twisted.logger import formatEvent, globalLogPublisher
+
+    from plotting_site import Site
+    from test_every_stroke_once import finish
+    from test_jobs_in_process import PAGE_FRAME, PAGE_FRAME_MM
+    from test_runner import drawn_length
+    from vfab.jobs import states
+
+    site = Site(tmp_path)
+    job_id = site.submit(PAGE_FRAME)
+    site.wait_for(lambda: site.board.pen_up is False, step=0.01)
+    site.advance(1.0)
+    site.settle(site.life.queue.pause(job_id), limit=30)
+    site.stop()
+    site.settings = attr.evolve(site.settings, speed_pen_down=20.0)
+    site.start()
+    calls = _planning_calls(site)
+    lines = []
+    globalLogPublisher.addObserver(lines.append)
+    try:
+        site.settle(site.life.queue.resume(job_id))
+        assert finish(site, job_id) == states.COMPLETED
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
+    assert calls == ["plan_to_file"]
+    said = [formatEvent(event) for event in lines if "planning again" in
+            event.get("log_format", "")]
+    assert len(said) == 1 and "settings or the firmware differ" in said[0]
+    assert drawn_length(site.strokes) == pytest.approx(PAGE_FRAME_MM, rel=0.01)
+    site.stop()

@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import struct
+import weakref
 from pathlib import Path
 from typing import Any, Iterator, Sequence, overload
 
@@ -220,6 +221,8 @@ class PlanFile:
         except BaseException:
             os.close(self._fd)
             raise
+        # Closed with the plan (a runner kept for a lost device still reads it).
+        self._closer = weakref.finalize(self, os.close, self._fd)
         self.moves_count: int = self.header["moves"]
         self.path_count: int = self.header["path_count"]
         self._paths_offset: int = self.header["paths_offset"]
@@ -258,9 +261,8 @@ class PlanFile:
             yield self.rows(begin, min(begin + window, stop))
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._closer()
+        self._fd = -1
 
     def __enter__(self) -> "PlanFile":
         return self
