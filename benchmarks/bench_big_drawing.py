@@ -153,7 +153,8 @@ def measure(directory: Path, sizes: list[int], speed: float) -> list[dict]:
                     with ChildPeak(daemon.process.pid) as peak:
                         started = time.perf_counter()
                         status, job = daemon.request("POST", "/api/jobs?name=big", body,
-                                                     {"Content-Type": "image/svg+xml"})
+                                                     {"Content-Type": "image/svg+xml"},
+                                                     timeout=PLOT_TIMEOUT_S)
                         submitted = time.perf_counter() - started
                     del body
                     if status != 201:
