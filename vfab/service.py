@@ -80,6 +80,8 @@ class VfabService(MultiService):
         self.devices = [
             DeviceService(plotter.device, self.bus, reactor, plotter=plotter.name, host=host,
                           tags=plotter.tags,
+                          # On a farm the id tells the plotters apart; alone it stays the type.
+                          device_id=plotter.name if config.plotters else None,
                           record_dir=workspace / "simulator" / (
                               plotter.name if config.plotters else ""))
             for plotter in config.farm()]

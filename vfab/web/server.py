@@ -330,7 +330,8 @@ class WebService(Service):
         self._max_upload_size = max_upload_size
         self._clients: set[StreamProtocol] = set()
         self.monitor = SystemMonitor(jobs, device, reactor, connections=self._count_clients,
-                                     health=health, device_type=device_type)
+                                     health=health, device_type=device_type,
+                                     plotters=self._plotters)
         self.metrics = WebMetrics(jobs, self.monitor, connections=self._count_clients,
                                   plotters=self._plotters)
         self.auth = APIKeyCheck(config.api_key, config.authenticate, reactor, audit=audit)
