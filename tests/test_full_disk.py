@@ -243,6 +243,45 @@ def test_progress_saves_on_a_full_disk_use_a_bounded_room(small_disk):
         store.close()
 
 
+def test_a_plan_that_does_not_fit_is_disk_full_and_leaves_nothing(small_disk):
+    """Issue 13: the plan is written by the submission's child; on a full disk it is
+    DiskFull (507) and no half-written plan stays."""
+    from vfab.config import DeviceConfig
+    from vfab.jobs.prepare import write_plan
+
+    strokes = "".join(f'<path d="M{x} 5 L{x + 0.5} 35 L{x + 0.7} 5"/>' for x in range(5, 300))
+    svg = (b'<svg xmlns="http://www.w3.org/2000/svg" width="300mm" height="200mm" '
+           b'viewBox="0 0 300 200">' + strokes.encode() + b'</svg>')
+    filler = fill(small_disk)
+    with pytest.raises(DiskFull, match="the plan"):
+        write_plan(svg, DeviceConfig(), small_disk / "job.plan")
+    assert sorted(path.name for path in small_disk.iterdir()) == ["filler"]
+    filler.unlink()
+    figures = write_plan(svg, DeviceConfig(), small_disk / "job.plan")
+    assert figures["paths"] == 295 and (small_disk / "job.plan").exists()
+
+
+def test_a_submission_whose_plan_meets_a_full_disk_leaves_no_file(tmp_path, monkeypatch):
+    from vfab.motion import planfile
+
+    def full(self, **fields):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    site = Site(tmp_path)
+    monkeypatch.setattr(planfile.PlanWriter, "finish", full)
+    submitting = site.life.queue.submit("job", SQUARE)
+    failures = []
+    submitting.addErrback(failures.append)
+    assert failures and failures[0].check(DiskFull)
+    assert "the plan" in str(failures[0].value)
+    assert list(site.jobs_dir.iterdir()) == []
+    monkeypatch.undo()
+    job_id = site.submit(SQUARE)
+    assert sorted(path.name for path in site.jobs_dir.iterdir()) == [f"{job_id}.plan",
+                                                                     f"{job_id}.svg"]
+    site.stop()
+
+
 def test_the_daemon_on_a_full_disk(small_disk):
     daemon = DaemonProcess(small_disk / "site", {
         "device": {"type": "simulator", "simulator_speed": 20}}).start()
@@ -263,7 +302,8 @@ def test_the_daemon_on_a_full_disk(small_disk):
                                       {"Content-Type": "multipart/form-data; boundary=b"})
         assert status == 507 and body["error"]["code"] == "insufficient_storage"
         jobs = daemon.workspace / "jobs"
-        assert sorted(path.name for path in jobs.iterdir()) == [f"{done['id']}.svg"]
+        assert sorted(path.name for path in jobs.iterdir()) == [f"{done['id']}.plan",
+                                                                f"{done['id']}.svg"]
         health = wait_until(lambda: (lambda h: h if h["status"] != "healthy" else None)(
             daemon.request("GET", "/health")[1]), what="health to say the disk is full")
         assert health["status"] == "degraded" and health["disk"] == "full"
@@ -273,6 +313,7 @@ def test_the_daemon_on_a_full_disk(small_disk):
         assert status == 204
         assert daemon.request("GET", f"/api/jobs/{done['id']}")[0] == 404
         assert not (jobs / f"{done['id']}.svg").exists()
+        assert not (jobs / f"{done['id']}.plan").exists()
 
         filler.unlink()
         wait_until(lambda: daemon.request("GET", "/health")[1]["status"] == "healthy",

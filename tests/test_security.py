@@ -649,8 +649,8 @@ def test_names_with_path_separators_stay_names(daemon: DaemonProcess, name: str)
     status, job = daemon.request("POST", f"/api/jobs?name={quote(name)}", SVG,
                                  {**AUTH, "Content-Type": "image/svg+xml"})
     assert status == 201 and job["name"] == name
-    # Stored drawings are named by the daemon, never after the job.
-    assert all(re.fullmatch(r"[0-9a-f]{12}\.svg", f) for f in os.listdir(daemon.workspace / "jobs"))
+    # Stored drawings and plans are named by the daemon, never after the job.
+    assert all(re.fullmatch(r"[0-9a-f]{12}\.(svg|plan)", f) for f in os.listdir(daemon.workspace / "jobs"))
     assert set(os.listdir(daemon.workspace.parent)) == outside
     assert not Path("/tmp/evil").exists()
 

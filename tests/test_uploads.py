@@ -172,13 +172,15 @@ def test_an_upload_becomes_the_jobs_drawing_or_goes(tmp_path):
     refused, _ = files.spool(lambda out: out.write(b"<svg xmlns='http://www.w3.org/2000/svg'>"))
     with pytest.raises(Exception, match="well-formed"):
         site.submit(refused)
-    assert [p.name for p in files.directory.iterdir()] == [f"{job_id}.svg"]
+    assert sorted(p.name for p in files.directory.iterdir()) == [f"{job_id}.plan",
+                                                                 f"{job_id}.svg"]
 
 
 def test_uploads_a_crash_left_behind_are_removed_at_start(tmp_path):
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     (jobs / ".upload-0123456789abcdef.partial").write_bytes(b"<svg")
+    (jobs / ".0123456789ab.plan.0a1b2c3d.partial").write_bytes(b"VFABPLAN")  # a killed child's
     (jobs / "kept.svg").write_bytes(b"<svg/>")
     Site(tmp_path)
     assert [p.name for p in jobs.iterdir()] == ["kept.svg"]
@@ -246,7 +248,8 @@ def test_a_multipart_upload_through_the_daemon(tmp_path):
         assert status == 400 and error["error"]["code"] == "invalid_svg"
         status, error = post_form(daemon, form([("file", b"<svg/>", None)])[:-8])
         assert status == 400 and "closing boundary" in error["error"]["message"]
-        assert [p.name for p in jobs.iterdir()] == [f"{job['id']}.svg"]
+        assert sorted(p.name for p in jobs.iterdir()) == [f"{job['id']}.plan",
+                                                          f"{job['id']}.svg"]
     finally:
         assert daemon.stop() == 0
 

@@ -31,7 +31,8 @@ _log = Logger()
 _COLUMNS = ("id", "name", "state", "priority", "preset", "created_at", "started_at",
             "finished_at", "layers", "paths", "pen_down_mm", "pen_up_mm",
             "estimated_seconds", "progress", "error", "svg_file", "position",
-            "plotter", "tags", "taken_by", "host", "plotting_seconds")
+            "plotter", "tags", "taken_by", "host", "plotting_seconds", "plan_file",
+            "plan_fingerprint")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
@@ -369,6 +370,13 @@ class JobStore:
         assignments = ", ".join(f"{name} = ?" for name in values)
         cursor.execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
                        (*values.values(), job_id))
+
+    def set_plan(self, job_id: str, plan_file: str, fingerprint: str) -> Deferred[None]:
+        """Record the job's plan file and the fingerprint of its settings (planned again)."""
+        def write(cursor: Any) -> None:
+            self._update(cursor, job_id, {"plan_file": plan_file,
+                                          "plan_fingerprint": fingerprint})
+        return self._run(write)
 
     def save_progress(self, job_id: str, progress: float, position: dict[str, int] | None,
                       plotting_seconds: float | None = None) -> Deferred[None]:

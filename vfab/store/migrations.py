@@ -55,6 +55,13 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN plotting_seconds REAL NOT NULL DEFAULT 0;
     """,
+    # 4: the job's motion plan, planned once at submission and kept as a file
+    # beside its drawing (vfab.motion.planfile), and the fingerprint of the
+    # settings it was planned with. NULL: planned when the job starts.
+    """
+    ALTER TABLE jobs ADD COLUMN plan_file TEXT;
+    ALTER TABLE jobs ADD COLUMN plan_fingerprint TEXT;
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
