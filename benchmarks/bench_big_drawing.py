@@ -54,27 +54,17 @@ SAMPLE_S = 0.050
 PLOT_TIMEOUT_S = 3600.0
 
 
-class RssSampler:
+class RssSampler(common.ProcessSampler):
     """The daemon's own RSS (not its children's), every 50 ms, in a thread."""
 
+    interval = SAMPLE_S
+
     def __init__(self, pid: int):
-        self._process = psutil.Process(pid)
-        self._stop = threading.Event()
+        super().__init__(pid)
         self.samples: list[float] = []
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "RssSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self._process.memory_info().rss / 1e6)
-            self._stop.wait(SAMPLE_S)
+    def sample(self, process: psutil.Process) -> None:
+        self.samples.append(process.memory_info().rss / 1e6)
 
 
 class JobWatch:
