@@ -203,6 +203,28 @@ def test_loss_publishes_an_alert_tells_the_runner_and_reconnects(harness):
     unsubscribe()
 
 
+def test_a_retry_to_a_silent_board_counts_as_reconnecting_not_as_a_first_connect(harness):
+    """/health must not read "connecting" as hope when the plotter was lost: a
+    board that is plugged back but does not answer keeps the daemon degraded."""
+    board = harness.ports.plug("/dev/ttyACM0")
+    harness.service.startService()
+    assert harness.service.status()["status"] == "connecting"
+    assert not harness.service.reconnecting  # the first connection at start-up
+    harness.run(1.0)
+    assert harness.service.status()["status"] == "idle" and not harness.service.reconnecting
+    del harness.ports.boards["/dev/ttyACM0"]
+    board.drop()
+    harness.run(0.1)
+    silent = harness.ports.plug("/dev/ttyACM0")
+    silent.go_silent()
+    harness.run(1.5)
+    assert harness.service.status()["status"] == "connecting"
+    assert harness.service.reconnecting
+    silent.speak()
+    harness.run(15.0)
+    assert harness.service.status()["status"] == "idle" and not harness.service.reconnecting
+
+
 def test_a_timeout_while_connected_is_a_loss(harness):
     board = harness.ports.plug("/dev/ttyACM0")
     harness.service.startService()

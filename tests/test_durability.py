@@ -303,6 +303,11 @@ def test_a_silent_board_counts_as_lost(tmp_path):
         _, events = daemon.request("GET", f"/api/jobs/{job['id']}")
         assert events["progress"] > 0
         assert "did not answer" in daemon.log
+        # Its retries say "connecting", but /health must not take that for a plotter.
+        wait_for_device(daemon, "connecting")
+        status, health = daemon.request("GET", "/health")
+        assert status == 200 and health["status"] == "degraded", health
+        assert "not answering" in health["reason"] or health["device"] == "error", health
     finally:
         assert daemon.stop() == 0
     simulator.stop()

@@ -127,14 +127,19 @@ class VfabService(MultiService):
 
     def _health(self) -> dict[str, Any]:
         """What the web face cannot see: a store that is closed or damaged makes
-        /health "unhealthy", a full disk or a plotter after the first that is
-        missing "degraded"; `reason` says why."""
+        /health "unhealthy"; a full disk, a plotter after the first that is
+        missing, or any plotter retrying to connect "degraded"; `reason` says why."""
         if not self.store.is_open:
             return {"status": "unhealthy", "reason": "the database is closed"}
         if self.store.damage is not None:
             return {"status": "unhealthy", "reason": self.store.damage}
         if self.disk.full is not None:
             return {"status": "degraded", "disk": "full", "reason": self.disk.full}
+        for device in self.devices:
+            if device.config.type != "none" and device.reconnecting:
+                return {"status": "degraded",
+                        "reason": f"plotter {device.plotter_name} is not answering; "
+                                  "reconnecting"}
         for device in self.devices[1:]:
             status = device.status()["status"]
             if device.config.type != "none" and status in ("disconnected", "error"):

@@ -137,6 +137,13 @@ class DeviceService(Service):
         self._last_publish = self.reactor.seconds()
         self.bus.publish("device", self.status())
 
+    @property
+    def reconnecting(self) -> bool:
+        """Whether a "connecting" is a retry for a plotter that was lost or did not
+        answer: the plotter is missing although the status looks hopeful."""
+        return self._status == "connecting" and (self._connected_before
+                                                  or self._failed_attempts > 0)
+
     def _set(self, **fields: Any) -> None:
         """Change status fields; publish if anything changed."""
         changed = False
