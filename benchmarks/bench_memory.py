@@ -3,9 +3,10 @@
 Why: the daemon runs for months; whatever one plot leaves behind piles up.
 The daemon plots the same drawing (100,000 paths by default) ten times, one
 after another, on the virtual plotter run as its own process (so that its
-recording of every stroke is not counted), and its RSS is read once each
-plot has completed. The baseline is the RSS after the first plot: what a
-plot of this size needs at all.
+recording of every stroke is not counted; it writes no record to disk, which
+it would rewrite whole after every plot and again at the stop), and the
+daemon's RSS is read once each plot has completed. The baseline is the RSS
+after the first plot: what a plot of this size needs at all.
 
     python benchmarks/bench_memory.py [--paths 100000] [--runs 10]
 
@@ -59,7 +60,7 @@ def main() -> bool:
     rows = []
     with tempfile.TemporaryDirectory() as directory:
         tmp = Path(directory)
-        simulator = SimulatorProcess(tmp, "--speed", str(SPEED))
+        simulator = SimulatorProcess(tmp, "--speed", str(SPEED), record=False)
         daemon = DaemonProcess(tmp / "daemon", {"device": {
             "type": "axidraw", "port": str(simulator.link), "model": "V3/A3",
             "timeout": 10}}).start()

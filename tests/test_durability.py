@@ -42,12 +42,15 @@ def no_simulator_left_behind():
 class SimulatorProcess:
     """The virtual plotter on a pty, as its own process, with a stable link path."""
 
-    def __init__(self, tmp_path: Path, *flags: str, name: str = "sim"):
+    def __init__(self, tmp_path: Path, *flags: str, name: str = "sim", record: bool = True):
+        """`record=False`: keep no record on disk. A long benchmark wants none, and
+        its million strokes would be rewritten after every plot and at the stop."""
         self.link = tmp_path / f"{name}-tty"
-        self.record_dir = tmp_path / f"{name}-record"
+        self.record_dir = tmp_path / f"{name}-record" if record else None
+        recording = ["--record-dir", str(self.record_dir)] if record else []
         self.process = subprocess.Popen(
             [sys.executable, "-m", "vfab.simulator", "--link", str(self.link),
-             "--speed", str(SPEED), "--record-dir", str(self.record_dir), *flags],
+             "--speed", str(SPEED), *recording, *flags],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         _running.append(self)
         deadline = time.monotonic() + 20
@@ -59,10 +62,17 @@ class SimulatorProcess:
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
 
-    def stop(self) -> dict:
-        """Stop it and return what it drew."""
+    def stop(self) -> dict | None:
+        """Stop it and return what it drew (None if it kept no record)."""
         self.process.send_signal(signal.SIGTERM)
-        self.process.wait(30)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            output, _ = self.process.communicate(timeout=10)
+            raise AssertionError(f"the simulator did not stop within 30 s:\n{output}") from None
+        if self.record_dir is None:
+            return None
         return json.loads((self.record_dir / "strokes.json").read_text())
 
 
@@ -311,3 +321,18 @@ def test_a_silent_board_counts_as_lost(tmp_path):
     finally:
         assert daemon.stop() == 0
     simulator.stop()
+
+
+def test_a_simulator_without_a_record_plots_and_writes_none(tmp_path):
+    """The memory benchmark's simulator keeps no record, so that it stops at once
+    after a million strokes; it still plots what the daemon sends."""
+    simulator = SimulatorProcess(tmp_path, record=False)
+    daemon = daemon_for(tmp_path, simulator)
+    try:
+        wait_for_device(daemon, "idle")
+        _, job = daemon.submit(ONE_LAYER, name="unrecorded")
+        assert daemon.wait_for_job(job["id"], {"completed", "failed"})["state"] == "completed"
+    finally:
+        assert daemon.stop() == 0
+    assert simulator.stop() is None
+    assert not any(path.name.endswith("record") for path in tmp_path.iterdir())

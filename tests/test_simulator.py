@@ -380,6 +380,32 @@ def test_the_record_is_written_off_the_reactor_newest_first(tmp_path):
     assert json.loads((tmp_path / STROKES_FILE).read_text())["strokes"][0][-1] == [3.0, 0.0]
 
 
+
+def test_an_unchanged_record_is_written_once(tmp_path, monkeypatch):
+    """A stop right after a motors-off must not serialise a long plot's record a
+    second time (a million strokes took the simulator past its 30 s to exit), yet
+    it still writes at once what was only queued."""
+    written = []
+    monkeypatch.setattr(Recording, "write", lambda self, directory: written.append(
+        self.as_dict()["strokes"]))
+    queued = []
+    writer = RecordWriter(tmp_path, lambda function, *args: queued.append((function, args)))
+    recording = Recording()
+    recording.pen_changed(False)
+    recording.moved([(1.0, 0.0)])
+    writer.write(recording)  # the motors went off
+    writer.write(recording)
+    assert len(queued) == 1 and written == []
+    writer.write(recording, now=True)  # the stop: the queued one has not run yet
+    assert written == [[[[0.0, 0.0], [1.0, 0.0]]]]
+    for function, args in queued:
+        function(*args)
+    writer.write(recording, now=True)
+    assert len(written) == 1
+    recording.moved([(2.0, 0.0)])
+    writer.write(recording, now=True)
+    assert written[-1] == [[[0.0, 0.0], [1.0, 0.0], [2.0, 0.0]]]
+
 # -- firmware 3.x: syntax modes and the FIFO depth (EBB Command Set, v3.0+) ------------
 
 def test_3x_future_syntax_replies_as_the_reference_shows():

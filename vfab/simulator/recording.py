@@ -106,6 +106,14 @@ class Recording:
         copy.starvations, copy.warnings = list(self.starvations), list(self.warnings)
         return copy
 
+    def fingerprint(self) -> tuple:
+        """Cheap to take, and different after anything was recorded: a long
+        plot's record is not serialised again when nothing changed."""
+        last = len(self.strokes[-1]) if self.strokes else 0
+        return (len(self.strokes), last, self.pen_down_mm, self.pen_up_mm,
+                self.motion_seconds, len(self.starvations), len(self.warnings),
+                self.position, self.pen_up)
+
     def as_dict(self) -> dict:
         return {
             "strokes": [[[round(x, 4), round(y, 4)] for x, y in stroke]
@@ -175,7 +183,9 @@ class RecordWriter:
 
     A long plot's record takes seconds to serialise and draw; in the daemon's
     own process (device type `simulator`) that must not stall the plot. Writes
-    run one at a time, and one that was overtaken by a newer one is skipped.
+    run one at a time, one that was overtaken by a newer one is skipped, and so
+    is one of a recording unchanged since the last: a stop after a motors-off
+    would otherwise write the same million strokes twice.
     """
 
     def __init__(self, directory: str | os.PathLike,
@@ -185,11 +195,19 @@ class RecordWriter:
         self._lock = threading.Lock()
         self._asked = 0
         self._written = 0
+        self._asked_fingerprint: tuple | None = None
+        self._last_asked: tuple[Recording, int] | None = None
 
     def write(self, recording: Recording, *, now: bool = False) -> None:
         """Write what `recording` holds; `now` (or no thread): before returning."""
+        fingerprint = recording.fingerprint()
+        if fingerprint == self._asked_fingerprint and self._last_asked is not None:
+            if now:  # the same record, already asked for: see that it is written
+                self._write(*self._last_asked)
+            return
+        self._asked_fingerprint = fingerprint
         self._asked += 1
-        snapshot, number = recording.snapshot(), self._asked
+        self._last_asked = snapshot, number = recording.snapshot(), self._asked
         if now or self._run_in_thread is None:
             self._write(snapshot, number)
         else:
@@ -203,6 +221,7 @@ class RecordWriter:
                 snapshot.write(self.directory)
             except OSError as error:
                 log.error("virtual plotter could not write its drawing: {error}", error=error)
+                self._asked_fingerprint = None  # the next write tries again
             self._written = number
 
 
