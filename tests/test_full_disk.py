@@ -24,11 +24,12 @@ from twisted.internet.testing import Clock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.daemon_process import DaemonProcess, wait_until
-from vfab.audit import AuditLog
+from vfab.audit import AuditLog, open_audit_log
+from vfab.config import LoggingConfig
 from vfab.disk import CHECK_SECONDS, RESERVE_FILE, DiskSpace
 from vfab.events import EventBus
 from vfab.jobs.errors import DiskFull
-from vfab.logs import LineObserver
+from vfab.logs import LineObserver, open_log_file
 from vfab.simulator.recording import Recording
 from vfab.store.jobstore import JobStore
 from tests.test_jobstore import make_job
@@ -186,6 +187,74 @@ def test_a_security_event_on_a_full_disk_fails_nothing_and_is_counted_later():
 
 
 # -- the files on a real full disk -------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["audit log", "log file"])
+def test_a_log_that_meets_a_full_disk_keeps_whole_lines_and_counts_the_rest(small_disk, which):
+    """Twisted's LogFile writes a line with one write and ignores a short count: the
+    disk filled mid-line, and the line written once there was room was glued to that
+    half (a damaged JSON record in audit.log). A line is now on disk whole or not at all."""
+    logs = small_disk / "logs"
+    config = LoggingConfig(audit=True)
+    if which == "audit log":
+        audit = open_audit_log(config, logs, clock=Clock())
+        path = logs / "audit.log"
+        write = lambda number: audit.record("auth_failed", f"192.0.2.{number}",
+                                            path="/x" * 60)
+    else:
+        path = logs / "vfab.log"
+        observer = LineObserver(open_log_file(path, config), "%(levelname)s %(message)s")
+        write = lambda number: observer({"log_format": f"line {number} " + "x" * 120,
+                                         "log_level": LogLevel.error})
+    filler = fill(small_disk)
+    os.truncate(filler, filler.stat().st_size - 8192)  # room for a few lines, then mid-line
+    for number in range(100):
+        write(number)
+    kept = path.read_text()
+    assert 0 < len(kept) < 8192 and kept.endswith("\n")
+    filler.unlink()
+    write(100)
+    lines = path.read_text().splitlines()
+    if which == "audit log":
+        records = [json.loads(line) for line in lines]
+        assert [record["event"] for record in records[-2:]] == ["records_lost", "auth_failed"]
+        whole = len(records) - 2
+        assert records[-2]["detail"]["count"] == 100 - whole
+        assert [record["client"] for record in records[:whole]] == [
+            f"192.0.2.{number}" for number in range(whole)]
+        assert records[-1]["client"] == "192.0.2.100"
+    else:
+        whole = len(lines) - 2
+        assert lines[:whole] == [f"ERROR line {number} " + "x" * 120 for number in range(whole)]
+        assert lines[whole:] == [f"({100 - whole} log line(s) were lost while the disk was full)",
+                                 "ERROR line 100 " + "x" * 120]
+
+
+def test_a_line_cut_short_by_the_disk_is_taken_back(tmp_path):
+    """A short write (the disk's last bytes) leaves nothing of the line."""
+    log_file = open_log_file(tmp_path / "vfab.log", LoggingConfig())
+    log_file.write("whole\n")
+    writes = iter([3])
+
+    class ShortThenFull:
+        def __init__(self, raw):
+            self.raw = raw
+
+        def write(self, data):
+            for count in writes:
+                return self.raw.write(bytes(data[:count]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.raw, name)
+
+    log_file._file = ShortThenFull(log_file._file)
+    with pytest.raises(OSError):
+        log_file.write("cut short\n")
+    log_file._file = log_file._file.raw
+    log_file.write("next\n")
+    log_file.close()
+    assert (tmp_path / "vfab.log").read_text() == "whole\nnext\n"
+
 
 def test_the_virtual_plotter_leaves_no_half_record_on_a_full_disk(small_disk):
     recording = Recording()

@@ -557,3 +557,78 @@ def test_the_daemon_refuses_at_once_an_upload_its_disk_cannot_take(small_disk):
         assert daemon.submit(PAGE_FRAME)[0] == 201
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_chunked_upload_is_507_as_soon_as_its_copy_would_take_the_reserve(tmp_path):
+    """A body of no declared size cannot be checked on its headers: it was spooled
+    until the disk was full (taking the room kept for the daemon's own writes),
+    and the spool kept that room for the 30 s the connection lingers. It is now
+    checked as it streams, and its spool is given back with the 507."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from test_refused_bodies import answers
+    from vfab.disk import DiskSpace
+
+    clock = Clock()
+    free = FreeBytes(3 << 20)
+    disk = DiskSpace(tmp_path, EventBus(), clock, free_bytes=free, min_free=1 << 20,
+                     temp_dir=tmp_path)  # spool and drawing: one disk
+    site, channel, transport = upload_channel(clock, room=disk.room_for_upload)
+    channel.dataReceived(upload_head(None))
+    [request] = site.uploads
+    piece = 64 << 10
+    for _ in range(16):  # 1 MiB spooled: its copy leaves exactly the 1 MiB kept
+        channel.dataReceived(b"%x\r\n" % piece + b" " * piece + b"\r\n")
+        free.free -= piece  # what the spool took
+    assert transport.value() == b""
+    spool = request.content
+    channel.dataReceived(b"%x\r\n" % piece + b" " * piece + b"\r\n")
+    [(status, body)] = answers(transport)
+    assert status == b"HTTP/1.1 507 Insufficient Storage"
+    assert body["error"]["code"] == "insufficient_storage"
+    assert body["error"]["message"] == (
+        f"an upload of no declared size has passed 1.1 MiB, and copying it to the drawing "
+        f"would leave less than 1.0 MiB free on the disk of {tmp_path} (2.0 MiB free), "
+        f"which is kept for the daemon's own writes")
+    assert spool.closed and site.uploads == {} and transport.write_closed
+    channel.dataReceived(b"%x\r\n" % piece + b" " * piece + b"\r\n0\r\n\r\n")  # dropped
+    assert len(answers(transport)) == 1
+    channel.connectionLost(Failure(ConnectionDone()))
+
+
+def test_the_daemon_refuses_a_chunked_upload_before_it_takes_the_reserve(small_disk):
+    """On a 3 MB disk that holds the workspace and the temporary directory: the
+    upload is refused with the reserve untouched, and leaves no byte behind."""
+    temp = small_disk / "tmp"
+    temp.mkdir()
+    daemon = DaemonProcess(small_disk / "site", env={**os.environ, "TMPDIR": str(temp)}).start()
+    try:
+        free = shutil.disk_usage(small_disk).free
+        sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        piece = 64 << 10
+        try:
+            for _ in range(2 * free // piece):
+                sock.sendall(b"%x\r\n" % piece + b" " * piece + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon had answered and stopped reading
+        answer = b""
+        while True:
+            piece_read = sock.recv(65536)
+            if not piece_read:
+                break
+            answer += piece_read
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n"), answer[:300]
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert "kept for the daemon's own writes" in error["message"], error
+        assert list(temp.iterdir()) == []
+        assert shutil.disk_usage(small_disk).free >= free - (64 << 10)
+        assert daemon.request("GET", "/health")[1]["status"] == "healthy"
+        assert daemon.submit(PAGE_FRAME)[0] == 201
+    finally:
+        assert daemon.stop() == 0
+    assert "disk is full" not in daemon.log

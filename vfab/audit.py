@@ -25,6 +25,7 @@ from twisted.python.logfile import LogFile
 
 from vfab.config import LoggingConfig
 from vfab.jobs.files import NO_SPACE
+from vfab.logs import WholeLinesLogFile
 
 _log = Logger()
 
@@ -117,6 +118,6 @@ def open_audit_log(config: LoggingConfig, logs_dir: Path,
     if owner is not None and os.geteuid() == 0:
         os.chown(logs_dir, *owner)
         os.chown(path, *owner)
-    file = LogFile(AUDIT_FILE, str(logs_dir), rotateLength=config.max_size,
-                   maxRotatedFiles=config.backup_count or None, defaultMode=0o600)
+    file = WholeLinesLogFile(AUDIT_FILE, str(logs_dir), rotateLength=config.max_size,
+                             maxRotatedFiles=config.backup_count or None, defaultMode=0o600)
     return AuditLog(file, to_main_log=config.security_events, clock=clock)

@@ -88,7 +88,8 @@ class DiskSpace:
                 "message": f"The disk of {self.directory} has room again; jobs can be "
                            f"submitted and progress is saved."})
 
-    def room_for_upload(self, size: int, others: int = 0) -> tuple[int, str] | None:
+    def room_for_upload(self, size: int, others: int = 0, *,
+                        spooled: bool = False) -> tuple[int, str] | None:
         """Whether an upload of `size` bytes fits, with `others` bytes still to come
         for the uploads under way, and MIN_FREE_BYTES kept for the daemon's own
         writes: None, 507 and why (it can never fit), or 503 and why (it fits
@@ -96,6 +97,8 @@ class DiskSpace:
 
         While it is read, an upload takes its size twice on the workspace's disk
         when the temporary directory is on it: twisted.web's spool, then the drawing.
+        `spooled`: a body of no declared size, checked as it streams; its `size`
+        bytes so far are in the spool already, and only their copy is to come.
         """
         try:
             free = self._free_bytes()
@@ -105,15 +108,22 @@ class DiskSpace:
         except OSError:
             return None  # cannot tell: the writes will (507 if they fail)
         copies = 2 if shared else 1
+        need = size if spooled else size * copies
+        temp_need = 0 if spooled or shared else size
         room = free - self._min_free
         kept = f"{_mib(self._min_free)} are kept for the daemon's own writes"
-        if size * copies > room:
-            return 507, (f"an upload of {_mib(size)} needs {_mib(size * copies)} on the disk "
+        if spooled and need > room:  # (a spool that fills another disk meets ENOSPC)
+            return 507, (f"an upload of no declared size has passed {_mib(size)}, and "
+                         f"copying it to the drawing would leave less than "
+                         f"{_mib(self._min_free)} free on the disk of {self.directory} "
+                         f"({_mib(free)} free), which is kept for the daemon's own writes")
+        if need > room:
+            return 507, (f"an upload of {_mib(size)} needs {_mib(need)} on the disk "
                          f"of {self.directory}, which has {_mib(free)} free, and {kept}")
-        if not shared and size > temp_free - self._min_free:
+        if temp_need > temp_free - self._min_free:
             return 507, (f"an upload of {_mib(size)} does not fit in the temporary directory "
                          f"{temp_dir}: {_mib(temp_free)} free")
-        if (size + others) * copies > room:
+        if need + others * copies > room:
             return 503, (f"the uploads under way will take the room this one needs on the "
                          f"disk of {self.directory} ({_mib(free)} free, and {kept}); "
                          f"try again once they are done")

@@ -8,6 +8,7 @@ log reads like the reference's and the greps in its troubleshooting guide
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -131,8 +132,39 @@ class LineObserver:
         self.lost = self.spared = 0
 
 
+class WholeLinesLogFile(LogFile):
+    """A rotated log file whose every write lands whole or not at all.
+
+    twisted's LogFile writes with one unbuffered write and ignores a short
+    count, so a disk that filled mid-line kept half of it, and the next line
+    written once there was room was glued to that half (in audit.log, a
+    damaged JSON record). Here a write that cannot finish is taken back
+    (truncating frees room, never takes it) and raises ENOSPC.
+    """
+
+    def write(self, data: str | bytes) -> None:
+        if self.shouldRotate():
+            self.flush()
+            self.rotate()
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        start = self._file.tell()
+        rest = memoryview(data)
+        try:
+            while rest:
+                written = self._file.write(rest)
+                if not written:
+                    raise OSError(errno.ENOSPC, "no room for the rest of the line")
+                rest = rest[written:]
+        except OSError:
+            self._file.truncate(start)
+            self._file.seek(start)
+            raise
+        self.size += len(data)
+
+
 def open_log_file(path: Path, config: LoggingConfig, owner: tuple[int, int] | None = None
-                  ) -> LogFile:
+                  ) -> WholeLinesLogFile:
     """A log file created 0600, rotated at `max_size` keeping `backup_count` old files
     (vfab.log.1 the newest). `backup_count: 0` means no rotation by vfab, as in
     Python's RotatingFileHandler: logrotate's job then.
@@ -147,10 +179,10 @@ def open_log_file(path: Path, config: LoggingConfig, owner: tuple[int, int] | No
         os.chown(path.parent, *owner)
         os.chown(path, *owner)
     rotating = config.backup_count > 0
-    return LogFile(path.name, str(path.parent),
-                   rotateLength=config.max_size if rotating else None,
-                   maxRotatedFiles=config.backup_count if rotating else None,
-                   defaultMode=0o600)
+    return WholeLinesLogFile(path.name, str(path.parent),
+                             rotateLength=config.max_size if rotating else None,
+                             maxRotatedFiles=config.backup_count if rotating else None,
+                             defaultMode=0o600)
 
 
 @implementer(ILogObserver)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +62,10 @@ LINGER_BYTES = 1 << 30
 _REASONS = {**RESPONSES, 507: b"Insufficient Storage"}
 #: The Retry-After of an upload refused while others take its place or its room.
 UPLOAD_RETRY_SECONDS = 10
+#: A body of no declared size has the disk's room for it checked at its first
+#: chunk and then every this many bytes (at most this much, twice, into the 1 MiB
+#: the daemon keeps for its own writes).
+STREAMED_ROOM_CHECK_BYTES = 64 << 10
 
 
 class ListenError(RuntimeError):
@@ -80,9 +85,14 @@ class APIRequest(Request):
     body_refused = False
     #: The bytes of the body received so far.
     body_received = 0
+    #: Whether the body has no declared size (chunked), and when the disk's room
+    #: for it is next checked (see STREAMED_ROOM_CHECK_BYTES).
+    _streamed = False
+    _next_room_check = 0
 
     def gotLength(self, length: int | None) -> None:
         self.max_body_size = self.channel.site.max_body_size
+        self._streamed = length is None
         super().gotLength(length)
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -90,16 +100,29 @@ class APIRequest(Request):
             return
         self.body_received += len(data)
         if self.body_received > self.max_body_size:  # only a chunked body: no length to refuse
-            self.body_refused = True
-            self.channel.refuse_body(self.max_body_size, "the request body is larger than")
+            self._refuse_body(lambda: self.channel.refuse_body(
+                self.max_body_size, "the request body is larger than"))
             return
         try:
             super().handleContentChunk(data)
         except OSError as error:
             if error.errno not in NO_SPACE:
                 raise
-            self.body_refused = True
-            self.channel.refuse_for_space()
+            self._refuse_body(self.channel.refuse_for_space)
+            return
+        if self._streamed and self.body_received >= self._next_room_check:
+            self._next_room_check = self.body_received + STREAMED_ROOM_CHECK_BYTES
+            refusal = self.channel.site.streamed_refusal(self.body_received)
+            if refusal is not None:
+                self._refuse_body(lambda: self.channel.refuse(refusal))
+
+    def _refuse_body(self, answer: Callable[[], None]) -> None:
+        """Refuse the body as it comes: its spool is given back to the disk at
+        once, not when the lingering connection closes, and `answer()` says why."""
+        self.body_refused = True
+        self.content.close()
+        self.content = BytesIO()
+        answer()
 
     def process(self) -> None:
         """As twisted.web, but `*` (OPTIONS *) answers in JSON like any other path
@@ -169,8 +192,7 @@ class APIChannel(HTTPChannel):
             refusal = self.site.admit_body(self.requests[-1], self._path, self.length,
                                            getattr(self.transport.getPeer(), "host", "?"))
             if refusal is not None:
-                status, code, message, headers = refusal
-                self._refuse(b"%d %s" % (status, _REASONS[status]), code, message, headers)
+                self.refuse(refusal)
                 return
         super().allHeadersReceived()
 
@@ -203,6 +225,11 @@ class APIChannel(HTTPChannel):
             self.refuse_body(limit, f"the request body is declared as {shown} bytes, more than")
             return False
         return True
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Answer a refusal of the site's (see APISite.admit_body) at once."""
+        status, code, message, headers = refusal
+        self._refuse(b"%d %s" % (status, _REASONS[status]), code, message, headers)
 
     def refuse_body(self, limit: int, why: str) -> None:
         """Answer 413 at once: the rest of the body is not read (see _refuse)."""
@@ -291,6 +318,9 @@ class APIChannel(HTTPChannel):
 
 #: Refusal = (status, code, message, headers).
 Refusal = tuple[int, str, str, tuple[tuple[bytes, bytes], ...]]
+#: Whether the disk has room for an upload: (size, others, spooled=) -> None or
+#: (status, why) (see DiskSpace.room_for_upload).
+UploadRoom = Callable[..., "tuple[int, str] | None"]
 
 
 class APISite(Site):
@@ -301,7 +331,8 @@ class APISite(Site):
     fill the disk nor take the uploads' places), at most `max_uploads` at once
     (503 with Retry-After: each holds about twice its size on disk while it is
     read), and only when `room(size, others)` says the disk can take a declared
-    size (see DiskSpace.room_for_upload).
+    size (see DiskSpace.room_for_upload); a body of no declared size is checked
+    as it streams (`streamed_refusal`).
     """
 
     protocol = APIChannel
@@ -311,7 +342,7 @@ class APISite(Site):
     def __init__(self, root: Resource, max_body_size: int, *,
                  max_uploads: int = UploadsConfig().max_concurrent,
                  auth: APIKeyCheck | None = None,
-                 room: Callable[[int, int], tuple[int, str] | None] | None = None):
+                 room: UploadRoom | None = None):
         # Left to itself twisted.web reads a form body whole into memory and parses
         # it on the reactor (a 40 MB form: 0.9 GB and /health stalled for 1.7 s),
         # and answers a bad one with a bare 400; the API reads forms itself, a
@@ -337,18 +368,32 @@ class APISite(Site):
             return (503, "too_many_uploads",
                     f"{len(self.uploads)} uploads are being received, the most taken at once "
                     f"(uploads.max_concurrent); try again in {UPLOAD_RETRY_SECONDS} s", retry)
-        if length and self._room is not None:
-            others = sum(max(0, size - upload.body_received)
-                         for upload, size in self.uploads.items())
-            refused = self._room(length, others)
+        if length:
+            refused = self._room_refusal(length)
             if refused is not None:
-                status, message = refused
-                if status == 507:
-                    return status, "insufficient_storage", message, ()
-                return status, "too_many_uploads", message, retry
+                return refused
         self.uploads[request] = length or 0
         request.notifyFinish().addBoth(lambda _: self.uploads.pop(request, None))
         return None
+
+    def streamed_refusal(self, received: int) -> Refusal | None:
+        """None if a body of no declared size, `received` bytes of it spooled so
+        far, may go on, else the refusal to answer at once."""
+        return self._room_refusal(received, spooled=True)
+
+    def _room_refusal(self, size: int, *, spooled: bool = False) -> Refusal | None:
+        if self._room is None:
+            return None
+        others = sum(max(0, declared - upload.body_received)
+                     for upload, declared in self.uploads.items())
+        refused = self._room(size, others, spooled=spooled)
+        if refused is None:
+            return None
+        status, message = refused
+        if status == 507:
+            return status, "insufficient_storage", message, ()
+        return (status, "too_many_uploads", message,
+                ((b"Retry-After", b"%d" % UPLOAD_RETRY_SECONDS),))
 
     def log(self, request: IRequest) -> None:
         _log.info('{client} "{method} {uri}" {code} {length}',
@@ -430,7 +475,7 @@ class WebService(Service):
                  audit: AuditLog | None = None,
                  max_upload_size: int = UploadsConfig().max_size,
                  max_concurrent_uploads: int = UploadsConfig().max_concurrent,
-                 upload_room: Callable[[int, int], tuple[int, str] | None] | None = None,
+                 upload_room: UploadRoom | None = None,
                  plotters: Callable[[], list[dict[str, Any]]] | None = None):
         self.config = config
         self._jobs = jobs
