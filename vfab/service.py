@@ -24,7 +24,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from vfab.audit import AuditLog
-from vfab.config import Config, host_name, sqlite_path
+from vfab.config import Config, database_location
 from vfab.disk import DiskSpace
 from vfab.events import EventBus
 from vfab.geometry import SVGLimits
@@ -71,10 +71,11 @@ class VfabService(MultiService):
         self._lock = WorkspaceLock(workspace)
         self.bus = EventBus()
         self.disk = DiskSpace(workspace, self.bus, reactor)
-        self.store = JobStore(sqlite_path(config.database.url, workspace), reactor=reactor,
-                              pool_size=config.database.pool_size, drawings=workspace / "jobs",
-                              on_disk_full=self.disk.noticed_full)
-        host = host_name()
+        host = config.host()
+        self.store = JobStore(database_location(config.database.url, workspace),
+                              reactor=reactor, pool_size=config.database.pool_size,
+                              drawings=workspace / "jobs", on_disk_full=self.disk.noticed_full,
+                              host=host)
         # One device service per plotter; a `device:`-only configuration keeps its
         # simulator's drawing where it always was.
         self.devices = [
@@ -82,7 +83,7 @@ class VfabService(MultiService):
                           tags=plotter.tags,
                           record_dir=workspace / "simulator" / (
                               plotter.name if config.plotters else ""))
-            for plotter in config.farm()]
+            for plotter in config.plotters_here()]
         for device in self.devices[1:]:  # service names are unique; the first stays "device"
             device.setName(f"device {device.plotter_name}")
         #: The first plotter: the one /api/device and /health show.
@@ -203,12 +204,12 @@ class VfabService(MultiService):
         if self._owner is not None and os.geteuid() == 0:
             os.chown(self._lock.path, *self._owner)
         self.store.open()
-        if self._owner is not None and os.geteuid() == 0:
+        if self._owner is not None and os.geteuid() == 0 and self.store.path is not None:
             for suffix in ("", "-wal", "-shm"):
                 path = Path(f"{self.store.path}{suffix}")
                 if path.exists():
                     os.chown(path, *self._owner)
-        _log.info("database opened and migrated: {path}", path=str(self.store.path))
+        _log.info("database opened and migrated: {path}", path=self.store.where)
 
     def _listen(self) -> None:
         if not self.config.websocket.enabled:

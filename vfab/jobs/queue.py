@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Callable, Sequence, TypeVar
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -229,7 +229,14 @@ class QueueService(Service):
         if not self._accepting:
             raise NotAccepting()
         job_id = uuid.uuid4().hex[:12]
-        if isinstance(svg, Path):
+        drawing: bytes | None = None
+        if self._store.keeps_drawings:
+            # A farm: the drawing goes into the database with the job, for
+            # whichever host plots it.
+            svg_file = f"{job_id}.svg"
+            drawing = svg if isinstance(svg, bytes) else (yield deferToThreadPool(
+                self._reactor, self._upload_threads, svg.read_bytes))
+        elif isinstance(svg, Path):
             svg_file = self.files.adopt(job_id, svg)
         else:
             svg_file = self.files.write(job_id, svg)
@@ -239,10 +246,12 @@ class QueueService(Service):
                   pen_up_mm=summary.pen_up_mm, estimated_seconds=summary.estimated_seconds,
                   svg_file=svg_file, plotter=plotter, tags=tags)
         try:
-            yield self._store.add(job)
+            yield self._store.add(job, drawing)
         except Exception:
             self.files.remove(svg_file)
             raise
+        if drawing is not None and isinstance(svg, Path):
+            svg.unlink(missing_ok=True)
         factor = self._time_factor(configs[0])
         here = (f"about {job.estimated_seconds:.0f} s" if factor == 1.0 else
                 f"about {job.estimated_seconds / factor:.0f} s here "
@@ -348,7 +357,7 @@ class QueueService(Service):
         if cached is not None:
             return cached
         job = yield self._store.get(job_id)
-        svg = self.files.read(job.svg_file)
+        svg = yield self._drawing(job)
         settings = device_settings(self._device_of(job).config, job.preset)
         result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS,
                                           self._limits)
@@ -387,10 +396,16 @@ class QueueService(Service):
             else:
                 self._wake_all()
 
+    def _drawing(self, job: Job) -> Deferred[bytes]:
+        """A job's drawing: from the database on a farm, else from its file."""
+        if self._store.keeps_drawings:
+            return self._store.drawing(job.id)
+        return maybeDeferred(self.files.read, job.svg_file)
+
     def _plan_for(self, device: Any, job: Job, plotter: Any) -> Deferred[PreparedJob]:
         settings = device_settings(device.config, job.preset)
-        svg = self.files.read(job.svg_file)
-        return self._prepare_job(svg, settings, use_lm=plotter.supports_lm)
+        return self._drawing(job).addCallback(
+            lambda svg: self._prepare_job(svg, settings, use_lm=plotter.supports_lm))
 
     def _runner_for_job(self, device: Any, job: Job, prepared: PreparedJob,
                         plotter: Any) -> PlotRunner:

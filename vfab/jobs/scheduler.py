@@ -250,10 +250,13 @@ class Scheduler:
             yield self._release(job)
             self._idle()  # the plotter went away meanwhile; its return wakes us
             return
+        # Only where it was claimed: on a farm another host may have settled it
+        # meanwhile (cancelled it, or marked this host gone).
+        claim = {} if self.plotter is None else {"claimed_by": self.plotter.name}
         try:
             yield self._recorder.change(job.id, states.PLOTTING,
                                         "started" if job.position is None
-                                        else "continued from the saved progress")
+                                        else "continued from the saved progress", **claim)
         except states.InvalidTransition:
             self._idle()  # cancelled while it was being planned: on to the next one
             return
