@@ -27,6 +27,7 @@ from vfab.audit import AuditLog
 from vfab.config import Config, database_location
 from vfab.disk import DiskSpace
 from vfab.events import EventBus
+from vfab.farmlink import FarmLink
 from vfab.geometry import SVGLimits
 from vfab.hooks import HookService
 from vfab.jobs.queue import QueueService
@@ -106,8 +107,17 @@ class VfabService(MultiService):
         self.performance = PerformanceLog(
             self.bus, config.device.simulator_speed if config.device.type == "simulator" else 1.0)
         self.hooks = HookService(config.hooks, self.bus, reactor)
+        #: A farm's link to its other hosts (PostgreSQL only).
+        self.farm: FarmLink | None = None
+        if self.store.engine == "postgresql":
+            self.farm = FarmLink(url=config.database.url, host=host, store=self.store,
+                                 queue=self.queue, bus=self.bus, reactor=reactor,
+                                 heartbeat_interval=config.farm.heartbeat_interval,
+                                 host_timeout=config.farm.host_timeout)
         for child in (self.web, *self.devices, self.queue, self.hooks):
             child.setServiceParent(self)
+        if self.farm is not None:
+            self.farm.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
         """Under twistd, hand the daemon's log observer to the application: twistd's
@@ -160,6 +170,8 @@ class VfabService(MultiService):
         self.disk.start()
         self._step("queue service", self.queue.startService)
         self._step("hooks", self.hooks.startService)
+        if self.farm is not None:
+            self._step("farm link", self.farm.startService)
         self._reactor.callWhenRunning(self._ready)
 
     def _ready(self) -> None:
@@ -253,6 +265,8 @@ class VfabService(MultiService):
         _log.info("shutdown: parking the device (pen up, motors off) of every plotter")
         yield DeferredList([self._stop_step(f"plotter {device.plotter_name}", device)
                             for device in self.devices])
+        if self.farm is not None and self.farm.running:
+            self.farm.stopService()
         self.disk.stop()
         self.store.close()
         self._lock.release()

@@ -108,6 +108,10 @@ class QueueService(Service):
             plotter.name: self._scheduler_for(plotter, device)
             for plotter, device in zip(self.farm, self.devices)}
         self._unsubscribe = None
+        #: On a farm (set by vfab.farmlink): the other hosts' plotters with their
+        #: model, and their statuses.
+        self.remote_plotters: Callable[[], list[tuple[FarmPlotter, str | None]]] = list
+        self.remote_statuses: Callable[[], list[dict[str, Any]]] = list
 
     def _scheduler_for(self, plotter: FarmPlotter, device: Any) -> Scheduler:
         return Scheduler(
@@ -116,14 +120,15 @@ class QueueService(Service):
             make_runner=lambda job, prepared, connected: self._runner_for_job(
                 device, job, prepared, connected),
             clock=self._reactor, shutdown_grace=device.config.shutdown_grace,
-            plotter=plotter, released=self._wake_all)
+            plotter=plotter, released=self.wake_all)
 
     @property
     def scheduler(self) -> Scheduler:
         """The first plotter's scheduler (the only one of a single-plotter daemon)."""
         return next(iter(self.schedulers.values()))
 
-    def _wake_all(self) -> None:
+    def wake_all(self) -> None:
+        """Every plotter looks for a job it can take (one may be free now)."""
         for scheduler in self.schedulers.values():
             scheduler.wake()
 
@@ -135,7 +140,7 @@ class QueueService(Service):
         self.files.remove_stale_uploads()
         self._threads.start()
         self._upload_threads.start()
-        self._unsubscribe = self._bus.subscribe(self._on_event)
+        self._unsubscribe = self._bus.subscribe(self._on_event, remote=True)
         starting = self.recorder.refresh().addCallback(lambda _: self._store.adopt(self.farm))
         starting.addCallback(self._adopted)
         starting.addErrback(lambda failure: _log.failure(
@@ -212,9 +217,14 @@ class QueueService(Service):
             raise InvalidJobInput(f"priority: expected an integer from {low} to {high}, "
                                   f"got {priority!r:.40}")
         tags = tuple(tags)
-        takers = check_takers(self.farm, plotter, tags)
+        remote = self.remote_plotters()
+        takers = check_takers([*self.farm, *(other for other, _ in remote)], plotter, tags)
         configs = [device.config for candidate, device in zip(self.farm, self.devices)
                    if candidate in takers]
+        # Another host's plotter: its model's travel, with this host's settings.
+        configs += [attr.evolve(self.devices[0].config, model=model)
+                    for other, model in remote if other in takers and model is not None]
+        configs = configs or [self.devices[0].config]
         summary: DrawingSummary | None = None
         # The drawing must fit every plotter that may take it: it is planned once
         # for each model among them; the first plotter's figures are kept.
@@ -259,7 +269,7 @@ class QueueService(Service):
         _log.info("job {job_id} '{name}' queued: {paths} paths, {layers} layers, {here}",
                   job_id=job_id, name=name, paths=job.paths, layers=job.layers, here=here)
         self.recorder.announce(job, None, "submitted")
-        self._wake_all()
+        self.wake_all()
         return job.to_dict()
 
     @inlineCallbacks
@@ -310,7 +320,7 @@ class QueueService(Service):
             # Back in the queue with its saved progress, which puts it first.
             yield self.recorder.change(job_id, states.QUEUED,
                                        "resume requested; continues from the saved progress")
-            self._wake_all()
+            self.wake_all()
         else:
             raise states.InvalidTransition(job_id, job.state, states.PLOTTING)
         result = yield self.get(job_id)
@@ -332,7 +342,7 @@ class QueueService(Service):
         else:
             states.check_transition(job_id, job.state, states.CANCELLED)
             yield self.recorder.change(job_id, states.CANCELLED, "cancelled by request")
-            self._wake_all()
+            self.wake_all()
         result = yield self.get(job_id)
         return result
 
@@ -373,8 +383,14 @@ class QueueService(Service):
         return self.devices[0]
 
     def plotters(self) -> list[dict[str, Any]]:
-        """Every plotter's `device_status`, in the configuration's order."""
-        return [device.status() for device in self.devices]
+        """Every plotter's `device_status`: this host's in the configuration's order,
+        then the farm's other hosts' as last heard."""
+        return [device.status() for device in self.devices] + self.remote_statuses()
+
+    def plotter_records(self) -> list[dict[str, Any]]:
+        """This host's plotters as its heartbeat tells the farm."""
+        return [{"name": plotter.name, "tags": list(plotter.tags), "model": device.config.model,
+                 "status": device.status()} for plotter, device in zip(self.farm, self.devices)]
 
     def queue_length(self) -> int:
         return self.recorder.count(states.QUEUED)
@@ -394,7 +410,7 @@ class QueueService(Service):
             if scheduler is not None:
                 scheduler.wake()
             else:
-                self._wake_all()
+                self.wake_all()
 
     def _drawing(self, job: Job) -> Deferred[bytes]:
         """A job's drawing: from the database on a farm, else from its file."""

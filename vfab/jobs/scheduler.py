@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vfab.jobs import states
-from vfab.jobs.errors import DatabaseDamaged, DiskFull
+from vfab.jobs.errors import DatabaseDamaged, DatabaseUnavailable, DiskFull
 from vfab.jobs.farm import FarmPlotter
 from vfab.jobs.job import Job
 from vfab.jobs.position import Position
@@ -214,7 +214,10 @@ class Scheduler:
             yield self._settle_held_job(held, plotter)
 
     def _choosing_failed(self, failure: Failure) -> None:
-        if not failure.check(DatabaseDamaged):  # the store has said that once
+        if failure.check(DatabaseUnavailable):
+            _log.warn("{error}; choosing the next job again in {seconds:.0f} s",
+                      error=failure.value, seconds=RETRY_SECONDS)
+        elif not failure.check(DatabaseDamaged):  # the store has said that once
             _log.failure("could not choose the next job; trying again in {seconds:.0f} s",
                          failure, seconds=RETRY_SECONDS)
         self._idle()
@@ -383,6 +386,18 @@ class Scheduler:
                     return
                 _log.warn("disk full: recording job {job_id} as {state} again in "
                           "{seconds:.0f} s", job_id=job_id, state=to_state,
+                          seconds=RETRY_SECONDS)
+                yield deferLater(self._clock, RETRY_SECONDS, lambda: None)
+            except DatabaseUnavailable as error:
+                # The farm's database server is away (restarting, the network):
+                # the plot's end must not be lost, so it waits for the server.
+                if self._state is SchedulerState.STOPPED:
+                    _log.error("job {job_id} could not be recorded as {state} ({error}); "
+                               "the next start puts it right", job_id=job_id,
+                               state=to_state, error=error)
+                    return
+                _log.warn("{error}: recording job {job_id} as {state} again in "
+                          "{seconds:.0f} s", error=error, job_id=job_id, state=to_state,
                           seconds=RETRY_SECONDS)
                 yield deferLater(self._clock, RETRY_SECONDS, lambda: None)
             except Exception:  # the store: logged, and the job is put right at the next start

@@ -37,10 +37,6 @@ def shown_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-class DatabaseUnavailable(RuntimeError):
-    """The database server cannot be reached (HTTP 503); the store tries again."""
-
-
 class _Cursor:
     """A DB-API cursor that takes the store's `?` placeholders (PostgreSQL: `%s`)."""
 

@@ -29,9 +29,8 @@ from vfab.jobs.farm import FarmPlotter
 from vfab.jobs.job import Job, iso8601
 from vfab.jobs.states import (ACTIVE, FINISHED, INTERRUPTED, PLOTTING, QUEUED,
                               InvalidTransition, check_transition)
-from vfab.jobs.errors import DatabaseDamaged, DiskFull, JobNotFound
-from vfab.store.engines import (DatabaseUnavailable, PostgresEngine, SQLiteEngine,
-                                is_postgresql, shown_url)
+from vfab.jobs.errors import DatabaseDamaged, DatabaseUnavailable, DiskFull, JobNotFound
+from vfab.store.engines import PostgresEngine, SQLiteEngine, is_postgresql, shown_url
 from vfab.store.migrations import SchemaTooNew, integrity_problem, migrate
 
 _log = Logger()
@@ -276,6 +275,18 @@ class JobStore:
         def adapted(cursor: Any, *args: Any) -> Any:
             return interaction(adapt(cursor), *args)
 
+        running = self._pool.runInteraction(adapted, *args).addErrback(self._failed)
+        if isinstance(self._engine, PostgresEngine):
+            # A connection the server dropped (it restarted) fails once and is
+            # replaced: try once more on a new one before saying "unavailable".
+            running.addErrback(self._again, adapted, args)
+        return running
+
+    def _again(self, failure: Failure, adapted: Callable[..., Any],
+               args: tuple[Any, ...]) -> Deferred[Any] | Failure:
+        failure.trap(DatabaseUnavailable)
+        if self._pool is None:
+            return failure
         return self._pool.runInteraction(adapted, *args).addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> Failure:
@@ -503,5 +514,50 @@ class JobStore:
                     for row in cursor.fetchall()]
         return self._run(select)
 
+    # -- a farm's hosts (PostgreSQL) ----------------------------------------------
+    # Their times are the database server's clock, so that hosts whose clocks
+    # disagree still agree on which of them has gone silent.
 
+    def heartbeat(self, host: str, plotters: list[dict[str, Any]]) -> Deferred[None]:
+        """Say that `host` is alive, with its plotters (name, tags, model, status)."""
+        def write(cursor: Any) -> None:
+            cursor.execute(
+                "INSERT INTO hosts (name, seen_at, plotters) VALUES "
+                "(?, extract(epoch FROM clock_timestamp()), ?) ON CONFLICT (name) DO UPDATE "
+                "SET seen_at = EXCLUDED.seen_at, plotters = EXCLUDED.plotters",
+                (host, json.dumps(plotters)))
+        return self._run(write)
+
+    def hosts(self) -> Deferred[list[dict[str, Any]]]:
+        """Every host of the farm: `name`, `silent` (seconds since it was last
+        heard of) and its `plotters`."""
+        def select(cursor: Any) -> list[dict[str, Any]]:
+            cursor.execute("SELECT name, extract(epoch FROM clock_timestamp()) - seen_at, "
+                           "plotters FROM hosts ORDER BY name")
+            return [{"name": name, "silent": float(silent), "plotters": json.loads(plotters)}
+                    for name, silent, plotters in cursor.fetchall()]
+        return self._run(select)
+
+    def interrupt_host(self, host: str, silent_for: float,
+                       reason: str) -> Deferred[list[tuple[Job, Job]]]:
+        """Mark interrupted the jobs that `host` holds (plotting, paused, awaiting a pen)
+        if it has been silent for `silent_for` seconds or more, checked again under
+        a lock so that a host heard from meanwhile keeps its jobs and two hosts
+        that noticed at once interrupt them once. Returns (before, after) of each."""
+        def write(cursor: Any) -> list[tuple[Job, Job]]:
+            cursor.execute("SELECT extract(epoch FROM clock_timestamp()) - seen_at FROM hosts "
+                           f"WHERE name = ?{self._engine.lock}", (host,))
+            row = cursor.fetchone()
+            if row is None or float(row[0]) < silent_for:
+                return []
+            marks = ", ".join("?" * len(ACTIVE))
+            cursor.execute(f"SELECT id FROM jobs WHERE host = ? AND state IN ({marks}) "
+                           f"ORDER BY seq{self._engine.lock}", (host, *ACTIVE))
+            changed = []
+            for (job_id,) in cursor.fetchall():
+                before = _fetch(cursor, job_id)
+                self._write_transition(cursor, before, INTERRUPTED, reason, {"error": reason})
+                changed.append((before, _fetch(cursor, job_id)))
+            return changed
+        return self._run(write)
 
