@@ -23,7 +23,6 @@ import threading
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -31,7 +30,7 @@ from twisted.logger import Logger
 from vfab.events import EventBus
 from vfab.jobs.farm import FarmPlotter
 from vfab.jobs.errors import DatabaseUnavailable
-from vfab.store.engines import CONNECT_TIMEOUT
+from vfab.store.engines import CONNECT_TIMEOUT, ServerPool
 
 _log = Logger()
 
@@ -105,7 +104,7 @@ class FarmLink(Service):
         self._interval = heartbeat_interval
         self._timeout = host_timeout
         #: One connection, so that this host's notifications leave in their order.
-        self._sender: adbapi.ConnectionPool | None = None
+        self._sender: ServerPool | None = None
         self._listener: Listener | None = None
         self._beat: LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
@@ -120,7 +119,7 @@ class FarmLink(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._sender = adbapi.ConnectionPool(
+        self._sender = ServerPool(
             "psycopg", self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
             cp_min=1, cp_max=1, cp_reconnect=True, cp_noisy=False, cp_reactor=self._reactor)
         self._unsubscribe = self._bus.subscribe(self._relay)

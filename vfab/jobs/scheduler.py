@@ -239,6 +239,14 @@ class Scheduler:
         self._state = SchedulerState.PREPARING
         try:
             prepared = yield self._prepare(job, plotter)
+        except DatabaseUnavailable as error:  # its drawing could not be read: not its fault
+            if self._state is SchedulerState.STOPPED:
+                return
+            _log.warn("{error}; job {job_id} is planned again in {seconds:.0f} s", error=error,
+                      job_id=job.id, seconds=RETRY_SECONDS)
+            self._idle()
+            self._retry = self._clock.callLater(RETRY_SECONDS, self.wake)
+            return
         except Exception as error:  # whatever stops planning fails this job, not the queue
             if self._state is SchedulerState.STOPPED:
                 return

@@ -50,6 +50,26 @@ class _Cursor:
         return getattr(self._cursor, name)
 
 
+class _ServerConnection(adbapi.Connection):
+    """adbapi's pooled connection, quiet about a connection the server dropped.
+
+    adbapi tries a rollback and a `select 1` on it, logs both failures as
+    CRITICAL tracebacks and then drops it; a dropped connection is ordinary on
+    a farm (the server restarted), and the failed query says so already."""
+
+    def rollback(self) -> None:
+        if self._connection.closed or getattr(self._connection, "broken", False):
+            self._pool.disconnect(self._connection)
+            return
+        super().rollback()
+
+
+class ServerPool(adbapi.ConnectionPool):
+    """A pool of PostgreSQL connections, each opened again once the server drops it."""
+
+    connectionFactory = _ServerConnection
+
+
 class SQLiteEngine:
     """One file; one connection (SQLite allows one writer), WAL journal."""
 
@@ -108,7 +128,7 @@ class PostgresEngine:
     def pool(self, reactor: Any, pool_size: int) -> adbapi.ConnectionPool:
         # One connection per pool thread; a dead one (the server restarted) is
         # dropped on the failed rollback and opened again for the next query.
-        return adbapi.ConnectionPool(
+        return ServerPool(
             "psycopg", self.url, connect_timeout=CONNECT_TIMEOUT, cp_min=1, cp_max=pool_size,
             cp_reconnect=True, cp_noisy=False, cp_reactor=reactor)
 
