@@ -76,34 +76,24 @@ def vpype_read(svg_file: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-class ChildPeak:
+class ChildPeak(common.ProcessSampler):
     """The highest VmHWM of any child of `pid`, sampled every 10 ms in a thread."""
 
+    interval = 0.01
+
     def __init__(self, pid: int):
-        self._process = psutil.Process(pid)
-        self._stop = threading.Event()
+        super().__init__(pid)
         self.peak_mb = 0.0
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> "ChildPeak":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(5)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            for kid in self._process.children(recursive=True):
-                try:
-                    status = Path(f"/proc/{kid.pid}/status").read_text()
-                except OSError:
-                    continue
-                for line in status.splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024.0)
-            self._stop.wait(0.01)
+    def sample(self, process: psutil.Process) -> None:
+        for kid in process.children(recursive=True):
+            try:
+                status = Path(f"/proc/{kid.pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_mb = max(self.peak_mb, int(line.split()[1]) / 1024.0)
 
 
 def environment() -> dict[str, str]:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
+import psutil
 import vpype
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,3 +151,31 @@ def verdict(name: str, met: bool, detail: str) -> str:
 
 def percentile(values, q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else float("nan")
+
+
+class ProcessSampler:
+    """Looks at process `pid` every `interval` seconds in a thread, while in a
+    `with` block, so that a benchmark sees peaks a single reading would miss."""
+
+    interval = 0.05
+
+    def __init__(self, pid: int):
+        self._process = psutil.Process(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ProcessSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample(self._process)
+            self._stop.wait(self.interval)
+
+    def sample(self, process: psutil.Process) -> None:
+        raise NotImplementedError

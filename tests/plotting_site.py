@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import attr
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from vfab.config import DeviceConfig
 from vfab.events import EventBus
-from vfab.jobs.prepare import prepare
 from vfab.jobs.queue import QueueService
 from vfab.plotter.service import DeviceService
 from vfab.simulator import EBBEmulator, LoopbackPort
@@ -106,10 +105,6 @@ class InProcessPlanning:
         return None
 
 
-def prepare_now(svg: bytes, settings: DeviceConfig, *, use_lm: bool) -> Deferred:
-    return succeed(prepare(svg, settings, use_lm=use_lm))
-
-
 @attr.s(auto_attribs=True)
 class Life:
     clock: LifeClock
@@ -163,7 +158,7 @@ class Site:
                    for (name, tags), board in zip(self.plotters, self.boards.values())]
         queue = QueueService(store=store, devices=devices, bus=bus,
                              jobs_dir=self.jobs_dir, reactor=clock,
-                             planning=InProcessPlanning(), prepare_job=prepare_now)
+                             planning=InProcessPlanning())
         for device in devices:
             device.startService()
         queue.startService()

@@ -293,3 +293,11 @@ def test_an_empty_job_id_is_refused_before_the_daemon_is_asked(capsys):
             main([*argv, "--url", "http://127.0.0.1:9"])
         assert exit_.value.code == 2, argv
         assert "an empty job id names no job" in capsys.readouterr().err
+
+
+def test_a_state_that_does_not_exist_is_a_usage_error():
+    """`list jobs --state` takes the contract's state names (any case); another
+    word is a usage error (2) found before any daemon is asked."""
+    result = run_vfab("list", "jobs", "--state", "finished", "--url", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "--state" in result.stderr and "awaiting_pen" in result.stderr

@@ -53,8 +53,11 @@ def test_two_virtual_plotters_each_plot_the_jobs_they_may_take(tmp_path):
         plotters = {plotter["plotter"]: plotter for plotter in answer["plotters"]}
         assert list(plotters) == ["left", "right"]
         assert plotters["left"]["tags"] == ["a3", "fine"] and plotters["left"]["host"]
+        assert [plotters[name]["device_id"] for name in plotters] == ["left", "right"]
         _, device = daemon.request("GET", "/api/device")
         assert device["plotter"] == "left"
+        wait_until(lambda: daemon.request("GET", "/health")[1].get("plotters")
+                   == {"left": "idle", "right": "idle"}, "/health naming both plotters idle")
 
         refused = [daemon.submit(square(0)[0], plotter="middle"),
                    daemon.submit(square(0)[0], tags="a2"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import time
@@ -20,7 +21,7 @@ import pytest_twisted
 from websockets.sync.client import connect
 from twisted.internet import reactor
 from twisted.internet.testing import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from tests.daemon_process import DaemonProcess, wait_until
 from vfab.audit import AuditLog
@@ -157,6 +158,23 @@ def test_the_log_goes_on_after_a_full_disk_and_says_what_was_lost():
                               "INFO line 2\n"]
 
 
+def test_while_the_disk_is_full_the_log_file_keeps_only_warnings_and_worse():
+    """Every request's access line would take the room a full disk keeps for
+    the daemon's progress (measured: 12 KiB for 148 requests)."""
+    stream, full = FullThenRoom(full=0), [True]
+    observer = LineObserver(stream, "%(levelname)s %(message)s")
+    observer.spare_while(lambda: full[0])
+    observer({"log_format": "GET /health 200", "log_level": LogLevel.info})
+    observer({"log_format": "debug", "log_level": LogLevel.debug})
+    observer({"log_format": "progress not saved", "log_level": LogLevel.error})
+    full[0] = False
+    observer({"log_format": "GET /health 200", "log_level": LogLevel.info})
+    assert stream.written == [
+        "(2 log line(s) below warning were not written while the disk was full)\n"
+        "ERROR progress not saved\n",
+        "INFO GET /health 200\n"]
+
+
 def test_a_security_event_on_a_full_disk_fails_nothing_and_is_counted_later():
     stream = FullThenRoom(full=1)
     audit = AuditLog(stream, clock=Clock())
@@ -196,6 +214,74 @@ def test_the_store_names_a_full_disk(small_disk):
         store.close()
 
 
+def leave_free(filler: Path, room: int) -> None:
+    """Give `room` bytes of a filled disk back (as releasing the reserve does)."""
+    os.truncate(filler, filler.stat().st_size - room)
+
+
+@pytest_twisted.inlineCallbacks
+def test_progress_saves_on_a_full_disk_use_a_bounded_room(small_disk):
+    """The room a full disk still has (the 256 KiB reserve, given back) lasted 64
+    progress saves, about 2 minutes at the default 2 s: the write-ahead log grew
+    by a page a save, up to SQLite's 1000-page checkpoint (4 MB). Saves now fit in
+    a log of a few pages, written over again: a plot's hour of saves goes
+    through, and the job's end can still be recorded after it."""
+    store = JobStore(small_disk / "vfab.db", reactor=reactor)
+    store.open()
+    try:
+        yield store.add(make_job("plotting"))
+        yield store.transition("plotting", states.PLOTTING, "started")
+        leave_free(fill(small_disk), 256 << 10)
+        free = shutil.disk_usage(small_disk).free
+        for number in range(1800):  # an hour of saves, 2 s apart
+            yield store.save_progress("plotting", number / 1800, {"x": number, "y": number})
+        used = free - shutil.disk_usage(small_disk).free
+        assert used <= 160 << 10, used
+        yield store.transition("plotting", states.COMPLETED, "done")
+        assert (yield store.get("plotting")).progress == 1799 / 1800
+    finally:
+        store.close()
+
+
+def test_a_plan_that_does_not_fit_is_disk_full_and_leaves_nothing(small_disk):
+    """Issue 13: the plan is written by the submission's child; on a full disk it is
+    DiskFull (507) and no half-written plan stays."""
+    from vfab.config import DeviceConfig
+    from vfab.jobs.prepare import write_plan
+
+    strokes = "".join(f'<path d="M{x} 5 L{x + 0.5} 35 L{x + 0.7} 5"/>' for x in range(5, 300))
+    svg = (b'<svg xmlns="http://www.w3.org/2000/svg" width="300mm" height="200mm" '
+           b'viewBox="0 0 300 200">' + strokes.encode() + b'</svg>')
+    filler = fill(small_disk)
+    with pytest.raises(DiskFull, match="the plan"):
+        write_plan(svg, DeviceConfig(), small_disk / "job.plan")
+    assert sorted(path.name for path in small_disk.iterdir()) == ["filler"]
+    filler.unlink()
+    figures = write_plan(svg, DeviceConfig(), small_disk / "job.plan")
+    assert figures["paths"] == 295 and (small_disk / "job.plan").exists()
+
+
+def test_a_submission_whose_plan_meets_a_full_disk_leaves_no_file(tmp_path, monkeypatch):
+    from vfab.motion import planfile
+
+    def full(self, **fields):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    site = Site(tmp_path)
+    monkeypatch.setattr(planfile.PlanWriter, "finish", full)
+    submitting = site.life.queue.submit("job", SQUARE)
+    failures = []
+    submitting.addErrback(failures.append)
+    assert failures and failures[0].check(DiskFull)
+    assert "the plan" in str(failures[0].value)
+    assert list(site.jobs_dir.iterdir()) == []
+    monkeypatch.undo()
+    job_id = site.submit(SQUARE)
+    assert sorted(path.name for path in site.jobs_dir.iterdir()) == [f"{job_id}.plan",
+                                                                     f"{job_id}.svg"]
+    site.stop()
+
+
 def test_the_daemon_on_a_full_disk(small_disk):
     daemon = DaemonProcess(small_disk / "site", {
         "device": {"type": "simulator", "simulator_speed": 20}}).start()
@@ -216,7 +302,8 @@ def test_the_daemon_on_a_full_disk(small_disk):
                                       {"Content-Type": "multipart/form-data; boundary=b"})
         assert status == 507 and body["error"]["code"] == "insufficient_storage"
         jobs = daemon.workspace / "jobs"
-        assert sorted(path.name for path in jobs.iterdir()) == [f"{done['id']}.svg"]
+        assert sorted(path.name for path in jobs.iterdir()) == [f"{done['id']}.plan",
+                                                                f"{done['id']}.svg"]
         health = wait_until(lambda: (lambda h: h if h["status"] != "healthy" else None)(
             daemon.request("GET", "/health")[1]), what="health to say the disk is full")
         assert health["status"] == "degraded" and health["disk"] == "full"
@@ -226,6 +313,7 @@ def test_the_daemon_on_a_full_disk(small_disk):
         assert status == 204
         assert daemon.request("GET", f"/api/jobs/{done['id']}")[0] == 404
         assert not (jobs / f"{done['id']}.svg").exists()
+        assert not (jobs / f"{done['id']}.plan").exists()
 
         filler.unlink()
         wait_until(lambda: daemon.request("GET", "/health")[1]["status"] == "healthy",
@@ -305,6 +393,39 @@ def lines_svg(count: int) -> bytes:
     paths = "".join(f'<path d="M10 {10 + 2 * n} H200"/>' for n in range(count))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="220mm" height="200mm" '
             f'viewBox="0 0 220 200">{paths}</svg>').encode()
+
+
+def test_a_plot_on_a_full_disk_takes_a_bounded_room_and_its_end_is_recorded(small_disk):
+    """The daemon plots on with 256 KiB left, saving its progress 10 times a
+    second (the room went in 64 saves) and answering a monitor's requests (their
+    log lines took room too): what it writes stays within the WAL's few pages,
+    the log file keeps still, and the cancel is recorded."""
+    daemon = DaemonProcess(small_disk / "site", {
+        "device": {"type": "simulator", "progress_save_interval": 0.1}}).start()
+    try:
+        _, plotting = daemon.submit(lines_svg(80), "plotting")
+        daemon.wait_for_job(plotting["id"], {"plotting"})
+        filler = fill(small_disk)
+        leave_free(filler, 256 << 10)
+        wait_until(lambda: daemon.request("GET", "/health")[1].get("disk") == "full",
+                   what="health to say the disk is full")
+        log = daemon.workspace / "logs" / "vfab.log"
+        free, log_size = shutil.disk_usage(small_disk).free, log.stat().st_size
+        started = time.monotonic()
+        while time.monotonic() - started < 12:  # 120 saves; a monitor's requests
+            assert daemon.request("GET", "/health")[0] == 200
+            time.sleep(0.1)  # the monitor's pace
+        used = free - shutil.disk_usage(small_disk).free
+        assert used <= 160 << 10, used
+        assert log.stat().st_size == log_size
+        status, job = daemon.request("POST", f"/api/jobs/{plotting['id']}/cancel")
+        assert (status, job["state"]) == (200, "cancelled"), job
+        filler.unlink()
+        wait_until(lambda: "below warning were not written" in log.read_text(),
+                   what="the log to say what it left out")
+    finally:
+        assert daemon.stop() == 0
+    assert "Unhandled error in Deferred" not in daemon.log
 
 
 def test_cancel_works_on_a_full_disk_so_that_delete_can_free_space(small_disk):
@@ -395,6 +516,8 @@ def test_a_request_body_that_meets_a_full_disk_is_a_json_507(monkeypatch) -> Non
     import tempfile as tempfile_module
 
     from twisted.internet.testing import StringTransport
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
     from twisted.web import http
     from twisted.web.resource import Resource
 
@@ -418,4 +541,4 @@ def test_a_request_body_that_meets_a_full_disk_is_a_json_507(monkeypatch) -> Non
     reply = json.loads(answer.split(b"\r\n\r\n", 1)[1])
     assert reply["error"]["code"] == "insufficient_storage"
     assert tempfile_module.gettempdir() in reply["error"]["message"]
-    channel.connectionLost(None)
+    channel.connectionLost(Failure(ConnectionDone()))

@@ -68,6 +68,42 @@ def test_viewbox_offset_and_scale():
     np.testing.assert_allclose(path, [[20, 20], [40, 20]], atol=1e-4)
 
 
+@pytest.mark.parametrize("attributes, expected_page", [
+    ('width="200mm" viewBox="0 0 100 50"', (200, 100)),
+    ('height="100mm" viewBox="0 0 100 50"', (200, 100)),
+    ('width="200mm" height="auto" viewBox="0 0 100 50"', (200, 100)),
+])
+def test_a_missing_width_or_height_follows_the_viewbox_aspect_ratio(attributes, expected_page):
+    """An outermost <svg> with one size and a viewBox has the other from the
+    viewBox's aspect ratio (SVG 2, CSS sizing), as browsers and Inkscape show
+    it: the drawing is not squeezed into a 100 % of nothing."""
+    drawing = load_svg(svg('<path d="M0 0 L100 50"/>', attributes))
+    assert (drawing.width_mm, drawing.height_mm) == pytest.approx(expected_page, abs=1e-3)
+    np.testing.assert_allclose(only_path(drawing), [[0, 0], [200, 100]], atol=1e-4)
+
+
+def test_a_path_without_data_draws_nothing_and_spoils_nothing():
+    """SVG: a <path> without `d` is not rendered; the rest of the drawing is."""
+    drawing = load_svg(svg('<path id="empty"/><path d="M10 10 L20 10"/>'))
+    np.testing.assert_allclose(only_path(drawing), [[10, 10], [20, 10]], atol=1e-4)
+
+
+@pytest.mark.parametrize("body, expected", [
+    ('<line x1="0" y1="0" x2="10" y2="0" stroke="black" stroke-width="0.1em"/>', [[0, 0], [10, 0]]),
+    ('<line x1="0" y1="0" x2="10" y2="0" style="stroke:black;stroke-width:0.1em"/>',
+     [[0, 0], [10, 0]]),
+    ('<line x1="1em" y1="0" x2="40" y2="0"/>', [[16, 0], [40, 0]]),
+    ('<g font-size="10px"><line x1="2em" y1="1ex" x2="40" y2="1ex"/></g>', [[20, 5], [40, 5]]),
+    ('<g style="font-size:10px"><g font-size="2em"><line x1="1em" y1="0" x2="40" y2="0"/></g></g>',
+     [[20, 0], [40, 0]]),
+])
+def test_font_relative_lengths_are_resolved(body, expected):
+    """em and ex (CSS: the font size, 16 px unless set; ex half of it) in a
+    length or a stroke width are valid SVG; they made the upload a 400."""
+    path = only_path(load_svg(svg(body, 'width="100mm" height="100mm" viewBox="0 0 100 100"')))
+    np.testing.assert_allclose(path, expected, atol=1e-4)
+
+
 def test_transforms_and_nested_groups():
     body = ('<g transform="translate(10 20)"><g transform="scale(2)">'
             '<path d="M0 0 L5 0" transform="rotate(90)"/></g></g>')

@@ -154,6 +154,21 @@ async def test_health_not_degraded_when_no_device_is_configured(serve):
     assert (await call(web, "GET", "/health")).json()["status"] == "healthy"
 
 
+@pytest_twisted.ensureDeferred
+async def test_health_and_system_status_name_every_plotters_state(serve):
+    """On a farm one `device` state would hide the others: each plotter is named."""
+    second = {"plotter": "b3", "status": "plotting"}
+    web = await serve(plotters=lambda: [web.device.status(), second])
+    web.device.state["plotter"] = "a4"
+    reply = await call(web, "GET", "/health")
+    assert reply.json()["plotters"] == {"a4": "idle", "b3": "plotting"}
+    assert reply.json()["device"] == "idle"
+    second["status"] = "error"
+    status = web.service.monitor.system_status()
+    assert status["plotters"] == {"a4": "idle", "b3": "error"}
+    assert status["device"] == "idle"
+
+
 # -- POST /api/jobs -----------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
@@ -678,7 +693,7 @@ async def test_a_client_that_sends_the_body_anyway_still_reads_the_413(serve):
 
 @pytest_twisted.ensureDeferred
 async def test_a_refused_client_that_never_hangs_up_is_let_go(serve, monkeypatch):
-    monkeypatch.setattr(server, "LINGER_SECONDS", 0.2)
+    monkeypatch.setattr(server, "LINGER_IDLE_SECONDS", 0.2)
     web = await serve(max_upload_size=1024)
     status, _, _ = await raw(web, b"POST /api/jobs HTTP/1.1\r\nHost: x\r\n"
                                   b"Content-Length: 2048\r\n\r\n", hang_up=False)

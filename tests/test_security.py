@@ -400,6 +400,71 @@ def test_a_chunked_body_over_the_limit_is_413_as_soon_as_it_passes_it(
     healthy(daemon)
 
 
+#: How long the daemon kept a refused connection before issue 14's fix (then reset).
+OLD_LINGER_SECONDS = 5.0
+
+
+def read_to_the_end(sock: socket.socket) -> bytes:
+    """Everything the server sends until its end; a reset fails the test."""
+    sock.settimeout(WAIT)
+    answer = b""
+    while True:
+        piece = sock.recv(65536)  # ConnectionResetError: the answer may be lost
+        if not piece:
+            return answer
+        answer += piece
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
+def test_a_refused_client_still_sending_after_the_old_cutoff_reads_its_413(
+        daemon: DaemonProcess, chunked: bool) -> None:
+    """A client that sends its whole body before it reads (urllib, requests) got
+    a reset 5.2 s after its 413 and never saw the answer. It sends here, at a
+    slow client's pace, for longer than that, then reads: the whole 413, then
+    a clean end."""
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=WAIT)
+    framing = (b"Transfer-Encoding: chunked" if chunked
+               else b"Content-Length: %d" % (1000 * MAX_UPLOAD))
+    sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
+                 + b"\r\nContent-Type: image/svg+xml\r\n" + framing + b"\r\n\r\n")
+    piece = b" " * 16384
+    if chunked:
+        piece = b"%x\r\n%s\r\n" % (len(piece), piece)
+    started = time.monotonic()
+    while time.monotonic() - started < OLD_LINGER_SECONDS + 1.5:
+        sock.sendall(piece)  # a reset here is the defect too
+        time.sleep(0.01)  # the client's pace (about 1.5 MB/s), not a wait for an event
+    answer = read_to_the_end(sock)
+    sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert json.loads(body)["error"]["code"] == "too_large"
+    healthy(daemon)
+
+
+def test_the_limit_passed_by_the_last_chunk_with_the_end_in_the_same_write_is_one_413(
+        daemon: DaemonProcess) -> None:
+    """The race at the end of a chunked body: the excess, the terminating chunk
+    and a second request arrive together. One 413, then the end: the body is not
+    taken as a job, the second request is not served."""
+    jobs_before = len(daemon.request("GET", "/api/jobs", headers=AUTH)[1]["jobs"])
+    body = svg_body('<path d="M1 1L2 2"/>')
+    first = body + b" " * (MAX_UPLOAD - len(body) - 100)
+    last = b" " * 101  # passes the limit by one byte
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=WAIT)
+    sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode()
+                 + b"\r\nContent-Type: image/svg+xml\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 + b"%x\r\n%s\r\n" % (len(first), first) + b"%x\r\n%s\r\n" % (len(last), last)
+                 + b"0\r\n\r\n" + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = read_to_the_end(sock)
+    sock.close()
+    head, _, rest = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert json.loads(rest)["error"]["code"] == "too_large"  # and nothing after it
+    assert len(daemon.request("GET", "/api/jobs", headers=AUTH)[1]["jobs"]) == jobs_before
+    healthy(daemon)
+
+
 FORM_PART = (b'--B\r\nContent-Disposition: form-data; name="file"; filename="a.svg"\r\n\r\n'
              + SVG + b"\r\n--B--\r\n")
 
@@ -420,7 +485,9 @@ def test_a_form_without_a_usable_boundary_is_a_json_400(daemon: DaemonProcess,
                                           b"application/x-www-form-urlencoded"])
 def test_twisted_web_never_reads_a_form_body_whole_on_the_reactor(
         monkeypatch: pytest.MonkeyPatch, content_type: bytes) -> None:
+    from twisted.internet.error import ConnectionDone
     from twisted.internet.testing import StringTransport
+    from twisted.python.failure import Failure
     from twisted.web import http
     from twisted.web.resource import Resource
 
@@ -447,7 +514,7 @@ def test_twisted_web_never_reads_a_form_body_whole_on_the_reactor(
                          + b"\r\nContent-Length: %d\r\n\r\n" % len(FORM_PART) + FORM_PART)
     assert seen == [FORM_PART]
     assert transport.value().startswith(b"HTTP/1.1 200")
-    channel.connectionLost(None)
+    channel.connectionLost(Failure(ConnectionDone()))
 
 
 class RawWebSocket:
@@ -582,8 +649,8 @@ def test_names_with_path_separators_stay_names(daemon: DaemonProcess, name: str)
     status, job = daemon.request("POST", f"/api/jobs?name={quote(name)}", SVG,
                                  {**AUTH, "Content-Type": "image/svg+xml"})
     assert status == 201 and job["name"] == name
-    # Stored drawings are named by the daemon, never after the job.
-    assert all(re.fullmatch(r"[0-9a-f]{12}\.svg", f) for f in os.listdir(daemon.workspace / "jobs"))
+    # Stored drawings and plans are named by the daemon, never after the job.
+    assert all(re.fullmatch(r"[0-9a-f]{12}\.(svg|plan)", f) for f in os.listdir(daemon.workspace / "jobs"))
     assert set(os.listdir(daemon.workspace.parent)) == outside
     assert not Path("/tmp/evil").exists()
 

@@ -8,9 +8,13 @@ import io
 import json
 import os
 import re
+import shutil
 import socket
 import threading
+import time
 import tracemalloc
+import urllib.error
+import urllib.request
 
 import pytest
 import pytest_twisted
@@ -32,6 +36,7 @@ from vfab.web import multipart
 from vfab.web.multipart import MultipartError, copy_form
 
 from plotting_site import Site
+from test_full_disk import small_disk  # noqa: F401 (a fixture)
 from test_jobs_in_process import PAGE_FRAME
 
 BOUNDARY = "vfab-test-boundary-1234"
@@ -167,13 +172,15 @@ def test_an_upload_becomes_the_jobs_drawing_or_goes(tmp_path):
     refused, _ = files.spool(lambda out: out.write(b"<svg xmlns='http://www.w3.org/2000/svg'>"))
     with pytest.raises(Exception, match="well-formed"):
         site.submit(refused)
-    assert [p.name for p in files.directory.iterdir()] == [f"{job_id}.svg"]
+    assert sorted(p.name for p in files.directory.iterdir()) == [f"{job_id}.plan",
+                                                                 f"{job_id}.svg"]
 
 
 def test_uploads_a_crash_left_behind_are_removed_at_start(tmp_path):
     jobs = tmp_path / "jobs"
     jobs.mkdir()
     (jobs / ".upload-0123456789abcdef.partial").write_bytes(b"<svg")
+    (jobs / ".0123456789ab.plan.0a1b2c3d.partial").write_bytes(b"VFABPLAN")  # a killed child's
     (jobs / "kept.svg").write_bytes(b"<svg/>")
     Site(tmp_path)
     assert [p.name for p in jobs.iterdir()] == ["kept.svg"]
@@ -241,7 +248,8 @@ def test_a_multipart_upload_through_the_daemon(tmp_path):
         assert status == 400 and error["error"]["code"] == "invalid_svg"
         status, error = post_form(daemon, form([("file", b"<svg/>", None)])[:-8])
         assert status == 400 and "closing boundary" in error["error"]["message"]
-        assert [p.name for p in jobs.iterdir()] == [f"{job['id']}.svg"]
+        assert sorted(p.name for p in jobs.iterdir()) == [f"{job['id']}.plan",
+                                                          f"{job['id']}.svg"]
     finally:
         assert daemon.stop() == 0
 
@@ -335,3 +343,217 @@ def test_the_queue_reads_with_the_configured_limits(tmp_path):
     with pytest.raises(SVGError, match="more than 3 elements"):
         site.submit(polylines(3))
     site.submit(polylines(2))
+
+
+# -- uploads at once, and the disk's room for them ---------------------------------------
+
+def upload_channel(clock, **site_options):
+    """One connection to an APISite whose resource answers every body at once."""
+    from test_refused_bodies import Bodies, HalfClosingTransport
+    from vfab.web.server import APISite
+
+    site = site_options.pop("site", None) or APISite(Bodies(), max_body_size=1 << 30,
+                                                     **site_options)
+    channel = site.buildProtocol(None)
+    channel.callLater = clock.callLater
+    transport = HalfClosingTransport()
+    channel.makeConnection(transport)
+    return site, channel, transport
+
+
+def upload_head(length: int | None, key: str | None = None) -> bytes:
+    framing = b"Transfer-Encoding: chunked" if length is None else b"Content-Length: %d" % length
+    key_line = b"X-API-Key: %s\r\n" % key.encode() if key else b""
+    return (b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+            + key_line + framing + b"\r\n\r\n")
+
+
+def test_more_uploads_at_once_than_the_cap_is_503_with_retry_after_before_the_body():
+    """Each upload holds about twice its size on disk while it is read (twisted.web's
+    spool, then the drawing); parallel uploads were not bounded."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from test_refused_bodies import answers
+    from vfab.web.server import UPLOAD_RETRY_SECONDS
+
+    clock = Clock()
+    site, first, _ = upload_channel(clock, max_uploads=2)
+    _, second, _ = upload_channel(clock, site=site)
+    first.dataReceived(upload_head(100_000) + b" " * 1000)
+    second.dataReceived(upload_head(None) + b"3e8\r\n" + b" " * 1000 + b"\r\n")
+    assert len(site.uploads) == 2
+    _, third, transport = upload_channel(clock, site=site)
+    third.dataReceived(upload_head(100_000) + b" " * 1000)
+    [(status, body)] = answers(transport)
+    assert status == b"HTTP/1.1 503 Service Unavailable"
+    assert body["error"]["code"] == "too_many_uploads"
+    assert "uploads.max_concurrent" in body["error"]["message"]
+    assert b"Retry-After: %d\r\n" % UPLOAD_RETRY_SECONDS in transport.value()
+    assert len(site.uploads) == 2 and transport.write_closed
+    third.connectionLost(Failure(ConnectionDone()))
+
+    first.connectionLost(Failure(ConnectionDone()))  # a client gave up: its place is free
+    _, fourth, transport = upload_channel(clock, site=site)
+    fourth.dataReceived(upload_head(4) + b"<svg")
+    assert [status for status, _ in answers(transport)] == [b"HTTP/1.1 200 OK"]
+    assert len(site.uploads) == 1  # answered: only the chunked one is left
+    for channel in (second, fourth):
+        channel.connectionLost(Failure(ConnectionDone()))
+    assert site.uploads == {}
+
+
+def test_a_request_without_a_body_is_no_upload():
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from test_refused_bodies import answers
+
+    clock = Clock()
+    site, channel, transport = upload_channel(clock, max_uploads=1)
+    site.uploads[object()] = 0  # the one place is taken
+    channel.dataReceived(b"POST /api/jobs/x/cancel HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 0\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert [status for status, _ in answers(transport)] == [b"HTTP/1.1 200 OK"] * 2
+    channel.connectionLost(Failure(ConnectionDone()))
+
+
+def test_with_a_key_required_a_body_without_it_is_401_before_it_is_read():
+    """Else clients without the key could take every upload's place (and fill the
+    temporary directory with bodies they send for nothing)."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from test_refused_bodies import answers
+    from vfab.web.auth import APIKeyCheck
+
+    clock = Clock()
+    auth = APIKeyCheck("k3y", True, clock)
+    site, channel, transport = upload_channel(clock, max_uploads=1, auth=auth)
+    channel.dataReceived(upload_head(100_000) + b" " * 1000)
+    [(status, body)] = answers(transport)
+    assert status == b"HTTP/1.1 401 Unauthorized" and body["error"]["code"] == "unauthorized"
+    assert b'WWW-Authenticate: Bearer realm="vfab"' in transport.value()
+    assert site.uploads == {}
+    _, channel, transport = upload_channel(clock, site=site)
+    channel.dataReceived(upload_head(100_000, key="wrong"))
+    assert answers(transport)[0][1]["error"]["message"] == "the API key is wrong"
+    _, keyed, transport = upload_channel(clock, site=site)
+    keyed.dataReceived(upload_head(4, key="k3y") + b"<svg")
+    assert [status for status, _ in answers(transport)] == [b"HTTP/1.1 200 OK"]
+    for each in (channel, keyed):
+        each.connectionLost(Failure(ConnectionDone()))
+
+
+class FreeBytes:
+    def __init__(self, free: int):
+        self.free = free
+
+    def __call__(self) -> int:
+        return self.free
+
+
+def test_an_upload_whose_declared_size_would_take_the_reserve_is_507_at_once(tmp_path):
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.task import Clock
+    from twisted.python.failure import Failure
+
+    from test_refused_bodies import answers
+    from vfab.disk import DiskSpace
+
+    clock = Clock()
+    disk = DiskSpace(tmp_path, EventBus(), clock, free_bytes=FreeBytes(10 << 20),
+                     min_free=1 << 20, temp_dir=tmp_path)  # spool and drawing: one disk
+    site, channel, transport = upload_channel(clock, room=disk.room_for_upload)
+    channel.dataReceived(upload_head(5 << 20))  # twice 5 MiB > 10 MiB free - 1 MiB kept
+    [(status, body)] = answers(transport)
+    assert status == b"HTTP/1.1 507 Insufficient Storage"
+    assert body["error"]["code"] == "insufficient_storage"
+    assert body["error"]["message"] == (
+        f"an upload of 5.0 MiB needs 10.0 MiB on the disk of {tmp_path}, which has "
+        f"10.0 MiB free, and 1.0 MiB are kept for the daemon's own writes")
+    assert site.uploads == {}
+
+    _, fits, transport = upload_channel(clock, site=site)
+    fits.dataReceived(upload_head(3 << 20) + b" " * 1024)  # 6 MiB of the 9 MiB
+    assert transport.value() == b"" and len(site.uploads) == 1
+    _, after, transport = upload_channel(clock, site=site)
+    after.dataReceived(upload_head(2 << 20))  # fits alone, not with the one under way
+    [(status, body)] = answers(transport)
+    assert status == b"HTTP/1.1 503 Service Unavailable"
+    assert body["error"]["code"] == "too_many_uploads"
+    assert "the uploads under way will take the room" in body["error"]["message"]
+    for each in (channel, fits, after):
+        each.connectionLost(Failure(ConnectionDone()))
+
+
+def test_the_upload_cap_is_a_configuration_key():
+    assert config_from_dict({}).uploads.max_concurrent == 4
+    assert config_from_dict({"uploads": {"max_concurrent": 1}}).uploads.max_concurrent == 1
+    with pytest.raises(ConfigError, match=re.escape("uploads.max_concurrent: expected an "
+                                                    "integer")):
+        config_from_dict({"uploads": {"max_concurrent": 0}})
+
+
+def test_the_daemon_caps_uploads_at_once(tmp_path):
+    daemon = DaemonProcess(tmp_path, {"uploads": {"max_concurrent": 2}}).start()
+    held = []
+    try:
+        for _ in range(2):  # two slow uploads under way
+            sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+            sock.sendall(upload_head(1 << 20) + b" " * 1000)
+            held.append(sock)
+        request = urllib.request.Request(daemon.url + "/api/jobs", data=PAGE_FRAME,
+                                         method="POST",
+                                         headers={"Content-Type": "image/svg+xml"})
+        deadline = time.monotonic() + 10
+        while True:  # the two are admitted once the daemon has read their headers
+            status, error = daemon.request("POST", "/api/jobs", PAGE_FRAME,
+                                           {"Content-Type": "image/svg+xml"})
+            if status == 503 or time.monotonic() > deadline:
+                break
+        assert status == 503 and error["error"]["code"] == "too_many_uploads", error
+        try:
+            urllib.request.urlopen(request, timeout=10)
+        except urllib.error.HTTPError as refused:
+            assert refused.headers["Retry-After"] == "10"
+        held.pop().close()
+        deadline = time.monotonic() + 10
+        while True:
+            status, job = daemon.submit(PAGE_FRAME)
+            if status == 201 or time.monotonic() > deadline:
+                break
+        assert status == 201, job
+    finally:
+        for sock in held:
+            sock.close()
+        assert daemon.stop() == 0
+
+
+def test_the_daemon_refuses_at_once_an_upload_its_disk_cannot_take(small_disk):
+    """A declared size that would leave less than the daemon keeps for its own
+    writes: 507 before a byte is read (it was read, spooled and copied until the
+    disk was full)."""
+    daemon = DaemonProcess(small_disk / "site").start()
+    try:
+        free = shutil.disk_usage(small_disk).free
+        sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+        sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (free - (512 << 10)))
+        answer = b""
+        while True:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            answer += piece
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n"), answer[:200]
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "insufficient_storage"
+        assert "kept for the daemon's own writes" in error["message"]
+        assert daemon.submit(PAGE_FRAME)[0] == 201
+    finally:
+        assert daemon.stop() == 0

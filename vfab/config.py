@@ -220,6 +220,8 @@ class UploadsConfig:
                                 "SVG elements, counting <use> copies; more is 400")
     max_coordinates: int = setting(3_000_000, integer(1),
                                    "numbers in path data and point lists; more is 400")
+    max_concurrent: int = setting(4, integer(1, 1000),
+                                  "uploads received at once; more is 503 with Retry-After")
 
 
 @attr.s(frozen=True, auto_attribs=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,9 +37,12 @@ class DiskSpace:
 
     def __init__(self, directory: Path, bus: EventBus, clock: Any, *,
                  free_bytes: Callable[[], int] | None = None,
-                 min_free: int = MIN_FREE_BYTES, reserve: int = RESERVE_BYTES):
-        """`free_bytes()` is how much space is left (the disk's own figure by default)."""
+                 min_free: int = MIN_FREE_BYTES, reserve: int = RESERVE_BYTES,
+                 temp_dir: Path | None = None):
+        """`free_bytes()` is how much space is left (the disk's own figure by default);
+        `temp_dir` is where twisted.web spools request bodies (tempfile's by default)."""
         self.directory = directory
+        self._temp_dir = temp_dir
         self._bus = bus
         self._free_bytes = free_bytes or (lambda: shutil.disk_usage(directory).free)
         self._min_free = min_free
@@ -84,6 +88,37 @@ class DiskSpace:
                 "message": f"The disk of {self.directory} has room again; jobs can be "
                            f"submitted and progress is saved."})
 
+    def room_for_upload(self, size: int, others: int = 0) -> tuple[int, str] | None:
+        """Whether an upload of `size` bytes fits, with `others` bytes still to come
+        for the uploads under way, and MIN_FREE_BYTES kept for the daemon's own
+        writes: None, 507 and why (it can never fit), or 503 and why (it fits
+        once the others are done).
+
+        While it is read, an upload takes its size twice on the workspace's disk
+        when the temporary directory is on it: twisted.web's spool, then the drawing.
+        """
+        try:
+            free = self._free_bytes()
+            temp_dir = self._temp_dir or Path(tempfile.gettempdir())
+            shared = os.stat(temp_dir).st_dev == os.stat(self.directory).st_dev
+            temp_free = free if shared else shutil.disk_usage(temp_dir).free
+        except OSError:
+            return None  # cannot tell: the writes will (507 if they fail)
+        copies = 2 if shared else 1
+        room = free - self._min_free
+        kept = f"{_mib(self._min_free)} are kept for the daemon's own writes"
+        if size * copies > room:
+            return 507, (f"an upload of {_mib(size)} needs {_mib(size * copies)} on the disk "
+                         f"of {self.directory}, which has {_mib(free)} free, and {kept}")
+        if not shared and size > temp_free - self._min_free:
+            return 507, (f"an upload of {_mib(size)} does not fit in the temporary directory "
+                         f"{temp_dir}: {_mib(temp_free)} free")
+        if (size + others) * copies > room:
+            return 503, (f"the uploads under way will take the room this one needs on the "
+                         f"disk of {self.directory} ({_mib(free)} free, and {kept}); "
+                         f"try again once they are done")
+        return None
+
     def release_reserve(self, purpose: str) -> bool:
         """Give the reserve back to the disk so that a write that frees space (a
         delete, a job's end) can go through; whether there was one."""
@@ -121,3 +156,7 @@ class DiskSpace:
             "type": "system_alert", "severity": "error", "title": "Disk full",
             "message": f"{reason}. New jobs are refused (507) and progress may not be "
                        f"saved until space is freed; deleting finished jobs helps."})
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"

@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from twisted.logger import (FilteringLogObserver, ILogObserver, LogLevel,
                             LogLevelFilterPredicate, Logger, formatEvent)
@@ -34,6 +34,8 @@ _LEVEL = {
     "error": LogLevel.error,
     "critical": LogLevel.critical,
 }
+#: The levels left out of the file while the disk is full (see spare_while).
+_SPARED = frozenset({LogLevel.debug, LogLevel.info})
 _PYTHON_LEVEL = {LogLevel.debug: logging.DEBUG, LogLevel.info: logging.INFO,
                  LogLevel.warn: logging.WARNING, LogLevel.error: logging.ERROR,
                  LogLevel.critical: logging.CRITICAL}
@@ -90,11 +92,27 @@ class LineObserver:
         self.broken = False
         #: Lines not written because the disk was full.
         self.lost = 0
+        #: Whether the disk is full (see `spare_while`); never, by default.
+        self._sparing: Callable[[], bool] = lambda: False
+        #: Lines below warning held back while the disk was full.
+        self.spared = 0
+
+    def spare_while(self, disk_full: Callable[[], bool]) -> None:
+        """While `disk_full()`, write only warnings and worse: the room a full
+        disk has left is for the daemon's progress and state changes, and the
+        lines of every request (an access line a scrape) would take it in time."""
+        self._sparing = disk_full
 
     def __call__(self, event: dict[str, Any]) -> None:
         if self.broken:
             return
+        if (event.get("log_level") or LogLevel.info) in _SPARED and self._sparing():
+            self.spared += 1
+            return
         line = self._formatter.format(_record(event)) + "\n"
+        if self.spared:
+            line = (f"({self.spared} log line(s) below warning were not written while "
+                    f"the disk was full)\n{line}")
         if self.lost:
             line = (f"({self.lost} log line(s) were lost while the disk was full)\n"
                     f"{line}")
@@ -110,7 +128,7 @@ class LineObserver:
         except ValueError:  # a closed stream
             self.broken = True
             return
-        self.lost = 0
+        self.lost = self.spared = 0
 
 
 def open_log_file(path: Path, config: LoggingConfig, owner: tuple[int, int] | None = None
@@ -135,21 +153,32 @@ def open_log_file(path: Path, config: LoggingConfig, owner: tuple[int, int] | No
                    defaultMode=0o600)
 
 
-def make_observer(config: LoggingConfig, log_file: LogFile | None,
-                  stdout: IO[str] | None = None) -> ILogObserver:
+@implementer(ILogObserver)
+class DaemonObserver:
     """The daemon's log observer: level filter, then stdout (journald's input when
-    run in the foreground) and the file."""
-    targets = [LineObserver(stdout or sys.stdout, config.format)]
-    if log_file is not None:
-        targets.append(LineObserver(log_file, config.format))
+    run in the foreground) and the file (`file`, None without one)."""
 
-    @implementer(ILogObserver)
-    def fan_out(event: dict[str, Any]) -> None:
-        for target in targets:
+    def __init__(self, config: LoggingConfig, log_file: LogFile | None,
+                 stdout: IO[str] | None = None):
+        self._targets = [LineObserver(stdout or sys.stdout, config.format)]
+        self.file = LineObserver(log_file, config.format) if log_file is not None else None
+        if self.file is not None:
+            self._targets.append(self.file)
+        predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVEL[config.level])
+        self._filtered = FilteringLogObserver(self._fan_out, [predicate])
+
+    def _fan_out(self, event: dict[str, Any]) -> None:
+        for target in self._targets:
             target(event)
 
-    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVEL[config.level])
-    return FilteringLogObserver(fan_out, [predicate])
+    def __call__(self, event: dict[str, Any]) -> None:
+        self._filtered(event)
+
+
+def make_observer(config: LoggingConfig, log_file: LogFile | None,
+                  stdout: IO[str] | None = None) -> DaemonObserver:
+    """The daemon's log observer (see DaemonObserver)."""
+    return DaemonObserver(config, log_file, stdout)
 
 
 def reopen_on_sigusr1(reactor: Any, *log_files: LogFile) -> None:

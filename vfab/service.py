@@ -82,6 +82,8 @@ class VfabService(MultiService):
         self.devices = [
             DeviceService(plotter.device, self.bus, reactor, plotter=plotter.name, host=host,
                           tags=plotter.tags,
+                          # On a farm the id tells the plotters apart; alone it stays the type.
+                          device_id=plotter.name if config.plotters else None,
                           record_dir=workspace / "simulator" / (
                               plotter.name if config.plotters else ""))
             for plotter in config.plotters_here()]
@@ -101,6 +103,8 @@ class VfabService(MultiService):
                               health=self._health, device_type=config.device.type,
                               audit=self.audit, endpoint=endpoint,
                               max_upload_size=config.uploads.max_size,
+                              max_concurrent_uploads=config.uploads.max_concurrent,
+                              upload_room=self.disk.room_for_upload,
                               plotters=self.queue.plotters)
         self.bus.subscribe(self.web.metrics.on_message)
         self.web.metrics.count_serial(self._serial_counts)

@@ -154,8 +154,15 @@ def makeService(options: Options, reactor: Any = None) -> Any:
               source=options["config"] or "default location (or built-in defaults)")
     observer = make_observer(config.logging, log_file)
     _warn_if_key_readable(options, audit)
-    return VfabService(config, workspace, reactor, owner=owner, log_observer=observer,
-                       handle_signals=True, audit=audit)
+    service = VfabService(config, workspace, reactor, owner=owner, log_observer=observer,
+                          handle_signals=True, audit=audit)
+    if log_file is not None and observer.file is not None \
+            and os.stat(log_file.directory).st_dev == os.stat(workspace).st_dev:
+        # The log shares the workspace's disk: while that is full, its room is
+        # for progress and state changes (see LineObserver.spare_while).
+        disk = service.disk
+        observer.file.spare_while(lambda: disk.full is not None)
+    return service
 
 
 def _warn_if_key_readable(options: Options, audit: Any) -> None:

@@ -31,6 +31,18 @@ def job_id_prefix(text: str) -> str:
     return prefix
 
 
+def job_state(text: str) -> str:
+    """A job state as the contract names them (any case): a misspelt one is a
+    usage error here, not a request the daemon refuses."""
+    from vfab.jobs.states import STATES
+
+    state = text.strip().lower()
+    if state not in STATES:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(STATES)}, got {text!r}")
+    return state
+
+
 def _client_options(defaults: bool) -> argparse.ArgumentParser:
     """The options every client command takes, before the command or after it.
 
@@ -76,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     list_what = listing.add_subparsers(dest="what", metavar="jobs|plotters")
     list_what.required = True
     jobs = list_what.add_parser("jobs", help="list jobs, newest first", parents=[shared])
-    jobs.add_argument("--state", help="only jobs in this state")
+    jobs.add_argument("--state", type=job_state, help="only jobs in this state")
     jobs.add_argument("--limit", type=int)
     jobs.add_argument("--json", action="store_true", help="print JSON")
     plotters = list_what.add_parser("plotters", help="list the daemon's plotters",

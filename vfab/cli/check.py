@@ -58,7 +58,7 @@ def run_check(what: str, *, config_path: str | None, workspace: str | None) -> i
 
 def config_problems(config: Config, config_path: str | None) -> list[str]:
     """What the schema cannot see: the log format, the database URL, hook
-    commands that cannot run, an API key others can read."""
+    commands that cannot run."""
     from vfab.logs import check_format
 
     problems: list[str] = []
@@ -78,14 +78,23 @@ def config_problems(config: Config, config_path: str | None) -> list[str]:
             if shutil.which(program) is None:
                 problems.append(f"hooks.{event}[{index}].command: {program!r} is not an "
                                 f"executable file (or not found on PATH)")
-    if config.websocket.authenticate and config_path is not None:
-        if Path(config_path).stat().st_mode & 0o077:
-            problems.append(f"websocket.api_key: {config_path} holds the API key but others "
-                            f"can read it: chmod 600 {config_path}")
     return problems
 
 
+def config_warnings(config: Config, config_path: str | None) -> list[str]:
+    """What the daemon starts with but warns of: an API key others can read."""
+    if config.websocket.authenticate and config_path is not None:
+        if Path(config_path).stat().st_mode & 0o077:
+            return [f"websocket.api_key: {config_path} holds the API key but others "
+                    f"can read it: chmod 600 {config_path}"]
+    return []
+
+
 def _check_config(config: Config, config_path: str | None) -> int:
+    # The daemon starts with a key file others can read (it logs a warning):
+    # said here too, but the configuration is not wrong.
+    for warning in config_warnings(config, config_path):
+        sys.stderr.write(f"warning: {warning}\n")
     problems = config_problems(config, config_path)
     for problem in problems:
         _problem(problem)

@@ -146,7 +146,10 @@ def _as_vpype_reads_it(text: str, root: ElementTree.Element, limits: SVGLimits
 
     Each step changes `root` in place and says whether it changed anything.
     """
-    changed = _hide_documentation_layers(root)
+    changed = _complete_root_size(root)
+    changed = _give_paths_data(root) or changed
+    changed = _resolve_font_relative_lengths(root) or changed
+    changed = _hide_documentation_layers(root) or changed
     changed = _hide_unrendered_containers(root) or changed
     changed = _apply_symbol_viewports(root) or changed
     changed = _inline_loose_uses(root) or changed
@@ -168,6 +171,113 @@ def _svg_tag(root: ElementTree.Element, local: str) -> str:
     """A tag in the document's own namespace (an <svg> without xmlns has none)."""
     namespace = root.tag.rpartition("}")[0] if isinstance(root.tag, str) else ""
     return f"{namespace}}}{local}" if namespace else local
+
+
+_ABSOLUTE_LENGTH = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def _complete_root_size(root: ElementTree.Element) -> bool:
+    """Give a root with a viewBox and only one of width and height the other,
+    from the viewBox's aspect ratio in the same unit (SVG 2: `auto` sizing).
+
+    svgelements takes the missing one as 100 % of the viewBox in px and fits
+    the drawing into that, so `width="200mm" viewBox="0 0 100 50"` came out
+    13 mm high and squeezed, where a browser or Inkscape shows 200 x 100 mm.
+    """
+    view_box = [float(number) for number in _NUMBER.findall(root.get("viewBox") or "")]
+    if len(view_box) != 4 or not (view_box[2] > 0 and view_box[3] > 0):
+        return False
+    sizes = {name: root.get(name) for name in ("width", "height")}
+    missing = [name for name, value in sizes.items()
+               if value is None or value.strip().lower() == "auto"]
+    if len(missing) != 1:
+        return False
+    (absent,) = missing
+    given = "height" if absent == "width" else "width"
+    match = _ABSOLUTE_LENGTH.match(sizes[given] or "")
+    if match is None:
+        return False  # a percentage or nonsense: the viewer's size, unknown here
+    ratio = view_box[2] / view_box[3] if absent == "width" else view_box[3] / view_box[2]
+    root.set(absent, f"{float(match.group(1)) * ratio!r}{match.group(2)}")
+    return True
+
+
+def _give_paths_data(root: ElementTree.Element) -> bool:
+    """An empty `d` for each <path> without one: SVG does not render such a
+    path, and svgelements failed the whole document on it."""
+    changed = False
+    for path in root.iter(_svg_tag(root, "path")):
+        if path.get("d") is None:
+            path.set("d", "")
+            changed = True
+    return changed
+
+
+#: CSS's initial font size (`medium`), in px.
+_DEFAULT_FONT_PX = 16.0
+_FONT_RELATIVE = re.compile(r"\s*([-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\s*(em|ex)\s*$",
+                            re.IGNORECASE)
+_STYLE_FONT_RELATIVE = re.compile(r"[\d.]\s*(em|ex)\s*(;|$)", re.IGNORECASE)
+#: Attributes and style properties that hold one length vfab reads.
+_LENGTHS = frozenset({"x", "y", "x1", "y1", "x2", "y2", "cx", "cy", "r", "rx", "ry",
+                      "width", "height", "stroke-width"})
+
+
+def _in_font_px(value: str, font_px: float) -> str | None:
+    """`value` in user units (px) if it is in em or ex (ex: half an em), else None."""
+    match = _FONT_RELATIVE.match(value)
+    if match is None:
+        return None
+    ems = float(match.group(1)) * (0.5 if match.group(2).lower() == "ex" else 1.0)
+    return repr(ems * font_px)
+
+
+def _font_px(element: ElementTree.Element, inherited: float) -> float:
+    """The element's font size in px: its own (style over attribute), else its parent's."""
+    declared = element.get("font-size")
+    for declaration in (element.get("style") or "").split(";"):
+        name, _, value = declaration.partition(":")
+        if name.strip().lower() == "font-size":
+            declared = value
+    if declared is None:
+        return inherited
+    relative = _in_font_px(declared, inherited)
+    if relative is not None:
+        return float(relative)
+    size = _user_units(declared.strip(), "0", inherited)
+    return size if size is not None and size > 0 else inherited
+
+
+def _resolve_font_relative_lengths(root: ElementTree.Element) -> bool:
+    """Lengths in em or ex (attributes and the style's stroke-width) in px, from
+    the font size each element inherits: svgelements leaves them unresolved and
+    the document could not be read."""
+    if not any(_FONT_RELATIVE.match(value)
+               or (name == "style" and _STYLE_FONT_RELATIVE.search(value))
+               for element in root.iter() for name, value in element.attrib.items()):
+        return False
+    changed = False
+    pending = [(root, _DEFAULT_FONT_PX)]
+    while pending:
+        element, inherited = pending.pop()
+        font_px = _font_px(element, inherited)
+        for name in _LENGTHS & set(element.attrib):
+            resolved = _in_font_px(element.get(name), font_px)
+            if resolved is not None:
+                element.set(name, resolved)
+                changed = True
+        style = element.get("style")
+        if style and ("em" in style or "ex" in style):
+            declarations = []
+            for declaration in style.split(";"):
+                name, colon, value = declaration.partition(":")
+                resolved = _in_font_px(value, font_px) if name.strip() in _LENGTHS else None
+                declarations.append(f"{name}:{resolved}" if resolved is not None else declaration)
+            if declarations != style.split(";"):
+                element.set("style", ";".join(declarations))
+                changed = True
+        pending.extend((child, font_px) for child in element)
+    return changed
 
 
 def _hide_documentation_layers(root: ElementTree.Element) -> bool:

@@ -99,6 +99,9 @@ class DrawingFiles:
         """Uploads a crash left behind: no job refers to them."""
         for stale in self.directory.glob(f"{UPLOAD_PREFIX}*.partial"):
             stale.unlink(missing_ok=True)
+        # Plans a planning child was writing when it was killed (planfile.PlanWriter).
+        for stale in self.directory.glob(".*.plan.*.partial"):
+            stale.unlink(missing_ok=True)
 
     def read(self, name: str) -> bytes:
         return (self.directory / name).read_bytes()

@@ -48,6 +48,10 @@ class Job:
     #: Seconds the plotter has spent on the job over all its runs, pauses and
     #: waits for a pen not counted (on the virtual plotter, at its own speed).
     plotting_seconds: float = 0.0
+    #: The motion plan's file inside the jobs folder (None: not planned yet) and
+    #: the fingerprint of the settings it was planned with (planfile.fingerprint).
+    plan_file: str | None = None
+    plan_fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The job in the contract's JSON shape."""

@@ -65,6 +65,42 @@ def summarize(svg: bytes | Path, device: DeviceConfig,
                           estimated_seconds=prepared.estimated_seconds)
 
 
+def plan_to_file(svg: bytes | Path, device: DeviceConfig, limits: SVGLimits, target: Path,
+                 use_lm: bool = True) -> DrawingSummary:
+    """Read, check and plan a drawing once, writing the whole plan to `target` (the
+    daemon reads it from there a window at a time); keep only its figures."""
+    from vfab.jobs.prepare import write_plan
+
+    figures = write_plan(svg.read_bytes() if isinstance(svg, Path) else svg, device, target,
+                         use_lm=use_lm, limits=limits)
+    return DrawingSummary(layers=figures["layers"], paths=figures["paths"],
+                          pen_down_mm=figures["pen_down_mm"], pen_up_mm=figures["pen_up_mm"],
+                          estimated_seconds=figures["estimated_seconds"])
+
+
+def preview_from_plan(target: Path, max_points: int) -> dict[str, Any]:
+    """The drawing as planned (the points each stroke passes), simplified for display."""
+    import numpy as np
+
+    from vfab.geometry import Drawing, Layer
+    from vfab.geometry import preview as drawing_preview
+    from vfab.motion.planfile import PlanFile
+
+    with PlanFile(target) as plan:
+        paths = plan.path_rows(0, plan.path_count)
+        layers = []
+        for layer in plan.header["layers"]:
+            strokes = []
+            for row in paths[layer["first_path"]:layer["first_path"] + layer["paths"]]:
+                start = int(row["draw_start"])
+                ends = plan.rows(start, start + int(row["draw_count"]))["end_mm"]
+                strokes.append(np.vstack([row["start_mm"][None, :], ends]))
+            layers.append(Layer(layer["name"], tuple(strokes)))
+        figures = plan.figures
+    return drawing_preview(Drawing(layers=tuple(layers), width_mm=figures["width_mm"],
+                                   height_mm=figures["height_mm"]), max_points)
+
+
 def preview(svg: bytes, device: DeviceConfig, max_points: int,
             limits: SVGLimits = SVGLimits()) -> dict[str, Any]:
     """The drawing simplified for display, in plotting order."""

@@ -10,16 +10,26 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import gc
 import threading
+from pathlib import Path
+from typing import Any
 
 import attr
+import numpy as np
 
 from vfab.config import DeviceConfig
 from vfab.geometry import Drawing, SVGLimits, check_travel, drawing_stats, load_svg, optimize
-from vfab.jobs.errors import InvalidJobInput
+from vfab.jobs.errors import DiskFull, InvalidJobInput
 from vfab.jobs.layers import layer_settings, plotted_layers
 from vfab.motion import MotionPlan, pen_moves, plan_drawing, plan_travel
+from vfab.motion.ebb import TICKS_PER_S
+from vfab.motion.planfile import PlanWriter, fingerprint
+from vfab.motion.planner import plan_drawing_rows
+
+#: The errors that mean "no space": a full disk or a full quota.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 #: Named plot settings a job may ask for: factors on the configured speeds.
 PRESETS: dict[str, dict[str, float]] = {
@@ -149,13 +159,20 @@ def job_seconds(plan: MotionPlan, device: DeviceConfig, *, use_lm: bool = True) 
     (`pen_change_position`), the detour differs. The operator's time to
     change the pen is not counted.
     """
+    ends = [(layer.paths[0].start_mm, layer.paths[-1].end_mm)
+            for layer in plan.layers if layer.paths]
+    return plan.estimated_seconds + _pen_change_detours(ends, device, use_lm)
+
+
+def _pen_change_detours(ends: list[tuple[tuple[float, float], tuple[float, float]]],
+                        device: DeviceConfig, use_lm: bool) -> float:
+    """The time the detours to the pen-change position add, for drawn layers
+    that begin and end at `ends` [(first point, last point)]."""
     if device.pen_change_position is None:
-        return plan.estimated_seconds
+        return 0.0
     park, home = device.pen_change_position, (0.0, 0.0)
-    total = plan.estimated_seconds
-    drawn = [layer for layer in plan.layers if layer.paths]
-    for before, after in zip(drawn, drawn[1:]):
-        end, start = before.paths[-1].end_mm, after.paths[0].start_mm
+    total = 0.0
+    for (_, end), (start, _) in zip(ends, ends[1:]):
         total += (_travel_seconds(end, park, device, use_lm)
                   + _travel_seconds(park, start, device, use_lm)
                   - _travel_seconds(end, home, device, use_lm)
@@ -166,6 +183,49 @@ def job_seconds(plan: MotionPlan, device: DeviceConfig, *, use_lm: bool = True) 
 def _travel_seconds(start: tuple[float, float], end: tuple[float, float],
                     device: DeviceConfig, use_lm: bool) -> float:
     return sum(move.duration_s for move in plan_travel(start, end, device, use_lm=use_lm))
+
+
+def write_plan(svg: bytes, device: DeviceConfig, target: Path, *, use_lm: bool = True,
+               limits: SVGLimits = SVGLimits()) -> dict[str, Any]:
+    """Read, check, order and plan a drawing, and write its plan to `target` (a plan
+    file, vfab.motion.planfile); returns the job's figures.
+
+    The plan is made as numpy rows, layer by layer, and written as it is made:
+    no Python object per move or point. Raises what `prepare` raises, and
+    DiskFull when the disk cannot hold the plan (nothing is left behind).
+    """
+    with _collector_paused():
+        drawing = prepare_drawing(svg, device, limits)
+        stats = drawing_stats(drawing)
+        settings = tuple(layer_settings(layer.name, device) for layer in drawing.layers)
+        plan_seconds, ends = 0.0, []
+        try:
+            with PlanWriter(target) as writer:
+                for layer, layer_device in zip(drawing.layers, settings):
+                    rows = plan_drawing_rows(list(layer.paths), layer_device, use_lm=use_lm)
+                    up, down = pen_moves(layer_device)
+                    count = len(rows.length_mm)
+                    plan_seconds += (rows.home_s + count * (up.duration_s + down.duration_s)
+                                     + float(np.sum(rows.travel["ticks"])
+                                             + np.sum(rows.draw["ticks"])) / TICKS_PER_S)
+                    if count:
+                        ends.append((tuple(rows.start_mm[0].tolist()),
+                                     tuple(rows.end_mm[-1].tolist())))
+                    writer.add_layer(layer.name, rows)
+                    del rows
+                estimated = plan_seconds + _pen_change_detours(ends, device, use_lm)
+                figures = {"layers": stats.layers, "paths": stats.paths,
+                           "pen_down_mm": stats.pen_down_mm, "pen_up_mm": stats.pen_up_mm,
+                           "plan_seconds": plan_seconds, "estimated_seconds": estimated,
+                           "width_mm": drawing.width_mm, "height_mm": drawing.height_mm}
+                writer.finish(fingerprint=fingerprint(device, use_lm=use_lm),
+                              figures=figures,
+                              pen=pen_moves(settings[0] if settings else device))
+        except OSError as error:
+            if error.errno in _NO_SPACE:
+                raise DiskFull("the plan of the drawing") from error
+            raise
+    return figures
 
 
 def forget_frozen() -> None:

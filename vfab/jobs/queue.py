@@ -30,9 +30,12 @@ from vfab.disk import DiskSpace
 from vfab.jobs.errors import DiskFull, InvalidJobInput, NotAccepting
 from vfab.jobs.farm import FarmPlotter, check_takers
 from vfab.jobs.job import PRIORITY_RANGE, Job, iso8601
-from vfab.jobs.planning import DrawingSummary, PlanningProcess, summarize
+from vfab.jobs.layers import layer_settings
+from vfab.jobs.planning import (DrawingSummary, PlanningProcess, plan_to_file,
+                                preview_from_plan, summarize)
 from vfab.jobs.planning import preview as read_preview
-from vfab.jobs.prepare import PreparedJob, device_settings, prepare
+from vfab.jobs.prepare import device_settings
+from vfab.motion.planfile import FilePlan, PlanFormatError, fingerprint
 from vfab.jobs.files import DrawingFiles
 from vfab.jobs.previews import PreviewCache
 from vfab.jobs.recorder import StateRecorder
@@ -50,6 +53,15 @@ PREVIEW_POINTS = 20000
 UPLOAD_THREADS = 2
 
 T = TypeVar("T")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class PlannedJob:
+    """What a job's run needs: its plan, read from its file as the plot goes, and
+    the device settings of each layer."""
+
+    plan: FilePlan
+    layer_settings: tuple[DeviceConfig, ...]
 
 
 def check_name(name: str) -> str:
@@ -76,8 +88,9 @@ class QueueService(Service):
         """`devices`: one DeviceService per plotter, each with its `config` (the
         plot settings), `plotter_name`, `host` and `tags`; the first is the one a
         single-plotter client sees. `planning` reads submissions and previews (a
-        PlanningProcess by default); `prepare_job(svg, settings, use_lm=)` plans a
-        job about to start (in a thread by default). Tests inject both to run
+        PlanningProcess by default); `prepare_job(job, settings, use_lm=)` fires
+        with the PlannedJob of a job about to start (its plan file, planned again
+        through `planning` when its settings changed). Tests inject them to run
         in-process on a Clock. `disk` is told of a full disk and holds the room a
         delete needs then; `limits` bound the drawings read."""
         if not devices:
@@ -95,14 +108,13 @@ class QueueService(Service):
         self._previews = PreviewCache()
         self.recorder = StateRecorder(store, bus,
                                       release_reserve=disk.release_reserve if disk else None)
-        # Submissions and previews are read in a child process (they may come
-        # while another job plots); a job about to start is planned in a thread
-        # of its own, when no plot is running to be held up.
+        # Submissions are read and planned in a child process, once: the plan is a
+        # file the runner reads as it plots. Previews, and plans made again for
+        # changed settings, are made in a child too.
         self._planning = planning if planning is not None else PlanningProcess(reactor)
-        self._threads = ThreadPool(minthreads=0, maxthreads=1, name="vfab-planning")
         self._upload_threads = ThreadPool(minthreads=0, maxthreads=UPLOAD_THREADS,
                                           name="vfab-uploads")
-        self._prepare_job = prepare_job if prepare_job is not None else self._prepare_in_thread
+        self._prepare_job = prepare_job if prepare_job is not None else self._open_plan
         #: plotter name -> its scheduler, in the configuration's order.
         self.schedulers = {
             plotter.name: self._scheduler_for(plotter, device)
@@ -138,7 +150,6 @@ class QueueService(Service):
         super().startService()
         self.files.create_directory()
         self.files.remove_stale_uploads()
-        self._threads.start()
         self._upload_threads.start()
         self._unsubscribe = self._bus.subscribe(self._on_event, remote=True)
         starting = self.recorder.refresh().addCallback(lambda _: self._store.adopt(self.farm))
@@ -170,7 +181,6 @@ class QueueService(Service):
         if self._unsubscribe is not None:
             self._unsubscribe()
         yield DeferredList([scheduler.stop() for scheduler in self.schedulers.values()])
-        self._threads.stop()  # idle by now: the scheduler waited for its planning
         self._upload_threads.stop()
         self._planning.stop()
         _log.info("queue service stopped")
@@ -231,37 +241,50 @@ class QueueService(Service):
         models: dict[str, DeviceConfig] = {}
         for config in configs:
             models.setdefault(config.model, config)
-        for config in models.values():
-            figures = yield self._planning.run(summarize, svg, device_settings(config, preset),
-                                               self._limits)
-            summary = summary or figures
-        assert summary is not None
-        if not self._accepting:
-            raise NotAccepting()
         job_id = uuid.uuid4().hex[:12]
-        drawing: bytes | None = None
-        if self._store.keeps_drawings:
+        plan_file = f"{job_id}.plan"
+        try:
+            planned_with = None
+            for config in models.values():
+                settings = device_settings(config, preset)
+                if planned_with is None:
+                    # The first plotter's plan, written by the child: the daemon
+                    # keeps only its name and figures.
+                    figures = yield self._planning.run(
+                        plan_to_file, svg, settings, self._limits,
+                        self.files.directory / plan_file)
+                    planned_with = fingerprint(settings, use_lm=True)
+                else:
+                    figures = yield self._planning.run(summarize, svg, settings, self._limits)
+                summary = summary or figures
+            assert summary is not None
+            if not self._accepting:
+                raise NotAccepting()
+            if isinstance(svg, Path):
+                svg_file = self.files.adopt(job_id, svg)
+            else:
+                svg_file = self.files.write(job_id, svg)
             # A farm: the drawing goes into the database with the job, for
-            # whichever host plots it.
-            svg_file = f"{job_id}.svg"
-            drawing = svg if isinstance(svg, bytes) else (yield deferToThreadPool(
-                self._reactor, self._upload_threads, svg.read_bytes))
-        elif isinstance(svg, Path):
-            svg_file = self.files.adopt(job_id, svg)
-        else:
-            svg_file = self.files.write(job_id, svg)
+            # whichever host plots it (this host's file and plan are its cache).
+            drawing = None if not self._store.keeps_drawings else (yield deferToThreadPool(
+                self._reactor, self._upload_threads, self.files.read, svg_file))
+        except BaseException as error:
+            self.files.remove(plan_file)
+            if isinstance(error, DiskFull):
+                self.files.disk_full(error.what)
+            raise
         job = Job(id=job_id, name=name, state=states.QUEUED, priority=priority, preset=preset,
                   created_at=iso8601(self._reactor.seconds()), layers=summary.layers,
                   paths=summary.paths, pen_down_mm=summary.pen_down_mm,
                   pen_up_mm=summary.pen_up_mm, estimated_seconds=summary.estimated_seconds,
-                  svg_file=svg_file, plotter=plotter, tags=tags)
+                  svg_file=svg_file, plotter=plotter, tags=tags, plan_file=plan_file,
+                  plan_fingerprint=planned_with)
         try:
             yield self._store.add(job, drawing)
         except Exception:
             self.files.remove(svg_file)
+            self.files.remove(plan_file)
             raise
-        if drawing is not None and isinstance(svg, Path):
-            svg.unlink(missing_ok=True)
         factor = self._time_factor(configs[0])
         here = (f"about {job.estimated_seconds:.0f} s" if factor == 1.0 else
                 f"about {job.estimated_seconds / factor:.0f} s here "
@@ -357,6 +380,8 @@ class QueueService(Service):
                 raise
             job = yield self._store.delete(job_id)
         self.files.remove(job.svg_file)
+        if job.plan_file:
+            self.files.remove(job.plan_file)
         self._previews.forget(job_id)
         _log.info("job {job_id} deleted", job_id=job_id)
         yield self.recorder.refresh()
@@ -367,10 +392,15 @@ class QueueService(Service):
         if cached is not None:
             return cached
         job = yield self._store.get(job_id)
-        svg = yield self._drawing(job)
-        settings = device_settings(self._device_of(job).config, job.preset)
-        result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS,
-                                          self._limits)
+        if job.plan_file and (self.files.directory / job.plan_file).exists():
+            result = yield self._planning.run(preview_from_plan,
+                                              self.files.directory / job.plan_file,
+                                              PREVIEW_POINTS)
+        else:
+            svg = yield self._drawing(job)
+            settings = device_settings(self._device_of(job).config, job.preset)
+            result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS,
+                                              self._limits)
         self._previews.put(job_id, result)
         return result
 
@@ -413,17 +443,61 @@ class QueueService(Service):
                 self.wake_all()
 
     def _drawing(self, job: Job) -> Deferred[bytes]:
-        """A job's drawing: from the database on a farm, else from its file."""
-        if self._store.keeps_drawings:
+        """A job's drawing: its file, else (a farm, another host received it) the
+        database's copy."""
+        if self._store.keeps_drawings and not (self.files.directory / job.svg_file).exists():
             return self._store.drawing(job.id)
         return maybeDeferred(self.files.read, job.svg_file)
 
-    def _plan_for(self, device: Any, job: Job, plotter: Any) -> Deferred[PreparedJob]:
+    def _plan_for(self, device: Any, job: Job, plotter: Any) -> Deferred[PlannedJob]:
         settings = device_settings(device.config, job.preset)
-        return self._drawing(job).addCallback(
-            lambda svg: self._prepare_job(svg, settings, use_lm=plotter.supports_lm))
+        if not self._store.keeps_drawings or (self.files.directory / job.svg_file).exists():
+            return self._prepare_job(job, settings, use_lm=plotter.supports_lm)
+        # A farm: another host received the job; its drawing comes from the
+        # database into this host's jobs folder, where its plan is made.
+        fetching = self._store.drawing(job.id).addCallback(
+            lambda svg: self.files.write(job.id, svg))
+        return fetching.addCallback(
+            lambda _: self._prepare_job(job, settings, use_lm=plotter.supports_lm))
 
-    def _runner_for_job(self, device: Any, job: Job, prepared: PreparedJob,
+    @inlineCallbacks
+    def _open_plan(self, job: Job, settings: DeviceConfig, *,
+                   use_lm: bool) -> Deferred[PlannedJob]:
+        """The job's plan file, opened; planned again in a child first when the
+        settings that shape the plan (or the firmware's commands) are not those it
+        was planned with, or it is missing or of another format."""
+        wanted = fingerprint(settings, use_lm=use_lm)
+        plan_file = job.plan_file or f"{job.id}.plan"
+        plan = self._read_plan(plan_file, wanted)
+        if plan is None:
+            why = ("it was planned before plans were kept" if job.plan_file is None else
+                   "its plan file is missing or unreadable" if job.plan_fingerprint is None
+                   or job.plan_fingerprint == wanted else
+                   "the settings or the firmware differ from those it was planned for")
+            _log.info("job {job_id}: planning again in a child process: {why}",
+                      job_id=job.id, why=why)
+            yield self._planning.run(plan_to_file, self.files.directory / job.svg_file,
+                                     settings, self._limits,
+                                     self.files.directory / plan_file, use_lm)
+            yield self._store.set_plan(job.id, plan_file, wanted)
+            plan = self._read_plan(plan_file, wanted)
+            if plan is None:
+                raise PlanFormatError(f"the plan of job {job.id} could not be read back")
+        return PlannedJob(plan=plan, layer_settings=tuple(
+            layer_settings(layer.name, settings) for layer in plan.layers))
+
+    def _read_plan(self, plan_file: str, wanted: str) -> FilePlan | None:
+        """The plan in `plan_file` if it was planned with fingerprint `wanted`."""
+        try:
+            plan = FilePlan(self.files.directory / plan_file)
+        except (OSError, PlanFormatError, ValueError, KeyError):
+            return None
+        if plan.fingerprint != wanted:
+            plan.close()
+            return None
+        return plan
+
+    def _runner_for_job(self, device: Any, job: Job, prepared: PlannedJob,
                         plotter: Any) -> PlotRunner:
         settings = device_settings(device.config, job.preset)
         resuming = job.position is not None
@@ -460,8 +534,3 @@ class QueueService(Service):
     def _time_factor(settings: DeviceConfig) -> float:
         """How much faster than the real plotter this one runs (the virtual one may)."""
         return settings.simulator_speed if settings.type == "simulator" else 1.0
-
-    def _prepare_in_thread(self, svg: bytes, settings: DeviceConfig, *,
-                           use_lm: bool) -> Deferred[PreparedJob]:
-        return deferToThreadPool(self._reactor, self._threads, prepare, svg, settings,
-                                 use_lm=use_lm, limits=self._limits)

@@ -160,11 +160,10 @@ class PlotRunner:
         self._lost_reason: Failure | None = None
         # Progress is the share of the pen-down length drawn, so that a preview
         # inked up to `progress` of its length shows what is on the paper.
-        self._total_draw = sum(m.distance_mm for layer in plan.layers
-                               for path in layer.paths for m in path.draw) or 1.0
+        self._total_draw = plan.draw_mm() or 1.0
         self._done_draw = 0.0
         self._paths_done = 0
-        self._total_paths = sum(len(layer.paths) for layer in plan.layers)
+        self._total_paths = plan.path_count
         self._position = self._start
         self._count_done_before(self._start)
         #: The position saved for sure (None: the store holds none).
@@ -406,14 +405,11 @@ class PlotRunner:
             self._trail.add(began, steps)
 
     def _count_done_before(self, start: Position) -> None:
-        """Progress already made by an earlier run of this job."""
-        for li, layer in enumerate(self._plan.layers):
-            for pi, path in enumerate(layer.paths):
-                if (li, pi) < (start.layer, start.path):
-                    self._done_draw += sum(m.distance_mm for m in path.draw)
-                    self._paths_done += 1
-                elif (li, pi) == (start.layer, start.path):
-                    self._done_draw += sum(m.distance_mm for m in path.draw[:start.move])
+        """Progress already made by an earlier run of this job (from the plan's
+        index: a plan file is not read through for it)."""
+        done, paths = self._plan.drawn_before(start.layer, start.path, start.move)
+        self._done_draw += done
+        self._paths_done += paths
 
     @inlineCallbacks
     def _plot(self) -> Deferred[None]:

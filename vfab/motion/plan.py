@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from functools import partial
 from operator import attrgetter
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import attr
+import numpy as np
+
+from .ebb import TICKS_PER_S
 
 
 class Move(NamedTuple):
@@ -32,6 +35,64 @@ class Move(NamedTuple):
 #: a Python call per Move: `map(new_move, zip(...))` builds them in C.
 new_move = partial(tuple.__new__, Move)
 _duration = attrgetter("duration_s")
+
+#: The kinds of motion command a row of MOVE_DTYPE holds.
+LM, SM = 0, 1
+#: One EBB motion command as the planner emits it and a plan file stores it:
+#: numbers only, so millions of them cost a few dozen bytes each, and the
+#: command's text is made only for the moves about to be sent.
+#: LM: `LM,p1,d1,a1,p2,d2,a2,3` (rate, steps, accel per axis); SM: `SM,p1,d1,d2`
+#: (ms, steps per axis). `ticks` is the firmware's time (40 µs ticks), `end_steps`
+#: the absolute motor steps afterwards, `end_mm` the planned point, `distance`
+#: the mm along the path, `path` the path it belongs to.
+MOVE_DTYPE = np.dtype([
+    ("kind", "u1"), ("p1", "<i4"), ("d1", "<i4"), ("a1", "<i8"), ("p2", "<i4"),
+    ("d2", "<i4"), ("a2", "<i8"), ("ticks", "<i4"), ("end_steps", "<i4", (2,)),
+    ("end_mm", "<f8", (2,)), ("distance", "<f8"), ("path", "<i4")])
+
+#: Rows per bulk conversion: each runs as one C call holding the interpreter lock,
+#: so chunks of a few milliseconds let the reactor thread in between them.
+BULK_CHUNK = 16384
+
+
+def bulk(make: Callable[[tuple], Any], *columns: Any) -> list[Any]:
+    """`[make(row) for row in zip(*columns)]`, built in C a chunk at a time; numpy
+    columns become Python numbers (as `tolist` gives them)."""
+    rows: list[Any] = []
+    for start in range(0, len(columns[0]), BULK_CHUNK):
+        chunk = [column[start:start + BULK_CHUNK] for column in columns]
+        chunk = [part.tolist() if isinstance(part, np.ndarray) else part for part in chunk]
+        rows.extend(map(make, zip(*chunk)))
+    return rows
+
+
+_LM_TEXT = "LM,%d,%d,%d,%d,%d,%d,3".__mod__
+_SM_TEXT = "SM,%d,%d,%d".__mod__
+
+
+def _commands(rows: np.ndarray) -> list[str]:
+    """The EBB command text of each row."""
+    lm = rows["kind"] == LM
+    if lm.all():
+        return bulk(_LM_TEXT, rows["p1"], rows["d1"], rows["a1"], rows["p2"], rows["d2"],
+                    rows["a2"])
+    if not lm.any():
+        return bulk(_SM_TEXT, rows["p1"], rows["d1"], rows["d2"])
+    commands: list[str] = [""] * len(rows)
+    for index, command in zip(np.flatnonzero(lm).tolist(), _commands(rows[lm])):
+        commands[index] = command
+    for index, command in zip(np.flatnonzero(~lm).tolist(), _commands(rows[~lm])):
+        commands[index] = command
+    return commands
+
+
+def moves_from_rows(rows: np.ndarray) -> list["Move"]:
+    """The Moves of MOVE_DTYPE rows (the runner sends Moves)."""
+    durations = rows["ticks"] / TICKS_PER_S
+    end_steps, end_mm = rows["end_steps"], rows["end_mm"]
+    return bulk(new_move, _commands(rows), durations,
+                bulk(tuple, end_steps[:, 0], end_steps[:, 1]),
+                bulk(tuple, end_mm[:, 0], end_mm[:, 1]), rows["distance"])
 
 
 @attr.s(frozen=True, slots=True, auto_attribs=True)
@@ -86,3 +147,20 @@ class MotionPlan:
     @property
     def path_count(self) -> int:
         return sum(len(layer.paths) for layer in self.layers)
+
+    def draw_mm(self) -> float:
+        """The pen-down distance of every move."""
+        return sum(move.distance_mm for layer in self.layers for path in layer.paths
+                   for move in path.draw)
+
+    def drawn_before(self, layer: int, path: int, move: int) -> tuple[float, int]:
+        """(pen-down mm, paths) done before move `move` of path `path` of `layer`."""
+        done, paths = 0.0, 0
+        for li, layer_plan in enumerate(self.layers):
+            for pi, path_plan in enumerate(layer_plan.paths):
+                if (li, pi) < (layer, path):
+                    done += sum(m.distance_mm for m in path_plan.draw)
+                    paths += 1
+                elif (li, pi) == (layer, path):
+                    done += sum(m.distance_mm for m in path_plan.draw[:move])
+        return done, paths

@@ -17,8 +17,6 @@ Planning is pure (no reactor, no I/O), so it may run in a thread.
 from __future__ import annotations
 
 import math
-from operator import itemgetter
-from typing import Any, Callable
 
 import attr
 import numpy as np
@@ -29,7 +27,7 @@ from vfab.plotter.kinematics import steps_per_mm
 
 from . import ebb
 from .pen import pen_moves
-from .plan import LayerPlan, Move, MotionPlan, PathPlan, new_move
+from .plan import LM, MOVE_DTYPE, SM, LayerPlan, Move, MotionPlan, PathPlan, moves_from_rows
 from .profile import Limits, Pieces, cut_long_pieces, plan_pieces
 
 HOME = (0.0, 0.0)
@@ -77,42 +75,37 @@ def _from_previous(end_steps: np.ndarray, path: np.ndarray,
     return start
 
 
-#: Rows per bulk conversion: each runs as one C call holding the interpreter lock,
-#: so chunks of a few milliseconds let the reactor thread in between them.
-BULK_CHUNK = 16384
-
-
-def _bulk(make: Callable[[tuple], Any], *columns: Any) -> list[Any]:
-    """`[make(row) for row in zip(*columns)]`, built in C a chunk at a time; numpy
-    columns become Python numbers (as `tolist` gives them)."""
-    rows: list[Any] = []
-    for start in range(0, len(columns[0]), BULK_CHUNK):
-        chunk = [column[start:start + BULK_CHUNK] for column in columns]
-        chunk = [part.tolist() if isinstance(part, np.ndarray) else part for part in chunk]
-        rows.extend(map(make, zip(*chunk)))
+def _rows(path: np.ndarray, end_steps: np.ndarray, end_mm: np.ndarray,
+          distance: np.ndarray, ticks: np.ndarray) -> np.ndarray:
+    """MOVE_DTYPE rows with these columns (the command's own are filled in after)."""
+    rows = np.zeros(len(path), dtype=MOVE_DTYPE)
+    rows["path"], rows["end_steps"], rows["end_mm"] = path, end_steps, end_mm
+    rows["distance"], rows["ticks"] = distance, ticks
     return rows
 
 
-def _lm_commands(pieces: Pieces, per_mm: float):
+def _lm_rows(pieces: Pieces, per_mm: float) -> np.ndarray:
     end_steps = _to_steps(pieces.end_mm, per_mm)
     start_steps = _from_previous(end_steps, pieces.path, _to_steps(pieces.path_start, per_mm))
     delta = end_steps - start_steps
     moving = np.any(delta != 0, axis=1)
     delta, end_steps = delta[moving], end_steps[moving]
-    path, end_mm, distance = pieces.path[moving], pieces.end_mm[moving], pieces.length[moving]
     u0, u1 = pieces.start_speed[moving], pieces.end_speed[moving]
     ticks = np.maximum(np.rint(pieces.duration[moving] * ebb.TICKS_PER_S), 1).astype(np.int64)
     start_fraction = 2.0 * u0 / (u0 + u1)
     rate1, accel1 = ebb.lm_axis_parameters(delta[:, 0], ticks, start_fraction)
     rate2, accel2 = ebb.lm_axis_parameters(delta[:, 1], ticks, start_fraction)
     actual = ebb.lm_ticks(rate1, delta[:, 0], accel1, rate2, delta[:, 1], accel2)
-    # Clear (3): both accumulators start at zero, as the times here assume.
-    commands = _bulk("LM,%d,%d,%d,%d,%d,%d,3".__mod__, rate1, delta[:, 0], accel1,
-                     rate2, delta[:, 1], accel2)
-    return path, commands, actual / ebb.TICKS_PER_S, end_steps, end_mm, distance
+    rows = _rows(pieces.path[moving], end_steps, pieces.end_mm[moving],
+                 pieces.length[moving], actual)
+    # Sent with Clear (3): both accumulators start at zero, as the times here assume.
+    rows["kind"] = LM
+    rows["p1"], rows["d1"], rows["a1"] = rate1, delta[:, 0], accel1
+    rows["p2"], rows["d2"], rows["a2"] = rate2, delta[:, 1], accel2
+    return rows
 
 
-def _sm_commands(pieces: Pieces, per_mm: float):
+def _sm_rows(pieces: Pieces, per_mm: float) -> np.ndarray:
     duration = pieces.duration
     total_ms = np.maximum(np.ceil(duration * 1000.0 - 1e-6), SM_MIN_MS).astype(np.int64)
     steady = np.isclose(pieces.start_speed, pieces.end_speed, rtol=1e-9, atol=1e-9)
@@ -146,24 +139,30 @@ def _sm_commands(pieces: Pieces, per_mm: float):
     previous_along[1:] = along[:-1]
     previous_along[k == 1] = 0.0
     distance = along - previous_along
-    commands = _bulk("SM,%d,%d,%d".__mod__, ms, delta[:, 0], delta[:, 1])
-    return path, commands, ms / 1000.0, end_steps, end_mm, distance
+    rows = _rows(path, end_steps, end_mm, distance, ms * (ebb.TICKS_PER_S // 1000))
+    rows["kind"] = SM
+    rows["p1"], rows["d1"], rows["d2"] = ms, delta[:, 0], delta[:, 1]
+    return rows
+
+
+def plan_rows(paths: list[np.ndarray], limits: Limits, *, use_lm: bool, tolerance: float
+              ) -> tuple[np.ndarray, Pieces]:
+    """Every path's moves as MOVE_DTYPE rows, path after path (no Python object per
+    move), and the pieces they were made from."""
+    pieces = cut_long_pieces(plan_pieces(paths, limits, tolerance), MAX_MOVE_S)
+    per_mm = limits.steps_per_mm
+    rows = _lm_rows(pieces, per_mm) if use_lm else _sm_rows(pieces, per_mm)
+    return rows, pieces
 
 
 def _planned(paths: list[np.ndarray], limits: Limits, *, use_lm: bool, tolerance: float
              ) -> tuple[list[Move], list[int], list[float], Pieces]:
     """Every path's moves in one list, where each path's moves begin (and the end),
     the moves' durations and the pieces."""
-    pieces = cut_long_pieces(plan_pieces(paths, limits, tolerance), MAX_MOVE_S)
-    per_mm = limits.steps_per_mm
-    path, commands, durations, end_steps, end_mm, distance = (
-        _lm_commands(pieces, per_mm) if use_lm else _sm_commands(pieces, per_mm))
-    durations = _bulk(itemgetter(0), durations)
-    steps = _bulk(tuple, end_steps[:, 0], end_steps[:, 1])
-    points = _bulk(tuple, end_mm[:, 0], end_mm[:, 1])
-    moves = _bulk(new_move, commands, durations, steps, points, distance)
-    bounds = np.searchsorted(path, np.arange(len(paths) + 1)).tolist()
-    return moves, bounds, durations, pieces
+    rows, pieces = plan_rows(paths, limits, use_lm=use_lm, tolerance=tolerance)
+    moves = moves_from_rows(rows)
+    bounds = np.searchsorted(rows["path"], np.arange(len(paths) + 1)).tolist()
+    return moves, bounds, (rows["ticks"] / ebb.TICKS_PER_S).tolist(), pieces
 
 
 def plan_moves(paths: list[np.ndarray], limits: Limits, *, use_lm: bool,
@@ -224,32 +223,68 @@ def plan_travel(from_mm: tuple[float, float], to_mm: tuple[float, float], config
     return moves[0]
 
 
-def _travels(starts: np.ndarray, ends: np.ndarray, config: DeviceConfig, use_lm: bool
-             ) -> tuple[list[Move], list[int], list[float]]:
-    """plan_travel for each (start, end), planned together: as _planned gives them."""
+@attr.s(frozen=True, slots=True, eq=False)
+class DrawingRows:
+    """A drawing's plan as MOVE_DTYPE rows: each path's pen-down moves and the pen-up
+    travel to it, with per-path figures; what plan_drawing and a plan file are made of.
+
+    `draw_bounds[p]:draw_bounds[p + 1]` are path p's rows of `draw`, likewise for
+    `travel`; their `path` column numbers the paths from 0.
+    """
+
+    draw: np.ndarray = attr.ib()
+    draw_bounds: np.ndarray = attr.ib()
+    travel: np.ndarray = attr.ib()
+    travel_bounds: np.ndarray = attr.ib()
+    start_mm: np.ndarray = attr.ib()  # (paths, 2)
+    end_mm: np.ndarray = attr.ib()  # (paths, 2)
+    length_mm: np.ndarray = attr.ib()  # (paths,)
+    #: Pen-up travel from the last path's end back home.
+    home_s: float = attr.ib()
+
+
+def _bounds(rows: np.ndarray, count: int) -> np.ndarray:
+    return np.searchsorted(rows["path"], np.arange(count + 1))
+
+
+def _travel_rows(starts: np.ndarray, ends: np.ndarray, config: DeviceConfig, use_lm: bool
+                 ) -> np.ndarray:
+    """plan_travel for each (start, end), planned together, as rows."""
     if len(starts) == 0:
-        return [], [0], []
-    moves, bounds, durations, _ = _planned(list(np.stack([starts, ends], axis=1)),
-                                           pen_up_limits(config), use_lm=use_lm, tolerance=0.0)
-    return moves, bounds, durations
+        return np.zeros(0, dtype=MOVE_DTYPE)
+    rows, _ = plan_rows(list(np.stack([starts, ends], axis=1)), pen_up_limits(config),
+                        use_lm=use_lm, tolerance=0.0)
+    return rows
+
+
+def plan_drawing_rows(paths: list[np.ndarray], config: DeviceConfig, *, use_lm: bool = True
+                      ) -> DrawingRows:
+    """Pen-down moves of every path and the pen-up travel to each, as rows."""
+    draw, pieces = plan_rows(paths, pen_down_limits(config), use_lm=use_lm,
+                             tolerance=chord_tolerance(config))
+    starts, ends = pieces.path_start, pieces.path_end
+    # Pen-up travel (as plan_travel plans it) to each path from the end of the one
+    # before (home for the first), all planned together; then from the last home.
+    previous = np.vstack([np.array([HOME]), ends[:-1]]) if len(paths) else np.zeros((0, 2))
+    travel = _travel_rows(previous, starts, config, use_lm)
+    home = _travel_rows(ends[-1:], np.array([HOME]), config, use_lm)
+    home_s = float(np.sum(home["ticks"]) / ebb.TICKS_PER_S) if len(paths) else 0.0
+    return DrawingRows(draw=draw, draw_bounds=_bounds(draw, len(paths)), travel=travel,
+                       travel_bounds=_bounds(travel, len(paths)), start_mm=starts,
+                       end_mm=ends, length_mm=pieces.path_length, home_s=home_s)
 
 
 def plan_drawing(drawing: Drawing, config: DeviceConfig, *, use_lm: bool = True) -> MotionPlan:
     """The whole plot: per layer and path, the pen-down moves and the travel times."""
     paths = [path for layer in drawing.layers for path in layer.paths]
-    draws, draw_bounds, _, pieces = _planned(paths, pen_down_limits(config), use_lm=use_lm,
-                                             tolerance=chord_tolerance(config))
-    starts = pieces.path_start
-    ends = pieces.path_end
-    # Pen-up travel (as plan_travel plans it) to each path from the end of the one
-    # before (home for the first), all planned together; then from the last home.
-    previous = np.vstack([np.array([HOME]), ends[:-1]]) if len(paths) else np.zeros((0, 2))
-    travels, travel_bounds, travel_durations = _travels(previous, starts, config, use_lm)
-    _, _, home_durations = _travels(ends[-1:], np.array([HOME]), config, use_lm)
+    rows = plan_drawing_rows(paths, config, use_lm=use_lm)
+    draws, travels = moves_from_rows(rows.draw), moves_from_rows(rows.travel)
+    travel_durations = (rows.travel["ticks"] / ebb.TICKS_PER_S).tolist()
+    draw_bounds, travel_bounds = rows.draw_bounds.tolist(), rows.travel_bounds.tolist()
     up, down = pen_moves(config)
 
-    start_list, end_list = starts.tolist(), ends.tolist()
-    lengths = pieces.path_length.tolist()
+    start_list, end_list = rows.start_mm.tolist(), rows.end_mm.tolist()
+    lengths = rows.length_mm.tolist()
     layers, number = [], 0
     for layer_index, layer in enumerate(drawing.layers):
         plans = []
@@ -268,9 +303,8 @@ def plan_drawing(drawing: Drawing, config: DeviceConfig, *, use_lm: bool = True)
             ))
             number += 1
         layers.append(LayerPlan(index=layer_index, name=layer.name, paths=tuple(plans)))
-    home_s = sum(home_durations) if paths else 0.0
     plan = MotionPlan(layers=tuple(layers), estimated_seconds=0.0, pen_up=up, pen_down=down,
-                      home_s=home_s)
+                      home_s=rows.home_s)
     return attr.evolve(plan, estimated_seconds=estimate_seconds(plan))
 
 

@@ -84,7 +84,11 @@ class SQLiteEngine:
     @staticmethod
     def configure(connection: sqlite3.Connection) -> None:
         """Run on every new connection the pool opens."""
+        from vfab.store.jobstore import WAL_CHECKPOINT_PAGES, WAL_SIZE_LIMIT
+
         connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
+        connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         connection.execute("PRAGMA foreign_keys = ON")
         connection.execute("PRAGMA synchronous = NORMAL")
         connection.execute("PRAGMA busy_timeout = 5000")

@@ -38,7 +38,8 @@ _log = Logger()
 _COLUMNS = ("id", "name", "state", "priority", "preset", "created_at", "started_at",
             "finished_at", "layers", "paths", "pen_down_mm", "pen_up_mm",
             "estimated_seconds", "progress", "error", "svg_file", "position",
-            "plotter", "tags", "taken_by", "host", "plotting_seconds")
+            "plotter", "tags", "taken_by", "host", "plotting_seconds", "plan_file",
+            "plan_fingerprint")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM jobs"
 
 
@@ -61,6 +62,17 @@ def _check_integrity(connection: sqlite3.Connection, path: Path) -> None:
     if problem is not None:
         raise DatabaseError(f"database {path} is damaged ({problem}): restore it from "
                             f"a backup, or move it away to start with an empty queue")
+
+
+#: Pages the write-ahead log takes before it is checkpointed into the file and
+#: written over from its start. SQLite's 1000 (4 MB) let every progress save
+#: take a new page of disk until then: on a full disk the room kept for the
+#: daemon's own writes went in 64 saves (2 minutes). 32 pages: about 130 KiB,
+#: taken once, then written over; a checkpoint every minute or so of saves.
+WAL_CHECKPOINT_PAGES = 32
+#: The write-ahead log is cut back to this after a checkpoint (a large
+#: transaction grows it; left alone it would keep that size until the file is closed).
+WAL_SIZE_LIMIT = 1 << 20
 
 
 class NotClaimed(InvalidTransition):
@@ -482,6 +494,13 @@ class JobStore:
         assignments = ", ".join(f"{name} = ?" for name in values)
         cursor.execute(f"UPDATE jobs SET {assignments} WHERE id = ?",
                        (*values.values(), job_id))
+
+    def set_plan(self, job_id: str, plan_file: str, fingerprint: str) -> Deferred[None]:
+        """Record the job's plan file and the fingerprint of its settings (planned again)."""
+        def write(cursor: Any) -> None:
+            self._update(cursor, job_id, {"plan_file": plan_file,
+                                          "plan_fingerprint": fingerprint})
+        return self._run(write)
 
     def save_progress(self, job_id: str, progress: float, position: dict[str, int] | None,
                       plotting_seconds: float | None = None) -> Deferred[None]:

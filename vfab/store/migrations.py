@@ -58,7 +58,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN plotting_seconds REAL NOT NULL DEFAULT 0;
     """,
-    # 4: a farm (PostgreSQL). The drawings travel with the queue, so that any
+    # 4: the job's motion plan, planned once at submission and kept as a file
+    # beside its drawing (vfab.motion.planfile), and the fingerprint of the
+    # settings it was planned with. NULL: planned when the job starts.
+    """
+    ALTER TABLE jobs ADD COLUMN plan_file TEXT;
+    ALTER TABLE jobs ADD COLUMN plan_fingerprint TEXT;
+    """,
+    # 5: a farm (PostgreSQL). The drawings travel with the queue, so that any
     # host plots a job another received; each host says it is alive (`seen_at`,
     # seconds since the epoch) and which plotters it has (a JSON list).
     # SQLite keeps drawings as files and has one host: it leaves both empty.

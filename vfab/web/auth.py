@@ -51,13 +51,14 @@ def key_from(header: Callable[[str], str | None], query_key: str | None) -> str 
     return query_key or None
 
 
-def request_key(request: IRequest) -> str | None:
-    """The key presented with a twisted.web request."""
+def request_key(request: IRequest, uri: bytes | None = None) -> str | None:
+    """The key presented with a twisted.web request; `uri` is its target while
+    twisted.web has yet to set `request.uri` (the headers are in, the body not)."""
     def header(name: str) -> str | None:
         value = request.getHeader(name.encode("ascii"))
         return value.decode("utf-8", "replace") if value is not None else None
 
-    return key_from(header, query_value(request.uri, KEY_PARAMETER))
+    return key_from(header, query_value(request.uri if uri is None else uri, KEY_PARAMETER))
 
 
 def strip_credentials(request: IRequest) -> None:
@@ -182,17 +183,24 @@ class APIKeyCheck:
 
     def refusal(self, request: IRequest, verdict: Verdict) -> bytes:
         """The 401 or 429 response for a refused request."""
+        status, code, message, headers = self.refusal_parts(client_address(request), verdict)
+        for name, value in headers:
+            request.setHeader(name, value)
+        return error_body(request, status, code, message)
+
+    def refusal_parts(self, client: str, verdict: Verdict
+                      ) -> tuple[int, str, str, tuple[tuple[bytes, bytes], ...]]:
+        """(status, code, message, headers) of the refusal of `client`'s request."""
         if verdict is Verdict.BLOCKED:
-            wait = self.retry_after(client_address(request))
-            request.setHeader(b"Retry-After", b"%d" % wait)
-            return error_body(request, 429, "too_many_attempts",
-                              f"too many wrong API keys from this address; retry in {wait} s")
-        request.setHeader(b"WWW-Authenticate", b'Bearer realm="vfab"')
+            wait = self.retry_after(client)
+            return (429, "too_many_attempts",
+                    f"too many wrong API keys from this address; retry in {wait} s",
+                    ((b"Retry-After", b"%d" % wait),))
         if verdict is Verdict.MISSING:
             message = f"an API key is required: {HOW_TO_SEND}"
         else:
             message = "the API key is wrong"
-        return error_body(request, 401, "unauthorized", message)
+        return 401, "unauthorized", message, ((b"WWW-Authenticate", b'Bearer realm="vfab"'),)
 
     def _recent(self, client: str) -> deque[float] | None:
         client = limit_unit(client)

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel
+from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
@@ -33,7 +33,8 @@ from vfab.events import EventBus
 from vfab.jobs.control import DeviceStatus, JobControl
 from vfab.jobs.files import NO_SPACE
 from vfab.web.api import APIResource, HealthResource
-from vfab.web.auth import APIKeyCheck, Verdict, client_address, exposure_warning
+from vfab.web.auth import (APIKeyCheck, Verdict, client_address, exposure_warning,
+                            request_key)
 from vfab.web.dashboard import DashboardPage
 from vfab.web.metrics import MetricsResource, WebMetrics
 from vfab.web.query import scrubbed_uri
@@ -50,9 +51,16 @@ _OWN_ACCESS = (b"health", b"ws")
 _PAGE = (b"", b"index.html")
 #: Every method some path of the API answers.
 _METHODS = b"GET, HEAD, POST, DELETE"
-#: How long the connection of a request refused before it was read stays open
-#: to take (and throw away) what the client still sends.
-LINGER_SECONDS = 5.0
+#: The connection of a request refused before its body was read stays open to
+#: take (and throw away) what the client still sends: at most this long in all,
+#: this long without a byte, and this much (see APIChannel._linger_after_answer).
+LINGER_SECONDS = 30.0
+LINGER_IDLE_SECONDS = 5.0
+LINGER_BYTES = 1 << 30
+#: Reason phrases of the refusals (RFC 4918's for 507, not Twisted's).
+_REASONS = {**RESPONSES, 507: b"Insufficient Storage"}
+#: The Retry-After of an upload refused while others take its place or its room.
+UPLOAD_RETRY_SECONDS = 10
 
 
 class ListenError(RuntimeError):
@@ -70,7 +78,8 @@ class APIRequest(Request):
 
     max_body_size: int = 0
     body_refused = False
-    _body_received = 0
+    #: The bytes of the body received so far.
+    body_received = 0
 
     def gotLength(self, length: int | None) -> None:
         self.max_body_size = self.channel.site.max_body_size
@@ -79,8 +88,8 @@ class APIRequest(Request):
     def handleContentChunk(self, data: bytes) -> None:
         if self.body_refused:  # answered already; the rest is not read
             return
-        self._body_received += len(data)
-        if self._body_received > self.max_body_size:  # only a chunked body: no length to refuse
+        self.body_received += len(data)
+        if self.body_received > self.max_body_size:  # only a chunked body: no length to refuse
             self.body_refused = True
             self.channel.refuse_body(self.max_body_size, "the request body is larger than")
             return
@@ -137,8 +146,12 @@ class APIChannel(HTTPChannel):
     _header_bytes = 0
     #: This request's header fields so far (twisted.web's count is private too).
     _header_fields = 0
-    #: The close that ends a refused request's connection (see _refuse).
+    #: The closes that end a refused request's connection: after LINGER_SECONDS,
+    #: and after LINGER_IDLE_SECONDS without a byte (see _linger_after_answer).
     _linger: IDelayedCall | None = None
+    _linger_idle: IDelayedCall | None = None
+    #: The bytes thrown away since the refusal.
+    _dropped = 0
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse_headers()
@@ -152,6 +165,13 @@ class APIChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._header_bytes = self._header_fields = 0  # the next line is the next request's
+        if self.length != 0:  # a body follows (None: chunked)
+            refusal = self.site.admit_body(self.requests[-1], self._path, self.length,
+                                           getattr(self.transport.getPeer(), "host", "?"))
+            if refusal is not None:
+                status, code, message, headers = refusal
+                self._refuse(b"%d %s" % (status, _REASONS[status]), code, message, headers)
+                return
         super().allHeadersReceived()
 
     def headerReceived(self, line: bytes) -> bool:
@@ -202,44 +222,133 @@ class APIChannel(HTTPChannel):
                      f"the request line and headers are larger than the limit of "
                      f"{self.totalHeadersSize} bytes")
 
-    def _refuse(self, status: bytes, code: str, message: str) -> None:
+    def _refuse(self, status: bytes, code: str, message: str,
+                headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         """Answer `status` in JSON and close: the rest of the request is never read."""
         body = json.dumps({"error": {"code": code, "message": message}},
                           separators=(",", ":")).encode("utf-8")
         _log.info("{client} request refused before it was read: {status} ({message})",
                   client=getattr(self.transport.getPeer(), "host", "?"),
                   status=status.decode("ascii"), message=message)
+        if self.requests:  # its upload, if it was one, is over
+            self.site.uploads.pop(self.requests[-1], None)
+        extra = b"".join(b"%s: %s\r\n" % header for header in headers)
         self.transport.write(b"HTTP/1.1 %s\r\n"
-                             b"Content-Type: application/json; charset=utf-8\r\n"
+                             b"Content-Type: application/json; charset=utf-8\r\n%s"
                              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (status, len(body), body))
-        # Whatever else arrives is read and thrown away until the client hangs up,
-        # for LINGER_SECONDS at most: closing with its body unread would reset the
-        # connection, and a client still sending that body would lose the answer.
+                             % (status, extra, len(body), body))
+        self._linger_after_answer()
+
+    def _linger_after_answer(self) -> None:
+        """Throw away what the client still sends, then close.
+
+        Closing a socket with bytes unread, or with bytes still coming, resets
+        the connection, and a client still sending its body (most send it all
+        before they read) would lose the answer with it. So the answer is
+        followed by a half-close (the client reads the answer, then its end),
+        and the connection is closed once the client hangs up, or after
+        LINGER_IDLE_SECONDS without a byte, LINGER_SECONDS in all or
+        LINGER_BYTES thrown away, whichever comes first.
+        """
         self.clearLineBuffer()
-        self.dataReceived = self.lineReceived = lambda *args: None  # type: ignore[method-assign]
-        self._linger = self.callLater(LINGER_SECONDS, self.loseConnection)
+        self.setTimeout(None)  # the bounds below replace the idle timeout
+        self.dataReceived = self._drop  # type: ignore[method-assign]
+        self.lineReceived = lambda *args: None  # type: ignore[method-assign]
+        self.transport.unregisterProducer()  # else a paused channel holds back the FIN
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:  # TCP; TLS has none: its close comes at the end
+            half_close()
+        self._linger = self.callLater(LINGER_SECONDS, self._stop_lingering,
+                                      f"still sending after {LINGER_SECONDS:g} s")
+        self._linger_idle = self.callLater(LINGER_IDLE_SECONDS, self._stop_lingering, None)
+
+    def _drop(self, data: bytes) -> None:
+        self._dropped += len(data)
+        if self._dropped > LINGER_BYTES:
+            self._stop_lingering(f"still sending after {LINGER_BYTES} bytes")
+        elif self._linger_idle is not None and self._linger_idle.active():
+            self._linger_idle.reset(LINGER_IDLE_SECONDS)
+
+    def _stop_lingering(self, why: str | None) -> None:
+        """Close the refused request's connection; `why` if a bound cut a client
+        still sending (which then sees a reset)."""
+        for call in (self._linger, self._linger_idle):
+            if call is not None and call.active():
+                call.cancel()
+        self._linger = self._linger_idle = None
+        if why is not None:
+            _log.info("{client} refused request: closed, {why}",
+                      client=getattr(self.transport.getPeer(), "host", "?"), why=why)
+        self.dataReceived = lambda *args: None  # type: ignore[method-assign]
+        self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
+        for call in (self._linger, self._linger_idle):
+            if call is not None and call.active():
+                call.cancel()
         super().connectionLost(reason)
 
 
+#: Refusal = (status, code, message, headers).
+Refusal = tuple[int, str, str, tuple[tuple[bytes, bytes], ...]]
+
+
 class APISite(Site):
-    """A Site with bounded request bodies and an access log through twisted.logger."""
+    """A Site with bounded request bodies and an access log through twisted.logger.
+
+    A request body (an upload) is admitted before any of it is read: only with
+    the key when `auth` needs one (401, so that clients without it can neither
+    fill the disk nor take the uploads' places), at most `max_uploads` at once
+    (503 with Retry-After: each holds about twice its size on disk while it is
+    read), and only when `room(size, others)` says the disk can take a declared
+    size (see DiskSpace.room_for_upload).
+    """
 
     protocol = APIChannel
     requestFactory = APIRequest
     noisy = False  # WebService logs the one line that matters: where it listens
 
-    def __init__(self, root: Resource, max_body_size: int):
+    def __init__(self, root: Resource, max_body_size: int, *,
+                 max_uploads: int = UploadsConfig().max_concurrent,
+                 auth: APIKeyCheck | None = None,
+                 room: Callable[[int, int], tuple[int, str] | None] | None = None):
         # Left to itself twisted.web reads a form body whole into memory and parses
         # it on the reactor (a 40 MB form: 0.9 GB and /health stalled for 1.7 s),
         # and answers a bad one with a bare 400; the API reads forms itself, a
         # piece at a time (vfab.web.multipart).
         super().__init__(root, parsePOSTFormSubmission=False)
         self.max_body_size = max_body_size
+        self.max_uploads = max_uploads
+        self._auth = auth
+        self._room = room
+        #: The uploads being received or handled, with their declared sizes (0: chunked).
+        self.uploads: dict[APIRequest, int] = {}
+
+    def admit_body(self, request: APIRequest, target: bytes, length: int | None,
+                   client: str) -> Refusal | None:
+        """None if the body of `request` (to `target`, of `length` bytes or
+        chunked) may be read, else the refusal to answer at once."""
+        if self._auth is not None and self._auth.required:
+            verdict = self._auth.verify(request_key(request, target), client)
+            if verdict is not Verdict.ALLOWED:
+                return self._auth.refusal_parts(client, verdict)
+        retry = ((b"Retry-After", b"%d" % UPLOAD_RETRY_SECONDS),)
+        if len(self.uploads) >= self.max_uploads:
+            return (503, "too_many_uploads",
+                    f"{len(self.uploads)} uploads are being received, the most taken at once "
+                    f"(uploads.max_concurrent); try again in {UPLOAD_RETRY_SECONDS} s", retry)
+        if length and self._room is not None:
+            others = sum(max(0, size - upload.body_received)
+                         for upload, size in self.uploads.items())
+            refused = self._room(length, others)
+            if refused is not None:
+                status, message = refused
+                if status == 507:
+                    return status, "insufficient_storage", message, ()
+                return status, "too_many_uploads", message, retry
+        self.uploads[request] = length or 0
+        request.notifyFinish().addBoth(lambda _: self.uploads.pop(request, None))
+        return None
 
     def log(self, request: IRequest) -> None:
         _log.info('{client} "{method} {uri}" {code} {length}',
@@ -309,8 +418,9 @@ class WebService(Service):
     "unhealthy", ...} when the store is broken); `device_type` "none" keeps a
     missing plotter from degrading /health; `endpoint` overrides the listening
     endpoint string (e.g. "systemd:domain=INET:index=0"); `max_upload_size` is
-    `uploads.max_size`; `plotters` lists every plotter's status (default: only
-    `device`'s).
+    `uploads.max_size`, `max_concurrent_uploads` `uploads.max_concurrent`, and
+    `upload_room` says whether the disk has room for an upload (see APISite);
+    `plotters` lists every plotter's status (default: only `device`'s).
     """
 
     def __init__(self, config: WebSocketConfig, jobs: JobControl, device: DeviceStatus,
@@ -319,6 +429,8 @@ class WebService(Service):
                  endpoint: str | None = None, device_type: str | None = None,
                  audit: AuditLog | None = None,
                  max_upload_size: int = UploadsConfig().max_size,
+                 max_concurrent_uploads: int = UploadsConfig().max_concurrent,
+                 upload_room: Callable[[int, int], tuple[int, str] | None] | None = None,
                  plotters: Callable[[], list[dict[str, Any]]] | None = None):
         self.config = config
         self._jobs = jobs
@@ -328,9 +440,12 @@ class WebService(Service):
         self._reactor = reactor
         self._endpoint = endpoint
         self._max_upload_size = max_upload_size
+        self._max_concurrent_uploads = max_concurrent_uploads
+        self._upload_room = upload_room
         self._clients: set[StreamProtocol] = set()
         self.monitor = SystemMonitor(jobs, device, reactor, connections=self._count_clients,
-                                     health=health, device_type=device_type)
+                                     health=health, device_type=device_type,
+                                     plotters=self._plotters)
         self.metrics = WebMetrics(jobs, self.monitor, connections=self._count_clients,
                                   plotters=self._plotters)
         self.auth = APIKeyCheck(config.api_key, config.authenticate, reactor, audit=audit)
@@ -357,7 +472,9 @@ class WebService(Service):
                                           plotters=self._plotters))
         root.putChild(b"metrics", MetricsResource(self.metrics))
         root.putChild(b"ws", WebSocketGate(self.factory))
-        return APISite(root, max_body_size=self._max_upload_size)
+        return APISite(root, max_body_size=self._max_upload_size,
+                       max_uploads=self._max_concurrent_uploads, auth=self.auth,
+                       room=self._upload_room)
 
     def _endpoint_description(self) -> str:
         if self._endpoint:

@@ -30,14 +30,18 @@ class SystemMonitor:
     store): False means broken ("unhealthy"); or a dict that may hold "status"
     (healthy/degraded/unhealthy) and detail keys, which /health shows. The
     worse of its status and the device's wins. With `device_type` "none" no
-    plotter is expected, so a missing one does not degrade health.
+    plotter is expected, so a missing one does not degrade health. `plotters`
+    lists every plotter's status; with more than one, /health and
+    `system_status` also name each plotter's state (`device` is the first's).
     """
 
     def __init__(self, jobs: JobControl, device: DeviceStatus, clock: IReactorTime, *,
                  connections: Callable[[], int] = lambda: 0,
                  health: Callable[[], bool | dict[str, Any]] | None = None,
-                 device_type: str | None = None):
+                 device_type: str | None = None,
+                 plotters: Callable[[], list[dict[str, Any]]] | None = None):
         self._jobs = jobs
+        self._plotters = plotters
         self._device = device
         self._clock = clock
         self._connections = connections
@@ -69,7 +73,18 @@ class SystemMonitor:
                 reported = HEALTHY if verdict else UNHEALTHY
             if _SEVERITY.get(reported, _SEVERITY[UNHEALTHY]) > _SEVERITY[status]:
                 status = reported if reported in _SEVERITY else UNHEALTHY
-        return {**details, "status": status, "uptime": self.uptime(), "device": device}
+        health = {**details, "status": status, "uptime": self.uptime(), "device": device}
+        farm = self.plotter_states()
+        if len(farm) > 1:
+            health["plotters"] = farm
+        return health
+
+    def plotter_states(self) -> dict[str, str]:
+        """Each plotter's name and state, in the configuration's order."""
+        if self._plotters is None:
+            return {}
+        return {str(status.get("plotter")): str(status.get("status", "disconnected"))
+                for status in self._plotters()}
 
     def system_status(self) -> dict[str, Any]:
         """The `system_status` WebSocket message."""
@@ -85,4 +100,5 @@ class SystemMonitor:
             "cpu_usage": round(psutil.cpu_percent(interval=None) / 100.0, 4),
             "connections": self._connections(),
             "device": health["device"],
+            **({"plotters": health["plotters"]} if "plotters" in health else {}),
         }
