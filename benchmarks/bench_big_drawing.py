@@ -42,7 +42,7 @@ import psutil
 from websockets.sync.client import connect
 
 import common
-from bench_submit import ChildPeak, environment, vpype_read
+from bench_submit import ChildPeak, environment, walks_beside_vpype
 from tests.daemon_process import DaemonProcess
 
 TARGET_RSS_MB = 150.0
@@ -135,10 +135,8 @@ def measure(directory: Path, sizes: list[int], speed: float) -> list[dict]:
         watch = JobWatch(daemon.ws_url)
         try:
             for segments in sizes:
-                svg_file = directory / f"walks-{segments}.svg"
-                svg_file.write_bytes(common.svg_of(common.random_walks(segments)))
-                baseline = vpype_read(svg_file)
-                body = svg_file.read_bytes()
+                body, baseline = walks_beside_vpype(directory, segments)
+                megabytes = len(body) / 1e6
                 with RssSampler(daemon.process.pid) as rss:
                     with ChildPeak(daemon.process.pid) as peak:
                         started = time.perf_counter()
@@ -155,7 +153,7 @@ def measure(directory: Path, sizes: list[int], speed: float) -> list[dict]:
                 first = watch.first_stroke.get(job["id"], float("nan")) \
                     - watch.plotting.get(job["id"], float("nan"))
                 results.append({
-                    "segments": segments, "mb": svg_file.stat().st_size / 1e6,
+                    "segments": segments, "mb": megabytes,
                     "vpype_s": baseline["seconds"], "vpype_mb": baseline["peak_mb"],
                     "submit_s": submitted, "child_mb": peak.peak_mb,
                     "rss_start_mb": rss.samples[0], "rss_peak_mb": max(rss.samples),

@@ -100,15 +100,21 @@ def environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(common.ROOT)}
 
 
+def walks_beside_vpype(directory: Path, segments: int) -> tuple[bytes, dict]:
+    """A random-walk drawing of `segments` segments, written to `directory`, and
+    vpype's reading of that file: the baseline every submission is set beside."""
+    svg_file = directory / f"walks-{segments}.svg"
+    svg_file.write_bytes(common.svg_of(common.random_walks(segments)))
+    return svg_file.read_bytes(), vpype_read(svg_file)
+
+
 def submissions(directory: Path, sizes: list[int]) -> tuple[list[list], list[float], list[float]]:
     rows, time_ratios, peak_ratios = [], [], []
     daemon = DaemonProcess(directory / "submit", env=environment()).start()
     try:
         for segments in sizes:
-            svg_file = directory / f"walks-{segments}.svg"
-            svg_file.write_bytes(common.svg_of(common.random_walks(segments)))
-            baseline = vpype_read(svg_file)
-            body = svg_file.read_bytes()
+            body, baseline = walks_beside_vpype(directory, segments)
+            megabytes = len(body) / 1e6
             with ChildPeak(daemon.process.pid) as peak:
                 started = time.perf_counter()
                 status, job = daemon.request("POST", "/api/jobs?name=bench", body,
@@ -121,7 +127,7 @@ def submissions(directory: Path, sizes: list[int]) -> tuple[list[list], list[flo
             peak_ratio = peak.peak_mb / baseline["peak_mb"]
             time_ratios.append(time_ratio)
             peak_ratios.append(peak_ratio)
-            rows.append([f"{segments:,}", f"{svg_file.stat().st_size / 1e6:.1f}",
+            rows.append([f"{segments:,}", f"{megabytes:.1f}",
                          baseline["seconds"], seconds, f"{time_ratio:.2f}x",
                          f"{baseline['peak_mb']:.0f}", f"{peak.peak_mb:.0f}",
                          f"{peak_ratio:.2f}x"])

@@ -266,6 +266,33 @@ def test_plot_through_the_dashboard(browser: Any, daemon: DaemonProcess, tmp_pat
     assert page.errors == []
 
 
+def test_an_upload_answered_after_the_job_started_shows_it_plotting(
+        browser: Any, daemon: DaemonProcess, tmp_path: Path) -> None:
+    """The 201 may reach the page after the WebSocket said the job is plotting;
+    the older "queued" in that answer must not hide the plot (a CI failure)."""
+    page = Page(browser, daemon, "/", tmp_path)
+    page.wait_for('#device-badge[data-state="idle"]')
+
+    def answer_once_plotting(route: Any) -> None:
+        response = route.fetch()
+        job = response.json()
+        daemon.wait_for_job(job["id"], {"plotting"}, timeout=30)
+        route.fulfill(response=response)
+
+    page.page.route("**/api/jobs?*", answer_once_plotting)
+    page.upload("late answer.svg", drawing(["1 red", "2 black"]))
+    page.wait_for('#upload-message[data-kind="ok"]')
+    page.wait_for('#current-badge[data-state="plotting"]')
+    page.wait_for(job_badge("plotting"))
+    assert page.text("#current-name") == "late answer"
+    page.page.unroute("**/api/jobs?*")
+
+    page.page.once("dialog", lambda dialog: dialog.accept())
+    page.page.click('#current-actions button[data-action="cancel"]')
+    page.wait_for('#current-badge[data-state="cancelled"]')
+    assert page.errors == []
+
+
 def test_upload_errors_and_dropping(browser: Any, daemon: DaemonProcess, tmp_path: Path) -> None:
     """400, 413 and 422 show the daemon's own message; a dropped file is queued."""
     page = Page(browser, daemon, "/", tmp_path)

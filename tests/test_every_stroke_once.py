@@ -18,6 +18,7 @@ import os
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
+from twisted.logger import globalLogPublisher
 
 from plotting_site import Site
 from test_runner import assert_same_drawing, distance_to_strokes, drawn_length
@@ -102,6 +103,18 @@ def finish(site: Site, job_id: str) -> str:
             site.settle(site.life.queue.resume(job_id))
         site.advance(1.0)
     raise AssertionError(f"job {job_id} did not complete: {site.job(job_id)}")
+
+
+def resume_to_the_end(site: Site, job_id: str) -> list[dict]:
+    """Resume the job and play it until it completes; the log events said meanwhile."""
+    lines: list[dict] = []
+    globalLogPublisher.addObserver(lines.append)
+    try:
+        site.settle(site.life.queue.resume(job_id))
+        assert finish(site, job_id) == states.COMPLETED
+    finally:
+        globalLogPublisher.removeObserver(lines.append)
+    return lines
 
 
 def apply(site: Site, job_id: str, action: str) -> None:

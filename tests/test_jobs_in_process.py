@@ -8,10 +8,10 @@ import attr
 import numpy as np
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import formatEvent
 
 from plotting_site import SETTINGS, Site
-from test_every_stroke_once import BOARDS, finish
+from test_every_stroke_once import BOARDS, finish, resume_to_the_end
 from test_runner import TWO_LAYERS, assert_same_drawing, drawn_length
 from vfab.jobs import states
 from vfab.jobs.errors import InvalidJobInput, InvalidTransition
@@ -313,14 +313,8 @@ def test_plotting_time_adds_up_over_pauses_restarts_and_a_kill(tmp_path):
     site.kill()
     site.start()
     site.advance(600.0)
-    lines = []
     PerformanceLog(site.life.bus)
-    globalLogPublisher.addObserver(lines.append)
-    try:
-        site.settle(site.life.queue.resume(job_id))
-        assert finish(site, job_id) == states.COMPLETED
-    finally:
-        globalLogPublisher.removeObserver(lines.append)
+    lines = resume_to_the_end(site, job_id)
     plotted = site.job(job_id)["plotting_seconds"]
     # Each new run lifts the pen and travels back to where it stopped.
     assert alone <= plotted <= alone + 6.0

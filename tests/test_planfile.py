@@ -173,13 +173,12 @@ def test_a_job_is_planned_once_at_submission_and_plotted_from_its_file(tmp_path)
 
 
 def test_changed_settings_plan_the_job_again_in_a_child_and_say_so(tmp_path):
-    from twisted.logger import formatEvent, globalLogPublisher
+    from twisted.logger import formatEvent
 
     from plotting_site import Site
-    from test_every_stroke_once import finish
+    from test_every_stroke_once import resume_to_the_end
     from test_jobs_in_process import PAGE_FRAME, PAGE_FRAME_MM
     from test_runner import drawn_length
-    from vfab.jobs import states
 
     site = Site(tmp_path)
     job_id = site.submit(PAGE_FRAME)
@@ -190,13 +189,7 @@ def test_changed_settings_plan_the_job_again_in_a_child_and_say_so(tmp_path):
     site.settings = attr.evolve(site.settings, speed_pen_down=20.0)
     site.start()
     calls = _planning_calls(site)
-    lines = []
-    globalLogPublisher.addObserver(lines.append)
-    try:
-        site.settle(site.life.queue.resume(job_id))
-        assert finish(site, job_id) == states.COMPLETED
-    finally:
-        globalLogPublisher.removeObserver(lines.append)
+    lines = resume_to_the_end(site, job_id)
     assert calls == ["plan_to_file"]
     said = [formatEvent(event) for event in lines if "planning again" in
             event.get("log_format", "")]

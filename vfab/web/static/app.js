@@ -33,6 +33,7 @@ const ALERT_SECONDS = { info: 15, success: 15 };
 const state = {
   jobs: new Map(),      // id -> job, as the daemon last described it
   jobsKnown: false,     // whether `jobs` holds what the daemon said (not just nothing yet)
+  jobNews: 0,           // how many job_list and job_state_change messages have come
   progress: new Map(),  // id -> the last job_progress message
   reasons: new Map(),   // id -> the reason of its last state change
   device: null,
@@ -56,6 +57,7 @@ function handle(message) {
     case "job_list":
       state.jobs = new Map((message.jobs || []).map((job) => [job.id, job]));
       state.jobsKnown = true;
+      state.jobNews += 1;
       break;
     case "job_state_change":
       jobChanged(message);
@@ -90,6 +92,7 @@ function handle(message) {
 }
 
 function jobChanged(message) {
+  state.jobNews += 1;
   const known = state.jobs.get(message.job_id);
   const job = message.job || { ...(known || { id: message.job_id }), state: message.to_state };
   state.jobs.set(job.id, job);
@@ -385,11 +388,12 @@ async function jobAction(button, jobId, action) {
     }
   }
   button.disabled = true;
+  const news = state.jobNews;
   try {
     const job = await api.jobAction(jobId, action);
-    // The WebSocket tells the same, but this makes the click show at once.
-    const known = state.jobs.get(job.id);
-    if (!known || known.state !== job.state) {
+    // The WebSocket tells the same, but this makes the click show at once;
+    // unless the WebSocket has spoken since, when the answer may be older.
+    if (state.jobNews === news) {
       state.jobs.set(job.id, job);
       render();
     }
@@ -417,8 +421,12 @@ async function upload(file) {
   message.textContent = `Uploading ${file.name}…`;
   try {
     const job = await api.submit(file);
-    state.jobs.set(job.id, job);
-    render();
+    // The job may already have started: then the WebSocket's word is newer
+    // than this answer's "queued".
+    if (!state.jobs.has(job.id)) {
+      state.jobs.set(job.id, job);
+      render();
+    }
     message.dataset.kind = "ok";
     message.textContent = `Queued “${job.name}” (about ${estimate(job.estimated_seconds)}).`;
   } catch (error) {
