@@ -20,6 +20,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from vfab.config import DeviceConfig
@@ -27,7 +28,8 @@ from vfab.events import EventBus
 from vfab.geometry import SVGLimits
 from vfab.jobs import states
 from vfab.disk import DiskSpace
-from vfab.jobs.errors import DiskFull, InvalidJobInput, NotAccepting
+from vfab.jobs.errors import (DatabaseDamaged, DatabaseUnavailable, DiskFull, InvalidJobInput,
+                              NotAccepting)
 from vfab.jobs.farm import FarmPlotter, check_takers
 from vfab.jobs.job import PRIORITY_RANGE, Job, iso8601
 from vfab.jobs.layers import layer_settings
@@ -154,8 +156,7 @@ class QueueService(Service):
         self._unsubscribe = self._bus.subscribe(self._on_event, remote=True)
         starting = self.recorder.refresh().addCallback(lambda _: self._store.adopt(self.farm))
         starting.addCallback(self._adopted)
-        starting.addErrback(lambda failure: _log.failure(
-            "could not settle which plotter holds which job", failure))
+        starting.addErrback(self._settling_failed)
         starting.addCallback(lambda _: self._start_schedulers())
         _log.info("queue service started")
 
@@ -163,6 +164,14 @@ class QueueService(Service):
         if changed:
             _log.info("{count} job(s) handed over: their plotter is no longer configured, "
                       "or they were claimed as the daemon last stopped", count=changed)
+
+    @staticmethod
+    def _settling_failed(failure: Failure) -> None:
+        if failure.check(DatabaseUnavailable):
+            _log.warn("could not settle which plotter holds which job: {error}",
+                      error=failure.value)
+        elif not failure.check(DatabaseDamaged):  # the store has said that once
+            _log.failure("could not settle which plotter holds which job", failure)
 
     def _start_schedulers(self) -> None:
         for scheduler in self.schedulers.values():
