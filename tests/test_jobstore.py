@@ -3,11 +3,13 @@ test that takes `location` or `store` runs on both): migrations, transitions,
 history, restart, claims."""
 
 import sqlite3
+import threading
 
 import attr
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 
 from vfab.jobs import states
 from vfab.jobs.errors import JobNotFound
@@ -351,7 +353,6 @@ def test_sixteen_plotters_claiming_at_once_take_every_job_exactly_once(postgres_
                                        claimed_by=plotter.name)
                 yield store.transition(job.id, states.COMPLETED, "plot finished")
 
-        from twisted.internet.defer import gatherResults
         yield gatherResults([claim_all(plotter) for plotter in plotters], consumeErrors=True)
         taken = [job_id for ids in claims.values() for job_id in ids]
         assert len(taken) == len(set(taken)) == CLAIMED_JOBS
@@ -363,3 +364,26 @@ def test_sixteen_plotters_claiming_at_once_take_every_job_exactly_once(postgres_
                                                                "completed"]
     finally:
         store.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_postgresql_pool_opens_pool_size_and_max_overflow_connections_at_most(postgres_url):
+    """Six queries at once on pool_size 1 + max_overflow 2: three meet on three
+    connections (fewer and the meeting never happens), then three more reuse them
+    (more connections and six would show)."""
+    store = JobStore(postgres_url, reactor=reactor, pool_size=1, max_overflow=2)
+    store.open()
+    meeting = threading.Barrier(3, timeout=30)
+
+    def meet(cursor):
+        cursor.execute("SELECT pg_backend_pid()")
+        backend = cursor.fetchone()[0]
+        meeting.wait()
+        return backend
+
+    try:
+        backends = yield gatherResults([store._run(meet) for _ in range(6)],
+                                       consumeErrors=True)
+    finally:
+        store.close()
+    assert len(set(backends)) == 3

@@ -75,6 +75,7 @@ class VfabService(MultiService):
         host = config.host()
         self.store = JobStore(database_location(config.database.url, workspace),
                               reactor=reactor, pool_size=config.database.pool_size,
+                              max_overflow=config.database.max_overflow,
                               drawings=workspace / "jobs", on_disk_full=self.disk.noticed_full,
                               host=host)
         # One device service per plotter; a `device:`-only configuration keeps its

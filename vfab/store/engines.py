@@ -93,7 +93,7 @@ class SQLiteEngine:
         connection.execute("PRAGMA synchronous = NORMAL")
         connection.execute("PRAGMA busy_timeout = 5000")
 
-    def pool(self, reactor: Any, pool_size: int) -> adbapi.ConnectionPool:
+    def pool(self, reactor: Any, pool_size: int, max_overflow: int) -> adbapi.ConnectionPool:
         return adbapi.ConnectionPool(
             "sqlite3", str(self.path), cp_min=1, cp_max=1, check_same_thread=False,
             cp_openfun=self.configure, cp_reactor=reactor)
@@ -129,11 +129,15 @@ class PostgresEngine:
 
         return psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT)
 
-    def pool(self, reactor: Any, pool_size: int) -> adbapi.ConnectionPool:
-        # One connection per pool thread; a dead one (the server restarted) is
-        # dropped on the failed rollback and opened again for the next query.
+    def pool(self, reactor: Any, pool_size: int, max_overflow: int) -> adbapi.ConnectionPool:
+        # One connection per pool thread, opened on its first query: `pool_size`
+        # threads wait for work, `max_overflow` more start when all are busy, so
+        # a host holds at most pool_size + max_overflow connections. A dead one
+        # (the server restarted) is dropped on the failed rollback and opened
+        # again for the next query.
         return ServerPool(
-            "psycopg", self.url, connect_timeout=CONNECT_TIMEOUT, cp_min=1, cp_max=pool_size,
+            "psycopg", self.url, connect_timeout=CONNECT_TIMEOUT, cp_min=pool_size,
+            cp_max=pool_size + max_overflow,
             cp_reconnect=True, cp_noisy=False, cp_reactor=reactor)
 
     @staticmethod

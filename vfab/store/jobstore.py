@@ -3,8 +3,8 @@
 
 SQLite: one connection (SQLite allows one writer; several connections only
 trade speed for "database is locked"), WAL journal, foreign keys on.
-PostgreSQL: `pool_size` connections; a claim takes its row with
-`FOR UPDATE SKIP LOCKED`, so hosts claiming at once never take one job twice
+PostgreSQL: `pool_size` connections, `max_overflow` more when all are busy; a
+claim takes its row with `FOR UPDATE SKIP LOCKED`, so hosts claiming at once never take one job twice
 nor wait for each other, and a state change locks the row it changes. What
 differs between the two is in vfab.store.engines. Every state change is
 written with its history row in one transaction, so what the store says after
@@ -117,6 +117,7 @@ class JobStore:
     """Jobs and their history, kept in one SQLite file or a PostgreSQL database."""
 
     def __init__(self, location: Path | str, *, reactor: Any, pool_size: int = 1,
+                 max_overflow: int = 0,
                  now: Callable[[], float] | None = None, drawings: Path | None = None,
                  on_disk_full: Callable[[str], None] | None = None,
                  host: str | None = None):
@@ -138,6 +139,7 @@ class JobStore:
             self.where = str(location)
         self._host = host
         self._pool_size = pool_size
+        self._max_overflow = max_overflow
         self._drawings = drawings
         self._on_disk_full = on_disk_full
         #: Why the file is unusable, once a request found it damaged (until restart:
@@ -226,7 +228,7 @@ class JobStore:
         for job_id in interrupted:
             _log.warn("job {job_id} held the plotter when the daemon stopped; "
                       "it is now interrupted", job_id=job_id)
-        self._pool = self._engine.pool(self._reactor, self._pool_size)
+        self._pool = self._engine.pool(self._reactor, self._pool_size, self._max_overflow)
 
     def _refuse_lost_jobs(self) -> None:
         """A missing or zero-length database beside drawings in `jobs/` means the
