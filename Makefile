@@ -7,7 +7,9 @@ RUN_DIR := run
 
 # Debian packages the suite uses: Chromium for the browser tests (playwright
 # never downloads a browser here), logrotate and systemd-analyze to check the
-# files in etc/. Installed only when their command is missing.
+# files in etc/, PostgreSQL for the farm's store (the tests start a server of
+# their own with initdb; Debian keeps it in /usr/lib/postgresql/VERSION/bin).
+# Installed only when their command is missing.
 SYSTEM_PACKAGES := /usr/bin/chromium:chromium /usr/sbin/logrotate:logrotate \
 	/usr/bin/systemd-analyze:systemd
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -33,6 +35,8 @@ run: install
 system-packages:
 	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
 		test -x "$${entry%%:*}" || missing="$$missing $${entry##*:}"; done; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+		|| missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -q && \

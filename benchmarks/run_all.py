@@ -16,7 +16,7 @@ import common
 HERE = Path(__file__).resolve().parent
 SCRIPTS = ("bench_planning.py", "bench_feeding.py", "bench_order.py", "bench_plot_time.py",
            "bench_websocket.py", "bench_footprint.py", "bench_fifo.py", "bench_trail.py", "bench_submit.py",
-           "bench_big_drawing.py")
+           "bench_big_drawing.py", "bench_farm.py")
 
 
 def main() -> int:

@@ -34,3 +34,22 @@ def no_unhandled_deferred_errors():
         details = "\n".join(failure.getTraceback() if failure is not None else repr(event)
                             for failure, event in zip(failures, seen))
         pytest.fail(f"{len(seen)} unhandled error(s) in Deferreds:\n{details}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of this test process's own (about a second to start),
+    stopped and removed when the session ends."""
+    from postgres_server import PostgresServer
+
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL of a new, empty database on the tests' PostgreSQL server."""
+    return postgres_server.create_database()

@@ -71,7 +71,7 @@ def test_check_config_lists_every_schema_problem(tmp_path):
 def test_check_config_lists_what_the_schema_cannot_see(tmp_path):
     config = write_config(tmp_path, {
         "logging": {"format": "%(when)s"},
-        "database": {"url": "postgresql://db/vfab"},
+        "database": {"url": "mysql://db/vfab"},
         "hooks": {"job_completed": [{"command": [str(tmp_path / "missing-notify")]},
                                     {"command": [sys.executable, "-c", "pass"]}]},
     })

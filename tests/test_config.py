@@ -6,7 +6,8 @@ import pytest
 
 from vfab.config import (MODEL_TRAVEL_MM, Config, ConfigError, config_from_dict,
                          default_config_path, default_workspace, load_config,
-                         plotter_name_of_host, sqlite_path, with_overrides, workspace_path)
+                         database_location, plotter_name_of_host, sqlite_path, with_overrides,
+                         workspace_path)
 
 
 def problems_of(data):
@@ -140,6 +141,14 @@ def test_workspace_relative_paths(tmp_path):
     assert sqlite_path("sqlite:////srv/vfab.db", tmp_path) == Path("/srv/vfab.db")
     with pytest.raises(ConfigError, match="database.url"):
         sqlite_path("postgresql://db/vfab", tmp_path)
+    assert database_location("postgresql://me:secret@db:5433/vfab", tmp_path) == (
+        "postgresql://me:secret@db:5433/vfab")
+    assert database_location("sqlite:///workspace/vfab.db", tmp_path) == tmp_path / "vfab.db"
+    for wrong in ("mysql://db/vfab", "postgresql://me:secret@db:port/vfab",
+                  "postgresql://db"):
+        with pytest.raises(ConfigError, match="database.url") as raised:
+            database_location(wrong, tmp_path)
+        assert "secret" not in str(raised.value)
 
 
 def test_the_pen_change_position_must_be_within_the_travel():
@@ -154,7 +163,7 @@ def test_plotters_take_the_device_keys_on_top_of_the_device_section():
         "device": {"type": "simulator", "speed_pen_down": 40},
         "plotters": [{"name": "left", "port": "/dev/ttyACM0", "tags": ["a3", "a3"]},
                      {"name": "right", "model": "V3/A4", "speed_pen_down": 20}]})
-    left, right = config.farm()
+    left, right = config.plotters_here()
     assert (left.name, left.tags, left.device.port) == ("left", ("a3",), "/dev/ttyACM0")
     assert (left.device.type, left.device.speed_pen_down) == ("simulator", 40)
     assert (right.name, right.tags, right.device.model) == ("right", (), "V3/A4")
@@ -163,7 +172,7 @@ def test_plotters_take_the_device_keys_on_top_of_the_device_section():
 
 def test_a_device_section_alone_is_one_plotter_named_after_the_host():
     config = config_from_dict({"device": {"type": "none"}})
-    (only,) = config.farm()
+    (only,) = config.plotters_here()
     assert only.name == plotter_name_of_host() and only.tags == ()
     assert only.device is config.device
 

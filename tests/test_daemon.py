@@ -246,13 +246,31 @@ def test_a_database_of_a_newer_schema_exits_1_with_one_line(tmp_path):
 def test_a_database_url_this_build_cannot_open_exits_2_with_one_line(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("device:\n  type: none\n"
-                      "database:\n  url: postgresql://vfab@db.example/vfab\n")
+                      "database:\n  url: mysql://vfab@db.example/vfab\n")
     result = run_vfab("daemon", "-h", "127.0.0.1", "-p", "0", "-w", str(tmp_path / "w"),
                       "-c", str(config))
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("vfab: database.url: expected a sqlite:/// URL")
+    assert result.stderr.startswith("vfab: database.url: expected sqlite:///FILE or "
+                                    "postgresql://")
     assert "Traceback" not in result.stdout
+
+
+def test_a_postgresql_server_out_of_reach_at_start_exits_1_with_one_line(tmp_path):
+    """SPEC: a database that cannot be opened is a start-up failure (1), not a
+    configuration error (2): the URL is right, the server is not there."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "config.yaml"
+    config.write_text("device:\n  type: none\n"
+                      f"database:\n  url: postgresql://vfab@127.0.0.1:{port}/vfab\n")
+    result = run_vfab("daemon", "-h", "127.0.0.1", "-p", "0", "-w", str(tmp_path / "w"),
+                      "-c", str(config))
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert f"database postgresql://vfab@127.0.0.1:{port}/vfab" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def _wait_for_exit(pid: int, timeout: float = 60.0) -> None:

@@ -18,6 +18,7 @@ from websockets.sync.client import connect
 from tests.daemon_process import DaemonProcess, run_vfab
 from vfab.config import Config, DeviceConfig
 from vfab.jobs.errors import DatabaseDamaged
+from vfab.jobs.scheduler import SchedulerState
 from vfab.service import VfabService
 from vfab.store.jobstore import DatabaseError, JobStore
 from vfab.store.migrations import migrate
@@ -234,3 +235,23 @@ def test_the_queue_meeting_a_damaged_database_adds_no_traceback_to_the_log(tmp_p
     finally:
         globalLogPublisher.removeObserver(events.append)
     assert [formatEvent(event) for event in events if event.get("log_failure")] == []
+
+
+def test_a_database_damaged_before_the_queue_settled_its_jobs_adds_no_traceback(
+        tmp_path, monkeypatch):
+    """The damage can come between the daemon's start and its first look at which
+    plotter holds which job (the 503 test's race on a loaded machine): the store
+    says it once, the queue's start keeps quiet and its plotters still start."""
+    site = Site(tmp_path)
+    site.stop()
+    damaged = DatabaseDamaged("database is damaged (test)")
+    monkeypatch.setattr(JobStore, "adopt", lambda store, plotters: fail(damaged))
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        site.start()
+        site.advance(1)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [formatEvent(event) for event in events if event.get("log_failure")] == []
+    assert site.life.queue.scheduler.state is not SchedulerState.STOPPED

@@ -1,17 +1,21 @@
-"""The job store on a real SQLite file: migrations, transitions, history, restart."""
+"""The job store on a real SQLite file and on a real PostgreSQL database (each
+test that takes `location` or `store` runs on both): migrations, transitions,
+history, restart, claims."""
 
 import sqlite3
+import threading
 
 import attr
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import gatherResults
 
 from vfab.jobs import states
 from vfab.jobs.errors import JobNotFound
 from vfab.jobs.farm import FarmPlotter
 from vfab.jobs.job import Job
-from vfab.store.jobstore import DatabaseError, JobStore
+from vfab.store.jobstore import DatabaseError, JobStore, NotClaimed
 from vfab.store.migrations import MIGRATIONS, SCHEMA_VERSION, SchemaTooNew, migrate
 
 
@@ -21,9 +25,17 @@ def make_job(job_id, *, priority=0, created="2026-11-26T03:00:00.000Z", state=st
                pen_down_mm=10.0, pen_up_mm=5.0, estimated_seconds=12.0)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path):
+    """Where a store keeps its jobs: a SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "vfab.db"
+    return request.getfixturevalue("postgres_url")
+
+
 @pytest.fixture
-def store(tmp_path):
-    store = JobStore(tmp_path / "vfab.db", reactor=reactor)
+def store(location):
+    store = JobStore(location, reactor=reactor)
     store.open()
     yield store
     store.close()
@@ -133,8 +145,8 @@ def test_a_first_schema_database_keeps_its_jobs_and_learns_their_plotting_time(t
 
 
 @pytest_twisted.inlineCallbacks
-def test_progress_is_saved_and_survives_a_restart(tmp_path):
-    path = tmp_path / "vfab.db"
+def test_progress_is_saved_and_survives_a_restart(location):
+    path = location
     store = JobStore(path, reactor=reactor)
     store.open()
     yield store.add(make_job("a"))
@@ -245,3 +257,133 @@ def test_a_schema_1_database_is_migrated_with_its_jobs(tmp_path):
     finally:
         store.close()
     assert (job.plotter, job.tags, job.taken_by, job.host) == (None, (), None, None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_plot_starts_only_on_the_plotter_that_claimed_the_job(store):
+    yield store.add(make_job("a"))
+    yield store.next_to_plot(LEFT)
+    with pytest.raises(NotClaimed, match="claimed by left, not by right"):
+        yield store.transition("a", states.PLOTTING, "started", claimed_by="right")
+    _, started = yield store.transition("a", states.PLOTTING, "started", claimed_by="left")
+    assert started.state == states.PLOTTING
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_drawing_kept_in_the_database_goes_with_its_job(store):
+    yield store.add(make_job("a"), drawing=b"<svg/>")
+    assert (yield store.drawing("a")) == b"<svg/>"
+    yield store.transition("a", states.CANCELLED, "by request")
+    yield store.delete("a")
+    with pytest.raises(JobNotFound):
+        yield store.drawing("a")
+    assert store.keeps_drawings == (store.engine == "postgresql")
+
+
+def test_a_newer_postgresql_schema_is_refused(postgres_url):
+    import psycopg
+
+    JobStore(postgres_url, reactor=reactor).open()
+    with psycopg.connect(postgres_url) as connection:
+        assert connection.execute("SELECT version FROM vfab_schema").fetchone() == (
+            SCHEMA_VERSION,)
+        connection.execute("UPDATE vfab_schema SET version = %s", (SCHEMA_VERSION + 1,))
+    with pytest.raises(DatabaseError, match="upgrade vfab"):
+        JobStore(postgres_url, reactor=reactor).open()
+
+
+def test_an_unreachable_server_is_a_one_line_reason(postgres_server):
+    url = postgres_server.url("missing_database")
+    with pytest.raises(DatabaseError, match=r"^database postgresql://vfab@127\.0\.0\.1:\d+/"
+                                            r"missing_database: .*missing_database"):
+        JobStore(url, reactor=reactor).open()
+
+
+@pytest_twisted.inlineCallbacks
+def test_on_a_farm_a_host_that_starts_settles_only_its_own_jobs(postgres_url):
+    first = JobStore(postgres_url, reactor=reactor, host="studio")
+    first.open()
+    try:
+        for name in ("mine", "theirs"):
+            yield first.add(make_job(name))
+        yield first.next_to_plot(LEFT)
+        yield first.next_to_plot(FarmPlotter(name="far", host="elsewhere"))
+        yield first.transition("mine", states.PLOTTING, "started", claimed_by="left")
+        yield first.transition("theirs", states.PLOTTING, "started", claimed_by="far")
+    finally:
+        first.close()
+    again = JobStore(postgres_url, reactor=reactor, host="studio")
+    again.open()
+    try:
+        assert (yield again.adopt([RIGHT])) == 1  # left is gone from studio: right has it
+        mine, theirs = (yield again.get("mine")), (yield again.get("theirs"))
+    finally:
+        again.close()
+    assert (mine.state, mine.taken_by) == (states.INTERRUPTED, "right")
+    assert (theirs.state, theirs.taken_by, theirs.host) == (states.PLOTTING, "far", "elsewhere")
+
+
+CLAIMERS = 16
+CLAIMED_JOBS = 300
+
+
+@pytest_twisted.inlineCallbacks
+def test_sixteen_plotters_claiming_at_once_take_every_job_exactly_once(postgres_url):
+    """Each plotter claims, starts and ends jobs as fast as it can, on a connection
+    of its own. Without the claim's row lock two plotters take one job (both read
+    it free); with a lock that waits, a plotter finds "nothing free" while jobs
+    wait; SKIP LOCKED gives each its own."""
+    store = JobStore(postgres_url, reactor=reactor, pool_size=CLAIMERS)
+    store.open()
+    try:
+        for number in range(CLAIMED_JOBS):
+            yield store.add(make_job(f"job{number:03d}", priority=number % 7))
+        plotters = [FarmPlotter(name=f"p{number}", host=f"host{number % 4}")
+                    for number in range(CLAIMERS)]
+        claims: dict[str, list[str]] = {plotter.name: [] for plotter in plotters}
+
+        @pytest_twisted.inlineCallbacks
+        def claim_all(plotter):
+            while True:
+                job, _ = yield store.next_to_plot(plotter)
+                if job is None:
+                    return
+                claims[plotter.name].append(job.id)
+                yield store.transition(job.id, states.PLOTTING, "started",
+                                       claimed_by=plotter.name)
+                yield store.transition(job.id, states.COMPLETED, "plot finished")
+
+        yield gatherResults([claim_all(plotter) for plotter in plotters], consumeErrors=True)
+        taken = [job_id for ids in claims.values() for job_id in ids]
+        assert len(taken) == len(set(taken)) == CLAIMED_JOBS
+        assert sum(1 for ids in claims.values() if ids) > CLAIMERS // 2  # truly at once
+        counts = yield store.counts()
+        assert counts == {states.COMPLETED: CLAIMED_JOBS}
+        history = yield store.history("job000")
+        assert [change["to_state"] for change in history] == ["queued", "plotting",
+                                                               "completed"]
+    finally:
+        store.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_postgresql_pool_opens_pool_size_and_max_overflow_connections_at_most(postgres_url):
+    """Six queries at once on pool_size 1 + max_overflow 2: three meet on three
+    connections (fewer and the meeting never happens), then three more reuse them
+    (more connections and six would show)."""
+    store = JobStore(postgres_url, reactor=reactor, pool_size=1, max_overflow=2)
+    store.open()
+    meeting = threading.Barrier(3, timeout=30)
+
+    def meet(cursor):
+        cursor.execute("SELECT pg_backend_pid()")
+        backend = cursor.fetchone()[0]
+        meeting.wait()
+        return backend
+
+    try:
+        backends = yield gatherResults([store._run(meet) for _ in range(6)],
+                                       consumeErrors=True)
+    finally:
+        store.close()
+    assert len(set(backends)) == 3

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 from typing import Any, Callable, Mapping
 
 import attr
@@ -310,8 +311,26 @@ class PlotterConfig:
 
 
 def host_name() -> str:
-    """This host's name, as jobs and statuses show it."""
+    """This machine's name, the host's name on a farm unless `farm.host` sets one."""
     return socket.gethostname() or "localhost"
+
+
+def optional_host_name(value: Any) -> str | None:
+    return None if value is None else plotter_name(value)
+
+
+@attr.s(frozen=True, auto_attribs=False)
+class FarmConfig:
+    """Several hosts on one PostgreSQL queue (`database.url: postgresql://...`)."""
+
+    host: str | None = setting(None, optional_host_name,
+                               "this host's name on the farm, unique there; "
+                               "default: the machine's host name")
+    heartbeat_interval: float = setting(5.0, number(0.1),
+                                        "seconds between this host's I-am-alive writes")
+    host_timeout: float = setting(30.0, number(0.5),
+                                  "seconds of silence after which the other hosts count a "
+                                  "host as gone and mark its plotting jobs interrupted")
 
 
 @attr.s(frozen=True, auto_attribs=False)
@@ -341,23 +360,29 @@ class Config:
     device: DeviceConfig = attr.ib(factory=DeviceConfig)
     logging: LoggingConfig = attr.ib(factory=LoggingConfig)
     uploads: UploadsConfig = attr.ib(factory=UploadsConfig)
+    farm: FarmConfig = attr.ib(factory=FarmConfig)
     hooks: Mapping[str, tuple[HookAction, ...]] = attr.ib(factory=dict)
     #: The `plotters:` list as given; empty means one plotter from `device`.
     plotters: tuple[PlotterConfig, ...] = attr.ib(default=())
 
-    def farm(self) -> tuple[PlotterConfig, ...]:
+    def plotters_here(self) -> tuple[PlotterConfig, ...]:
         """Every plotter of this daemon: the `plotters:` list, or one plotter named
         after the host from `device`."""
         if self.plotters:
             return self.plotters
-        return (PlotterConfig(name=plotter_name_of_host(), tags=(), device=self.device),)
+        return (PlotterConfig(name=plotter_name_of_host(self.farm.host), tags=(),
+                              device=self.device),)
+
+    def host(self) -> str:
+        """This daemon's host, as jobs, statuses and the farm's other hosts name it."""
+        return self.farm.host or host_name()
 
 
-def plotter_name_of_host() -> str:
+def plotter_name_of_host(host: str | None = None) -> str:
     """The name of the one plotter of a `device:`-only configuration: the host's
-    name, made a valid plotter name."""
-    name = re.sub(r"[^A-Za-z0-9._-]", "-", host_name().split(".")[0])[:64].lstrip("._-")
-    return name or "plotter"
+    name (`host`, else the machine's), made a valid plotter name."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", (host or host_name()).split(".")[0])[:64]
+    return name.lstrip("._-") or "plotter"
 
 
 SECTIONS: dict[str, type] = {
@@ -366,6 +391,7 @@ SECTIONS: dict[str, type] = {
     "device": DeviceConfig,
     "logging": LoggingConfig,
     "uploads": UploadsConfig,
+    "farm": FarmConfig,
 }
 
 
@@ -599,6 +625,30 @@ def sqlite_path(url: str, workspace: Path) -> Path:
     """The file of a `sqlite:///...` database URL."""
     prefix = "sqlite:///"
     if not url.startswith(prefix):
-        raise ConfigError([f"database.url: expected a sqlite:/// URL "
-                           f"(other databases are not supported yet), got {url!r}"])
+        raise ConfigError([f"database.url: expected a sqlite:/// URL, got {url!r}"])
     return workspace_path(url[len(prefix):], workspace)
+
+
+def database_location(url: str, workspace: Path) -> Path | str:
+    """Where the jobs are kept: a SQLite file's path, or a PostgreSQL URL as given
+    (`postgresql://USER[:PASS]@HOST[:PORT]/DB`, a farm's shared queue)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(url)
+        try:
+            parts.port  # urlsplit checks the port only when it is read
+        except ValueError:
+            raise ConfigError([f"database.url: the port of {parts.hostname!r} is not a "
+                               f"number 0-65535"]) from None
+        if not parts.hostname and "host=" not in parts.query or parts.path in ("", "/"):
+            raise ConfigError([f"database.url: expected postgresql://USER[:PASS]@HOST[:PORT]"
+                               f"/DB, got {_hidden_password(url)!r}"])
+        return url
+    if not url.startswith("sqlite:///"):
+        raise ConfigError([f"database.url: expected sqlite:///FILE or "
+                           f"postgresql://USER[:PASS]@HOST[:PORT]/DB, got "
+                           f"{_hidden_password(url)!r}"])
+    return sqlite_path(url, workspace)
+
+
+def _hidden_password(url: str) -> str:
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)

@@ -24,9 +24,10 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
 from vfab.audit import AuditLog
-from vfab.config import Config, host_name, sqlite_path
+from vfab.config import Config, database_location
 from vfab.disk import DiskSpace
 from vfab.events import EventBus
+from vfab.farmlink import FarmLink
 from vfab.geometry import SVGLimits
 from vfab.hooks import HookService
 from vfab.jobs.queue import QueueService
@@ -71,10 +72,12 @@ class VfabService(MultiService):
         self._lock = WorkspaceLock(workspace)
         self.bus = EventBus()
         self.disk = DiskSpace(workspace, self.bus, reactor)
-        self.store = JobStore(sqlite_path(config.database.url, workspace), reactor=reactor,
-                              pool_size=config.database.pool_size, drawings=workspace / "jobs",
-                              on_disk_full=self.disk.noticed_full)
-        host = host_name()
+        host = config.host()
+        self.store = JobStore(database_location(config.database.url, workspace),
+                              reactor=reactor, pool_size=config.database.pool_size,
+                              max_overflow=config.database.max_overflow,
+                              drawings=workspace / "jobs", on_disk_full=self.disk.noticed_full,
+                              host=host)
         # One device service per plotter; a `device:`-only configuration keeps its
         # simulator's drawing where it always was.
         self.devices = [
@@ -84,7 +87,7 @@ class VfabService(MultiService):
                           device_id=plotter.name if config.plotters else None,
                           record_dir=workspace / "simulator" / (
                               plotter.name if config.plotters else ""))
-            for plotter in config.farm()]
+            for plotter in config.plotters_here()]
         for device in self.devices[1:]:  # service names are unique; the first stays "device"
             device.setName(f"device {device.plotter_name}")
         #: The first plotter: the one /api/device and /health show.
@@ -109,8 +112,17 @@ class VfabService(MultiService):
         self.performance = PerformanceLog(
             self.bus, config.device.simulator_speed if config.device.type == "simulator" else 1.0)
         self.hooks = HookService(config.hooks, self.bus, reactor)
+        #: A farm's link to its other hosts (PostgreSQL only).
+        self.farm: FarmLink | None = None
+        if self.store.engine == "postgresql":
+            self.farm = FarmLink(url=config.database.url, host=host, store=self.store,
+                                 queue=self.queue, bus=self.bus, reactor=reactor,
+                                 heartbeat_interval=config.farm.heartbeat_interval,
+                                 host_timeout=config.farm.host_timeout)
         for child in (self.web, *self.devices, self.queue, self.hooks):
             child.setServiceParent(self)
+        if self.farm is not None:
+            self.farm.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:
         """Under twistd, hand the daemon's log observer to the application: twistd's
@@ -168,6 +180,8 @@ class VfabService(MultiService):
         self.disk.start()
         self._step("queue service", self.queue.startService)
         self._step("hooks", self.hooks.startService)
+        if self.farm is not None:
+            self._step("farm link", self.farm.startService)
         self._reactor.callWhenRunning(self._ready)
 
     def _ready(self) -> None:
@@ -212,12 +226,12 @@ class VfabService(MultiService):
         if self._owner is not None and os.geteuid() == 0:
             os.chown(self._lock.path, *self._owner)
         self.store.open()
-        if self._owner is not None and os.geteuid() == 0:
+        if self._owner is not None and os.geteuid() == 0 and self.store.path is not None:
             for suffix in ("", "-wal", "-shm"):
                 path = Path(f"{self.store.path}{suffix}")
                 if path.exists():
                     os.chown(path, *self._owner)
-        _log.info("database opened and migrated: {path}", path=str(self.store.path))
+        _log.info("database opened and migrated: {path}", path=self.store.where)
 
     def _listen(self) -> None:
         if not self.config.websocket.enabled:
@@ -261,6 +275,8 @@ class VfabService(MultiService):
         _log.info("shutdown: parking the device (pen up, motors off) of every plotter")
         yield DeferredList([self._stop_step(f"plotter {device.plotter_name}", device)
                             for device in self.devices])
+        if self.farm is not None and self.farm.running:
+            self.farm.stopService()
         self.disk.stop()
         self.store.close()
         self._lock.release()

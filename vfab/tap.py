@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from vfab.config import (LOG_LEVELS, Config, ConfigError, default_workspace, load_config,
-                         sqlite_path, with_overrides, workspace_path)
+                         database_location, with_overrides, workspace_path)
 
 _log = Logger()
 
@@ -98,7 +98,7 @@ class Options(usage.Options):
         check_format(self.config.logging.format)
         # A database this build cannot open is a configuration error (exit 2),
         # found before anything starts.
-        sqlite_path(self.config.database.url, Path("workspace"))
+        database_location(self.config.database.url, Path("workspace"))
         self.workspace_dir = Path(self["workspace"]).expanduser().resolve() \
             if self["workspace"] else default_workspace()
 

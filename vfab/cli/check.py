@@ -12,8 +12,9 @@ import sqlite3
 import sys
 from pathlib import Path
 
-from vfab.config import (Config, ConfigError, default_config_path, default_workspace,
-                         load_config, sqlite_path)
+from vfab.config import (Config, ConfigError, database_location, default_config_path,
+                         default_workspace, load_config)
+from vfab.store.engines import CONNECT_TIMEOUT, shown_url
 from vfab.store.migrations import SCHEMA_VERSION, integrity_problem, schema_version
 
 
@@ -39,10 +40,12 @@ def run_check(what: str, *, config_path: str | None, workspace: str | None) -> i
     space = Path(workspace).expanduser() if workspace else default_workspace()
     if what == "database":
         try:
-            path = sqlite_path(config.database.url, space)
+            location = database_location(config.database.url, space)
         except ConfigError as error:
             return _problem(error.problems[0])
-        return _check_database(path, space / "jobs")
+        if isinstance(location, str):
+            return _check_server_database(location)
+        return _check_database(location, space / "jobs")
     from vfab.plotter.check import check_device
     if not config.plotters:
         return check_device(config.device, _say, _problem)
@@ -64,7 +67,7 @@ def config_problems(config: Config, config_path: str | None) -> list[str]:
     except ConfigError as error:
         problems.extend(error.problems)
     try:
-        sqlite_path(config.database.url, Path("workspace"))
+        database_location(config.database.url, Path("workspace"))
     except ConfigError as error:
         problems.extend(error.problems)
     for event, actions in sorted(config.hooks.items()):
@@ -145,4 +148,33 @@ def _check_database(path: Path, drawings: Path) -> int:
              f"{SCHEMA_VERSION} when it starts), {jobs} jobs")
         return 0
     _say(f"database OK: {path}, schema {version} (current), {jobs} jobs")
+    return 0
+
+
+def _check_server_database(url: str) -> int:
+    """A farm's PostgreSQL database: reachable, with a schema this vfab knows."""
+    import psycopg
+
+    where = shown_url(url)
+    try:
+        with psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT) as connection:
+            exists = connection.execute(
+                "SELECT to_regclass('vfab_schema') IS NOT NULL").fetchone()[0]
+            version = connection.execute("SELECT version FROM vfab_schema").fetchone()[0] \
+                if exists else 0
+            jobs = connection.execute("SELECT COUNT(*) FROM jobs").fetchone()[0] \
+                if version >= 1 else 0
+            hosts = connection.execute("SELECT COUNT(*) FROM hosts").fetchone()[0] \
+                if version >= SCHEMA_VERSION else 0
+    except psycopg.Error as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return _problem(f"database {where} cannot be used: {reason}")
+    if version > SCHEMA_VERSION:
+        return _problem(f"database {where} has schema {version}, newer than this vfab "
+                        f"({SCHEMA_VERSION}): upgrade vfab")
+    if version < SCHEMA_VERSION:
+        _say(f"database OK: {where}, schema {version} (the daemon migrates it to "
+             f"{SCHEMA_VERSION} when it starts), {jobs} jobs")
+        return 0
+    _say(f"database OK: {where}, schema {version} (current), {jobs} jobs, {hosts} host(s)")
     return 0

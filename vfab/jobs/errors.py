@@ -3,7 +3,7 @@
 from vfab.jobs.states import InvalidTransition
 
 __all__ = ["InvalidTransition", "JobNotFound", "NotAccepting", "InvalidJobInput", "DiskFull",
-           "DatabaseDamaged", "NoPlotterCanTake"]
+           "DatabaseDamaged", "DatabaseUnavailable", "NoPlotterCanTake"]
 
 
 class JobNotFound(KeyError):
@@ -50,3 +50,9 @@ class DatabaseDamaged(RuntimeError):
     is read or written until a person restores it; the message says how.
 
     The store logs it once; whoever meets it later need not log it again."""
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The farm's database server cannot be reached (HTTP 503): it restarts, or the
+    network is down. The store tries once more on a new connection; the queue
+    tries again every few seconds."""

@@ -17,9 +17,10 @@ from typing import Any, BinaryIO, Callable, Sequence, TypeVar
 
 import attr
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
+from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from vfab.config import DeviceConfig
@@ -27,7 +28,8 @@ from vfab.events import EventBus
 from vfab.geometry import SVGLimits
 from vfab.jobs import states
 from vfab.disk import DiskSpace
-from vfab.jobs.errors import DiskFull, InvalidJobInput, NotAccepting
+from vfab.jobs.errors import (DatabaseDamaged, DatabaseUnavailable, DiskFull, InvalidJobInput,
+                              NotAccepting)
 from vfab.jobs.farm import FarmPlotter, check_takers
 from vfab.jobs.job import PRIORITY_RANGE, Job, iso8601
 from vfab.jobs.layers import layer_settings
@@ -120,6 +122,10 @@ class QueueService(Service):
             plotter.name: self._scheduler_for(plotter, device)
             for plotter, device in zip(self.farm, self.devices)}
         self._unsubscribe = None
+        #: On a farm (set by vfab.farmlink): the other hosts' plotters with their
+        #: model, and their statuses.
+        self.remote_plotters: Callable[[], list[tuple[FarmPlotter, str | None]]] = list
+        self.remote_statuses: Callable[[], list[dict[str, Any]]] = list
 
     def _scheduler_for(self, plotter: FarmPlotter, device: Any) -> Scheduler:
         return Scheduler(
@@ -128,14 +134,15 @@ class QueueService(Service):
             make_runner=lambda job, prepared, connected: self._runner_for_job(
                 device, job, prepared, connected),
             clock=self._reactor, shutdown_grace=device.config.shutdown_grace,
-            plotter=plotter, released=self._wake_all)
+            plotter=plotter, released=self.wake_all)
 
     @property
     def scheduler(self) -> Scheduler:
         """The first plotter's scheduler (the only one of a single-plotter daemon)."""
         return next(iter(self.schedulers.values()))
 
-    def _wake_all(self) -> None:
+    def wake_all(self) -> None:
+        """Every plotter looks for a job it can take (one may be free now)."""
         for scheduler in self.schedulers.values():
             scheduler.wake()
 
@@ -146,11 +153,10 @@ class QueueService(Service):
         self.files.create_directory()
         self.files.remove_stale_uploads()
         self._upload_threads.start()
-        self._unsubscribe = self._bus.subscribe(self._on_event)
+        self._unsubscribe = self._bus.subscribe(self._on_event, remote=True)
         starting = self.recorder.refresh().addCallback(lambda _: self._store.adopt(self.farm))
         starting.addCallback(self._adopted)
-        starting.addErrback(lambda failure: _log.failure(
-            "could not settle which plotter holds which job", failure))
+        starting.addErrback(self._settling_failed)
         starting.addCallback(lambda _: self._start_schedulers())
         _log.info("queue service started")
 
@@ -158,6 +164,14 @@ class QueueService(Service):
         if changed:
             _log.info("{count} job(s) handed over: their plotter is no longer configured, "
                       "or they were claimed as the daemon last stopped", count=changed)
+
+    @staticmethod
+    def _settling_failed(failure: Failure) -> None:
+        if failure.check(DatabaseUnavailable):
+            _log.warn("could not settle which plotter holds which job: {error}",
+                      error=failure.value)
+        elif not failure.check(DatabaseDamaged):  # the store has said that once
+            _log.failure("could not settle which plotter holds which job", failure)
 
     def _start_schedulers(self) -> None:
         for scheduler in self.schedulers.values():
@@ -222,9 +236,14 @@ class QueueService(Service):
             raise InvalidJobInput(f"priority: expected an integer from {low} to {high}, "
                                   f"got {priority!r:.40}")
         tags = tuple(tags)
-        takers = check_takers(self.farm, plotter, tags)
+        remote = self.remote_plotters()
+        takers = check_takers([*self.farm, *(other for other, _ in remote)], plotter, tags)
         configs = [device.config for candidate, device in zip(self.farm, self.devices)
                    if candidate in takers]
+        # Another host's plotter: its model's travel, with this host's settings.
+        configs += [attr.evolve(self.devices[0].config, model=model)
+                    for other, model in remote if other in takers and model is not None]
+        configs = configs or [self.devices[0].config]
         summary: DrawingSummary | None = None
         # The drawing must fit every plotter that may take it: it is planned once
         # for each model among them; the first plotter's figures are kept.
@@ -254,6 +273,10 @@ class QueueService(Service):
                 svg_file = self.files.adopt(job_id, svg)
             else:
                 svg_file = self.files.write(job_id, svg)
+            # A farm: the drawing goes into the database with the job, for
+            # whichever host plots it (this host's file and plan are its cache).
+            drawing = None if not self._store.keeps_drawings else (yield deferToThreadPool(
+                self._reactor, self._upload_threads, self.files.read, svg_file))
         except BaseException as error:
             self.files.remove(plan_file)
             if isinstance(error, DiskFull):
@@ -266,7 +289,7 @@ class QueueService(Service):
                   svg_file=svg_file, plotter=plotter, tags=tags, plan_file=plan_file,
                   plan_fingerprint=planned_with)
         try:
-            yield self._store.add(job)
+            yield self._store.add(job, drawing)
         except Exception:
             self.files.remove(svg_file)
             self.files.remove(plan_file)
@@ -278,7 +301,7 @@ class QueueService(Service):
         _log.info("job {job_id} '{name}' queued: {paths} paths, {layers} layers, {here}",
                   job_id=job_id, name=name, paths=job.paths, layers=job.layers, here=here)
         self.recorder.announce(job, None, "submitted")
-        self._wake_all()
+        self.wake_all()
         return job.to_dict()
 
     @inlineCallbacks
@@ -329,7 +352,7 @@ class QueueService(Service):
             # Back in the queue with its saved progress, which puts it first.
             yield self.recorder.change(job_id, states.QUEUED,
                                        "resume requested; continues from the saved progress")
-            self._wake_all()
+            self.wake_all()
         else:
             raise states.InvalidTransition(job_id, job.state, states.PLOTTING)
         result = yield self.get(job_id)
@@ -351,7 +374,7 @@ class QueueService(Service):
         else:
             states.check_transition(job_id, job.state, states.CANCELLED)
             yield self.recorder.change(job_id, states.CANCELLED, "cancelled by request")
-            self._wake_all()
+            self.wake_all()
         result = yield self.get(job_id)
         return result
 
@@ -383,7 +406,7 @@ class QueueService(Service):
                                               self.files.directory / job.plan_file,
                                               PREVIEW_POINTS)
         else:
-            svg = self.files.read(job.svg_file)
+            svg = yield self._drawing(job)
             settings = device_settings(self._device_of(job).config, job.preset)
             result = yield self._planning.run(read_preview, svg, settings, PREVIEW_POINTS,
                                               self._limits)
@@ -399,8 +422,14 @@ class QueueService(Service):
         return self.devices[0]
 
     def plotters(self) -> list[dict[str, Any]]:
-        """Every plotter's `device_status`, in the configuration's order."""
-        return [device.status() for device in self.devices]
+        """Every plotter's `device_status`: this host's in the configuration's order,
+        then the farm's other hosts' as last heard."""
+        return [device.status() for device in self.devices] + self.remote_statuses()
+
+    def plotter_records(self) -> list[dict[str, Any]]:
+        """This host's plotters as its heartbeat tells the farm."""
+        return [{"name": plotter.name, "tags": list(plotter.tags), "model": device.config.model,
+                 "status": device.status()} for plotter, device in zip(self.farm, self.devices)]
 
     def queue_length(self) -> int:
         return self.recorder.count(states.QUEUED)
@@ -420,11 +449,25 @@ class QueueService(Service):
             if scheduler is not None:
                 scheduler.wake()
             else:
-                self._wake_all()
+                self.wake_all()
+
+    def _drawing(self, job: Job) -> Deferred[bytes]:
+        """A job's drawing: its file, else (a farm, another host received it) the
+        database's copy."""
+        if self._store.keeps_drawings and not (self.files.directory / job.svg_file).exists():
+            return self._store.drawing(job.id)
+        return maybeDeferred(self.files.read, job.svg_file)
 
     def _plan_for(self, device: Any, job: Job, plotter: Any) -> Deferred[PlannedJob]:
         settings = device_settings(device.config, job.preset)
-        return self._prepare_job(job, settings, use_lm=plotter.supports_lm)
+        if not self._store.keeps_drawings or (self.files.directory / job.svg_file).exists():
+            return self._prepare_job(job, settings, use_lm=plotter.supports_lm)
+        # A farm: another host received the job; its drawing comes from the
+        # database into this host's jobs folder, where its plan is made.
+        fetching = self._store.drawing(job.id).addCallback(
+            lambda svg: self.files.write(job.id, svg))
+        return fetching.addCallback(
+            lambda _: self._prepare_job(job, settings, use_lm=plotter.supports_lm))
 
     @inlineCallbacks
     def _open_plan(self, job: Job, settings: DeviceConfig, *,

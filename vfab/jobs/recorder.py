@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from vfab.events import EventBus
 from vfab.jobs import states
-from vfab.jobs.errors import DatabaseDamaged, DiskFull
+from vfab.jobs.errors import DatabaseDamaged, DatabaseUnavailable, DiskFull
 from vfab.jobs.job import Job
 
 _log = Logger()
@@ -46,7 +46,8 @@ class StateRecorder:
 
     @staticmethod
     def _counting_failed(failure: Failure) -> None:
-        if not failure.check(DatabaseDamaged):  # the store has said that once
+        # Damage the store has said once; a farm's database away, the queue says.
+        if not failure.check(DatabaseDamaged, DatabaseUnavailable):
             _log.failure("could not count the jobs in the database", failure)
 
     @inlineCallbacks

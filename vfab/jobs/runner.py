@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from vfab.config import DeviceConfig
 from vfab.jobs import states
 from vfab.jobs.carriage import Trail, locate
-from vfab.jobs.errors import DatabaseDamaged, DiskFull
+from vfab.jobs.errors import DatabaseDamaged, DatabaseUnavailable, DiskFull
 from vfab.jobs.position import Position
 from vfab.motion import (Move, MotionPlan, PathPlan, PenMove, pen_moves, plan_travel,
                          resume_path)
@@ -736,7 +736,7 @@ class PlotRunner:
             self._failed_saves += 1
             if self._failed_saves > 1:
                 return
-            if failure.check(DiskFull, DatabaseDamaged):  # known, and said in a line
+            if failure.check(DiskFull, DatabaseDamaged, DatabaseUnavailable):  # said in a line
                 _log.error("could not save the progress of job {job_id}; plotting on and "
                            "trying again: {why}", job_id=self.job_id,
                            why=failure.getErrorMessage())

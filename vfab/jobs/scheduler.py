@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from vfab.jobs import states
-from vfab.jobs.errors import DatabaseDamaged, DiskFull
+from vfab.jobs.errors import DatabaseDamaged, DatabaseUnavailable, DiskFull
 from vfab.jobs.farm import FarmPlotter
 from vfab.jobs.job import Job
 from vfab.jobs.position import Position
@@ -214,7 +214,10 @@ class Scheduler:
             yield self._settle_held_job(held, plotter)
 
     def _choosing_failed(self, failure: Failure) -> None:
-        if not failure.check(DatabaseDamaged):  # the store has said that once
+        if failure.check(DatabaseUnavailable):
+            _log.warn("{error}; choosing the next job again in {seconds:.0f} s",
+                      error=failure.value, seconds=RETRY_SECONDS)
+        elif not failure.check(DatabaseDamaged):  # the store has said that once
             _log.failure("could not choose the next job; trying again in {seconds:.0f} s",
                          failure, seconds=RETRY_SECONDS)
         self._idle()
@@ -236,6 +239,14 @@ class Scheduler:
         self._state = SchedulerState.PREPARING
         try:
             prepared = yield self._prepare(job, plotter)
+        except DatabaseUnavailable as error:  # its drawing could not be read: not its fault
+            if self._state is SchedulerState.STOPPED:
+                return
+            _log.warn("{error}; job {job_id} is planned again in {seconds:.0f} s", error=error,
+                      job_id=job.id, seconds=RETRY_SECONDS)
+            self._idle()
+            self._retry = self._clock.callLater(RETRY_SECONDS, self.wake)
+            return
         except Exception as error:  # whatever stops planning fails this job, not the queue
             if self._state is SchedulerState.STOPPED:
                 return
@@ -250,10 +261,13 @@ class Scheduler:
             yield self._release(job)
             self._idle()  # the plotter went away meanwhile; its return wakes us
             return
+        # Only where it was claimed: on a farm another host may have settled it
+        # meanwhile (cancelled it, or marked this host gone).
+        claim = {} if self.plotter is None else {"claimed_by": self.plotter.name}
         try:
             yield self._recorder.change(job.id, states.PLOTTING,
                                         "started" if job.position is None
-                                        else "continued from the saved progress")
+                                        else "continued from the saved progress", **claim)
         except states.InvalidTransition:
             self._idle()  # cancelled while it was being planned: on to the next one
             return
@@ -380,6 +394,18 @@ class Scheduler:
                     return
                 _log.warn("disk full: recording job {job_id} as {state} again in "
                           "{seconds:.0f} s", job_id=job_id, state=to_state,
+                          seconds=RETRY_SECONDS)
+                yield deferLater(self._clock, RETRY_SECONDS, lambda: None)
+            except DatabaseUnavailable as error:
+                # The farm's database server is away (restarting, the network):
+                # the plot's end must not be lost, so it waits for the server.
+                if self._state is SchedulerState.STOPPED:
+                    _log.error("job {job_id} could not be recorded as {state} ({error}); "
+                               "the next start puts it right", job_id=job_id,
+                               state=to_state, error=error)
+                    return
+                _log.warn("{error}: recording job {job_id} as {state} again in "
+                          "{seconds:.0f} s", error=error, job_id=job_id, state=to_state,
                           seconds=RETRY_SECONDS)
                 yield deferLater(self._clock, RETRY_SECONDS, lambda: None)
             except Exception:  # the store: logged, and the job is put right at the next start

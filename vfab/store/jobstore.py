@@ -1,13 +1,19 @@
-"""The persistent job store: SQLite through `twisted.enterprise.adbapi`.
+"""The persistent job store, through `twisted.enterprise.adbapi`: a SQLite file
+(one host, the default) or a PostgreSQL database (a farm of hosts on one queue).
 
-One connection (SQLite allows one writer; several connections only trade
-speed for "database is locked"), WAL journal, foreign keys on. Every state
-change is written with its history row in one transaction, so what the store
-says after a crash is what happened.
+SQLite: one connection (SQLite allows one writer; several connections only
+trade speed for "database is locked"), WAL journal, foreign keys on.
+PostgreSQL: `pool_size` connections, `max_overflow` more when all are busy; a
+claim takes its row with `FOR UPDATE SKIP LOCKED`, so hosts claiming at once never take one job twice
+nor wait for each other, and a state change locks the row it changes. What
+differs between the two is in vfab.store.engines. Every state change is
+written with its history row in one transaction, so what the store says after
+a crash is what happened.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sqlite3
@@ -23,7 +29,8 @@ from vfab.jobs.farm import FarmPlotter
 from vfab.jobs.job import Job, iso8601
 from vfab.jobs.states import (ACTIVE, FINISHED, INTERRUPTED, PLOTTING, QUEUED,
                               InvalidTransition, check_transition)
-from vfab.jobs.errors import DatabaseDamaged, DiskFull, JobNotFound
+from vfab.jobs.errors import DatabaseDamaged, DatabaseUnavailable, DiskFull, JobNotFound
+from vfab.store.engines import PostgresEngine, SQLiteEngine, is_postgresql, shown_url
 from vfab.store.migrations import SchemaTooNew, integrity_problem, migrate
 
 _log = Logger()
@@ -68,14 +75,16 @@ WAL_CHECKPOINT_PAGES = 32
 WAL_SIZE_LIMIT = 1 << 20
 
 
-def _configure(connection: sqlite3.Connection) -> None:
-    """Run on every new connection the pool opens."""
-    connection.execute("PRAGMA journal_mode = WAL")
-    connection.execute(f"PRAGMA wal_autocheckpoint = {WAL_CHECKPOINT_PAGES}")
-    connection.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
-    connection.execute("PRAGMA foreign_keys = ON")
-    connection.execute("PRAGMA synchronous = NORMAL")
-    connection.execute("PRAGMA busy_timeout = 5000")
+class NotClaimed(InvalidTransition):
+    """A job starts only on the plotter that claimed it (HTTP 409 if ever asked)."""
+
+    def __init__(self, job_id: str, from_state: str, plotter: str, taken_by: str | None):
+        super().__init__(job_id, from_state, PLOTTING)
+        self.args = (f"job {job_id} is claimed by {taken_by or 'no plotter'}, "
+                     f"not by {plotter}: it does not start there",)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 def _job(row: tuple[Any, ...]) -> Job:
@@ -94,8 +103,10 @@ def _stored(job: Job, name: str) -> Any:
     return getattr(job, name)
 
 
-def _fetch(cursor: Any, job_id: str) -> Job:
-    cursor.execute(f"{_SELECT} WHERE id = ?", (job_id,))
+def _fetch(cursor: Any, job_id: str, lock: str = "") -> Job:
+    """The job; `lock` (the engine's `lock`) keeps others from changing it until
+    the transaction ends."""
+    cursor.execute(f"{_SELECT} WHERE id = ?{lock}", (job_id,))
     row = cursor.fetchone()
     if row is None:
         raise JobNotFound(job_id)
@@ -103,15 +114,32 @@ def _fetch(cursor: Any, job_id: str) -> Job:
 
 
 class JobStore:
-    """Jobs and their history, kept in one SQLite file."""
+    """Jobs and their history, kept in one SQLite file or a PostgreSQL database."""
 
-    def __init__(self, path: Path, *, reactor: Any, pool_size: int = 1,
+    def __init__(self, location: Path | str, *, reactor: Any, pool_size: int = 1,
+                 max_overflow: int = 0,
                  now: Callable[[], float] | None = None, drawings: Path | None = None,
-                 on_disk_full: Callable[[str], None] | None = None):
-        """`drawings` is the folder of the jobs' drawings: a new database beside
-        drawings has lost the jobs they belong to. `on_disk_full(what)` is told
-        when a write fails for want of space."""
-        self.path = path
+                 on_disk_full: Callable[[str], None] | None = None,
+                 host: str | None = None):
+        """`location`: the SQLite file, or a `postgresql://` URL. `drawings` is the
+        folder of the jobs' drawings: a new database beside drawings has lost the
+        jobs they belong to. `on_disk_full(what)` is told when a write fails for
+        want of space. `host` is this daemon's host on a farm: at start only its
+        own jobs are interrupted and handed over (the other hosts plot theirs)."""
+        self._engine: SQLiteEngine | PostgresEngine
+        if is_postgresql(location):
+            self._engine = PostgresEngine(str(location))
+            #: The SQLite file (None on PostgreSQL).
+            self.path: Path | None = None
+            #: The database as messages name it.
+            self.where = shown_url(str(location))
+        else:
+            self._engine = SQLiteEngine(Path(location))
+            self.path = Path(location)
+            self.where = str(location)
+        self._host = host
+        self._pool_size = pool_size
+        self._max_overflow = max_overflow
         self._drawings = drawings
         self._on_disk_full = on_disk_full
         #: Why the file is unusable, once a request found it damaged (until restart:
@@ -119,10 +147,21 @@ class JobStore:
         self.damage: str | None = None
         self._reactor = reactor
         self._now = now or reactor.seconds
-        if pool_size != 1:
+        if pool_size != 1 and self.path is not None:
             _log.debug("SQLite allows one writer: using one connection (pool_size {size} "
                        "applies to server databases)", size=pool_size)
         self._pool: adbapi.ConnectionPool | None = None
+
+    @property
+    def engine(self) -> str:
+        """"sqlite" or "postgresql"."""
+        return self._engine.name
+
+    @property
+    def keeps_drawings(self) -> bool:
+        """Whether the drawings are kept in the database (a farm: any host may plot
+        any job) rather than as files in the workspace."""
+        return self.path is None
 
     def open(self) -> None:
         """Open the file, apply migrations and mark interrupted every job that held
@@ -131,6 +170,9 @@ class JobStore:
         Done synchronously at start-up, before the daemon listens, so that a
         database it cannot use stops the start with a one-line reason.
         """
+        if self.path is None:
+            self._open_server()
+            return
         try:
             self._refuse_lost_jobs()
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,7 +182,7 @@ class JobStore:
             connection = sqlite3.connect(str(self.path))
             try:
                 _check_integrity(connection, self.path)
-                _configure(connection)
+                SQLiteEngine.configure(connection)
                 before, after = migrate(connection)
                 with connection:
                     interrupted = self._interrupt_active(connection.cursor())
@@ -157,12 +199,36 @@ class JobStore:
         if before != after:
             _log.info("database {path} migrated from schema {before} to {after}",
                       path=str(self.path), before=before, after=after)
+        self._opened(interrupted)
+
+    def _open_server(self) -> None:
+        """PostgreSQL: migrate (one host at a time) and interrupt this host's jobs."""
+        assert isinstance(self._engine, PostgresEngine)
+        try:
+            connection = self._engine.connect()
+            try:
+                before, after = self._engine.migrate(connection)
+                interrupted = self._interrupt_active(self._engine.cursor(connection.cursor()))
+                connection.commit()
+            finally:
+                connection.close()
+        except SchemaTooNew as error:
+            raise DatabaseError(f"database {self.where}: {error}") from None
+        except Exception as error:  # psycopg's errors: the reason is the first line
+            if type(error).__module__.split(".")[0] != "psycopg":
+                raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise DatabaseError(f"database {self.where}: {reason}") from None
+        if before != after:
+            _log.info("database {where} migrated from schema {before} to {after}",
+                      where=self.where, before=before, after=after)
+        self._opened(interrupted)
+
+    def _opened(self, interrupted: list[str]) -> None:
         for job_id in interrupted:
             _log.warn("job {job_id} held the plotter when the daemon stopped; "
                       "it is now interrupted", job_id=job_id)
-        self._pool = adbapi.ConnectionPool(
-            "sqlite3", str(self.path), cp_min=1, cp_max=1, check_same_thread=False,
-            cp_openfun=_configure, cp_reactor=self._reactor)
+        self._pool = self._engine.pool(self._reactor, self._pool_size, self._max_overflow)
 
     def _refuse_lost_jobs(self) -> None:
         """A missing or zero-length database beside drawings in `jobs/` means the
@@ -186,11 +252,20 @@ class JobStore:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-            _log.info("database {path} closed", path=str(self.path))
+            _log.info("database {where} closed", where=self.where)
+
+    def _mine(self) -> tuple[str, tuple[Any, ...]]:
+        """The condition that limits a start-up change to this host's jobs: on a farm
+        the others' jobs are theirs to settle."""
+        if self.path is None and self._host is not None:
+            return " AND host = ?", (self._host,)
+        return "", ()
 
     def _interrupt_active(self, cursor: Any) -> list[str]:
         marks = ", ".join("?" * len(ACTIVE))
-        cursor.execute(f"SELECT id FROM jobs WHERE state IN ({marks})", tuple(ACTIVE))
+        mine, args = self._mine()
+        cursor.execute(f"SELECT id FROM jobs WHERE state IN ({marks}){mine} ORDER BY seq"
+                       f"{self._engine.lock}", (*ACTIVE, *args))
         ids = [row[0] for row in cursor.fetchall()]
         reason = ("the daemon stopped while the job held the plotter; resume continues "
                   "from the saved progress")
@@ -208,12 +283,34 @@ class JobStore:
             # Writing over a damaged b-tree spreads the damage; reads of what is
             # left would show a queue that is not the real one.
             return fail(DatabaseDamaged(self.damage))
-        return self._pool.runInteraction(interaction, *args).addErrback(self._failed)
+        adapt = self._engine.cursor
+
+        @functools.wraps(interaction)
+        def adapted(cursor: Any, *args: Any) -> Any:
+            return interaction(adapt(cursor), *args)
+
+        running = self._pool.runInteraction(adapted, *args).addErrback(self._failed)
+        if isinstance(self._engine, PostgresEngine):
+            # A connection the server dropped (it restarted) fails once and is
+            # replaced: try once more on a new one before saying "unavailable".
+            running.addErrback(self._again, adapted, args)
+        return running
+
+    def _again(self, failure: Failure, adapted: Callable[..., Any],
+               args: tuple[Any, ...]) -> Deferred[Any] | Failure:
+        failure.trap(DatabaseUnavailable)
+        if self._pool is None:
+            return failure
+        return self._pool.runInteraction(adapted, *args).addErrback(self._failed)
 
     def _failed(self, failure: Failure) -> Failure:
-        """Name the two failures a person must act on: a full disk (DiskFull, 507)
-        and a damaged file (remembered in `damage`, which /health reports)."""
+        """Name the failures a person must act on: a full disk (DiskFull, 507), a
+        damaged file (remembered in `damage`, which /health reports) and a
+        database server out of reach (DatabaseUnavailable, 503)."""
         error = failure.value
+        if self._engine.unavailable(error):
+            raise DatabaseUnavailable(f"database {self.where} is unavailable: "
+                                      f"{str(error).strip() or type(error).__name__}")
         if not isinstance(error, sqlite3.Error):
             return failure
         code = _primary_code(error)
@@ -231,8 +328,9 @@ class JobStore:
             raise DatabaseDamaged(self.damage)
         return failure
 
-    def add(self, job: Job) -> Deferred[Job]:
-        """Insert a new job with its first history row."""
+    def add(self, job: Job, drawing: bytes | None = None) -> Deferred[Job]:
+        """Insert a new job with its first history row (and its drawing, where the
+        database keeps them: see `keeps_drawings`)."""
         def insert(cursor: Any) -> Job:
             cursor.execute(
                 f"INSERT INTO jobs ({', '.join(_COLUMNS)}) VALUES "
@@ -241,8 +339,21 @@ class JobStore:
             cursor.execute(
                 "INSERT INTO job_events (job_id, at, from_state, to_state, reason) "
                 "VALUES (?, ?, NULL, ?, ?)", (job.id, job.created_at, job.state, "submitted"))
+            if drawing is not None:
+                cursor.execute("INSERT INTO drawings (job_id, svg) VALUES (?, ?)",
+                               (job.id, drawing))
             return job
         return self._run(insert)
+
+    def drawing(self, job_id: str) -> Deferred[bytes]:
+        """The drawing of a job the database keeps (JobNotFound if it has none)."""
+        def select(cursor: Any) -> bytes:
+            cursor.execute("SELECT svg FROM drawings WHERE job_id = ?", (job_id,))
+            row = cursor.fetchone()
+            if row is None:
+                raise JobNotFound(job_id)
+            return bytes(row[0])
+        return self._run(select)
 
     def get(self, job_id: str) -> Deferred[Job]:
         return self._run(_fetch, job_id)
@@ -279,11 +390,17 @@ class JobStore:
             row = cursor.fetchone()
             if row:
                 return None, _job(row)
-            free = "" if plotter is None else (" AND (taken_by IS NULL OR taken_by = ?) "
-                                               "AND (plotter IS NULL OR plotter = ?)")
-            cursor.execute(f"{_SELECT} WHERE state = ?{free} ORDER BY position IS NULL, "
-                           f"priority DESC, seq ASC", (QUEUED,) if plotter is None
-                           else (QUEUED, plotter.name, plotter.name))
+            free, args = "", [QUEUED]
+            if plotter is not None:
+                tags, tag_args = self._engine.tags_match(plotter.tags)
+                free = (f" AND (taken_by IS NULL OR taken_by = ?) "
+                        f"AND (plotter IS NULL OR plotter = ?){tags}")
+                args += [plotter.name, plotter.name, *tag_args]
+            order = " ORDER BY position IS NULL, priority DESC, seq ASC"
+            if plotter is not None and claim and self._engine.claim_lock:
+                # One row, locked: the others claiming now skip it for the next.
+                order += f" LIMIT 1{self._engine.claim_lock}"
+            cursor.execute(f"{_SELECT} WHERE state = ?{free}{order}", args)
             for row in cursor.fetchall():
                 job = _job(row)
                 if plotter is None:
@@ -309,20 +426,25 @@ class JobStore:
         """At start, with this daemon's plotters: a job taken by a plotter that is no
         longer configured (or by none, before there were several) is given to the
         first plotter if it was begun (its sheet is the likeliest there), and
-        freed if it was not. Returns how many jobs changed."""
+        freed if it was not. On a farm only this host's jobs are looked at.
+        Returns how many jobs changed."""
         def write(cursor: Any) -> int:
             names = [plotter.name for plotter in plotters]
             marks = ", ".join("?" * len(names))
             unfinished = ", ".join("?" * len(FINISHED))
-            orphan = (f"state NOT IN ({unfinished}) AND (taken_by IS NULL OR "
-                      f"taken_by NOT IN ({marks}))")
+            mine, host = self._mine()
+            whose = "" if mine else "taken_by IS NULL OR "
+            orphan = (f"state NOT IN ({unfinished}) AND ({whose}"
+                      f"taken_by NOT IN ({marks})){mine}")
             cursor.execute(f"UPDATE jobs SET taken_by = ?, host = ? WHERE {orphan} AND "
                            f"(state != ? OR started_at IS NOT NULL)",
-                           (plotters[0].name, plotters[0].host, *FINISHED, *names, QUEUED))
+                           (plotters[0].name, plotters[0].host, *FINISHED, *names, *host,
+                            QUEUED))
             changed = cursor.rowcount
             # Claimed by the last life as it stopped, before the job began.
-            cursor.execute("UPDATE jobs SET taken_by = NULL, host = NULL WHERE state = ? "
-                           "AND started_at IS NULL AND taken_by IS NOT NULL", (QUEUED,))
+            cursor.execute(f"UPDATE jobs SET taken_by = NULL, host = NULL WHERE state = ? "
+                           f"AND started_at IS NULL AND taken_by IS NOT NULL{mine}",
+                           (QUEUED, *host))
             return changed + cursor.rowcount
         return self._run(write)
 
@@ -333,16 +455,20 @@ class JobStore:
             return dict(cursor.fetchall())
         return self._run(select)
 
-    def transition(self, job_id: str, to_state: str, reason: str,
-                   **fields: Any) -> Deferred[tuple[Job, Job]]:
+    def transition(self, job_id: str, to_state: str, reason: str, *,
+                   claimed_by: str | None = None, **fields: Any) -> Deferred[tuple[Job, Job]]:
         """Move a job to `to_state` with `fields` (progress, position, error…) and a
-        history row, in one transaction; returns (before, after).
+        history row, in one transaction; returns (before, after). With
+        `claimed_by` (a plotter), the job must be claimed by that plotter: a
+        plot starts only where the job was claimed.
 
-        Fails with JobNotFound or InvalidTransition.
+        Fails with JobNotFound or InvalidTransition (NotClaimed).
         """
         def write(cursor: Any) -> tuple[Job, Job]:
-            before = _fetch(cursor, job_id)
+            before = _fetch(cursor, job_id, self._engine.lock)
             check_transition(job_id, before.state, to_state)
+            if claimed_by is not None and before.taken_by != claimed_by:
+                raise NotClaimed(job_id, before.state, claimed_by, before.taken_by)
             self._write_transition(cursor, before, to_state, reason, fields)
             return before, _fetch(cursor, job_id)
         return self._run(write)
@@ -392,7 +518,7 @@ class JobStore:
     def delete(self, job_id: str) -> Deferred[Job]:
         """Remove a finished job and its history; returns what was removed."""
         def remove(cursor: Any) -> Job:
-            job = _fetch(cursor, job_id)
+            job = _fetch(cursor, job_id, self._engine.lock)
             if job.state not in FINISHED:
                 raise InvalidTransition(job_id, job.state, "deleted")
             cursor.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
@@ -409,5 +535,50 @@ class JobStore:
                     for row in cursor.fetchall()]
         return self._run(select)
 
+    # -- a farm's hosts (PostgreSQL) ----------------------------------------------
+    # Their times are the database server's clock, so that hosts whose clocks
+    # disagree still agree on which of them has gone silent.
 
+    def heartbeat(self, host: str, plotters: list[dict[str, Any]]) -> Deferred[None]:
+        """Say that `host` is alive, with its plotters (name, tags, model, status)."""
+        def write(cursor: Any) -> None:
+            cursor.execute(
+                "INSERT INTO hosts (name, seen_at, plotters) VALUES "
+                "(?, extract(epoch FROM clock_timestamp()), ?) ON CONFLICT (name) DO UPDATE "
+                "SET seen_at = EXCLUDED.seen_at, plotters = EXCLUDED.plotters",
+                (host, json.dumps(plotters)))
+        return self._run(write)
+
+    def hosts(self) -> Deferred[list[dict[str, Any]]]:
+        """Every host of the farm: `name`, `silent` (seconds since it was last
+        heard of) and its `plotters`."""
+        def select(cursor: Any) -> list[dict[str, Any]]:
+            cursor.execute("SELECT name, extract(epoch FROM clock_timestamp()) - seen_at, "
+                           "plotters FROM hosts ORDER BY name")
+            return [{"name": name, "silent": float(silent), "plotters": json.loads(plotters)}
+                    for name, silent, plotters in cursor.fetchall()]
+        return self._run(select)
+
+    def interrupt_host(self, host: str, silent_for: float,
+                       reason: str) -> Deferred[list[tuple[Job, Job]]]:
+        """Mark interrupted the jobs that `host` holds (plotting, paused, awaiting a pen)
+        if it has been silent for `silent_for` seconds or more, checked again under
+        a lock so that a host heard from meanwhile keeps its jobs and two hosts
+        that noticed at once interrupt them once. Returns (before, after) of each."""
+        def write(cursor: Any) -> list[tuple[Job, Job]]:
+            cursor.execute("SELECT extract(epoch FROM clock_timestamp()) - seen_at FROM hosts "
+                           f"WHERE name = ?{self._engine.lock}", (host,))
+            row = cursor.fetchone()
+            if row is None or float(row[0]) < silent_for:
+                return []
+            marks = ", ".join("?" * len(ACTIVE))
+            cursor.execute(f"SELECT id FROM jobs WHERE host = ? AND state IN ({marks}) "
+                           f"ORDER BY seq{self._engine.lock}", (host, *ACTIVE))
+            changed = []
+            for (job_id,) in cursor.fetchall():
+                before = _fetch(cursor, job_id)
+                self._write_transition(cursor, before, INTERRUPTED, reason, {"error": reason})
+                changed.append((before, _fetch(cursor, job_id)))
+            return changed
+        return self._run(write)
 

@@ -1,7 +1,10 @@
 """The job database schema as ordered migrations, applied at start.
 
-`PRAGMA user_version` holds how many have been applied; a migration is never
-edited once released, only followed by a new one.
+One list for both engines: written in SQLite's words, which PostgreSQL takes
+once vfab.store.engines.for_postgresql has renamed three types. SQLite's
+`PRAGMA user_version` (PostgreSQL: the table `vfab_schema`) holds how many
+have been applied; a migration is never edited once released, only followed
+by a new one.
 """
 
 from __future__ import annotations
@@ -61,6 +64,21 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN plan_file TEXT;
     ALTER TABLE jobs ADD COLUMN plan_fingerprint TEXT;
+    """,
+    # 5: a farm (PostgreSQL). The drawings travel with the queue, so that any
+    # host plots a job another received; each host says it is alive (`seen_at`,
+    # seconds since the epoch) and which plotters it has (a JSON list).
+    # SQLite keeps drawings as files and has one host: it leaves both empty.
+    """
+    CREATE TABLE drawings (
+        job_id TEXT PRIMARY KEY REFERENCES jobs (id) ON DELETE CASCADE,
+        svg BLOB NOT NULL
+    );
+    CREATE TABLE hosts (
+        name TEXT PRIMARY KEY,
+        seen_at REAL NOT NULL,
+        plotters TEXT NOT NULL DEFAULT '[]'
+    );
     """,
 )
 

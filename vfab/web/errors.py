@@ -8,7 +8,7 @@ from twisted.python.failure import Failure
 
 from vfab.geometry.errors import OutOfTravel, SVGError
 from vfab.jobs.errors import (DatabaseDamaged, DiskFull, InvalidJobInput, InvalidTransition,
-                              JobNotFound, NoPlotterCanTake, NotAccepting)
+                              DatabaseUnavailable, JobNotFound, NoPlotterCanTake, NotAccepting)
 
 
 class ClientError(NamedTuple):
@@ -27,6 +27,7 @@ _KNOWN: tuple[tuple[type[Exception], int, str], ...] = (
     (InvalidTransition, 409, "invalid_state"),
     (DiskFull, 507, "insufficient_storage"),
     (DatabaseDamaged, 503, "database_damaged"),
+    (DatabaseUnavailable, 503, "database_unavailable"),
 )
 
 

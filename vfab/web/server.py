@@ -547,7 +547,7 @@ class WebService(Service):
             _log.critical("{warning}", warning=warning)
             self.auth.audit.record("exposed_without_auth", None, host=host, port=self.port)
         assert self.factory is not None
-        self._unsubscribe = self._bus.subscribe(self.factory.publish)
+        self._unsubscribe = self._bus.subscribe(self.factory.publish, remote=True)
         self._heartbeat = LoopingCall(self.factory.heartbeat)
         self._heartbeat.clock = self._reactor
         self._heartbeat.start(self.config.heartbeat_interval, now=False).addErrback(
