@@ -12,8 +12,11 @@
   the database was away.
 
 A database that goes away costs nothing but the time it is away: the listener
-connects again (and then wakes everything), a heartbeat that fails is tried at
-the next tick, the notifications of that time are lost (the store is not).
+connects again, a heartbeat that fails is tried at the next tick. The
+notifications of that time are lost, the store is not: once the listener is
+back, the host reads every job again and tells its WebSocket clients of each
+state that changed meanwhile (a `job_state_change` with RESYNC_REASON), then
+wakes its schedulers.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ MAX_PAYLOAD = 7900
 LISTEN_POLL = 0.5
 #: Seconds between attempts to connect the listener again.
 RECONNECT_SECONDS = 1.0
+#: The reason of a state change learnt by reading the jobs again after a loss.
+RESYNC_REASON = "changed while this host could not hear the farm (read again on reconnecting)"
 #: What this host tells the others: (channel, message type).
 RELAYED = frozenset({("jobs", "job_state_change"), ("jobs", "job_progress"),
                      ("device", "device_status"), ("system", "system_alert")})
@@ -108,7 +113,14 @@ class FarmLink(Service):
         self._listener: Listener | None = None
         self._beat: LoopingCall | None = None
         self._unsubscribe: Callable[[], None] | None = None
+        self._untrack: Callable[[], None] | None = None
         self._listening = False
+        #: Each job's state as this host last told its clients (job id -> state),
+        #: complete once the jobs were first read (`_read_once`).
+        self._states: dict[str, str] = {}
+        self._read_once = False
+        #: A reading again that failed: the next heartbeat that gets through does it.
+        self._resync_due = False
         self._said_unavailable = False
         #: The other hosts' plotters: name -> {"host", "tags", "model", "status"}.
         self.remote: dict[str, dict[str, Any]] = {}
@@ -123,6 +135,7 @@ class FarmLink(Service):
             "psycopg", self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
             cp_min=1, cp_max=1, cp_reconnect=True, cp_noisy=False, cp_reactor=self._reactor)
         self._unsubscribe = self._bus.subscribe(self._relay)
+        self._untrack = self._bus.subscribe(self._track, remote=True)
         self._listener = Listener(self._url, self._reactor, self._received, self._connected)
         self._listener.start()
         self._beat = LoopingCall(self.beat)
@@ -139,6 +152,8 @@ class FarmLink(Service):
             self._beat.stop()
         if self._unsubscribe is not None:
             self._unsubscribe()
+        if self._untrack is not None:
+            self._untrack()
         if self._listener is not None:
             self._listener.stop()
         if self._sender is not None:
@@ -183,17 +198,58 @@ class FarmLink(Service):
             self._queue.recorder.refresh()
             self._queue.wake_all()
 
+    def _track(self, channel: str, message: dict[str, Any]) -> None:
+        if message.get("type") == "job_state_change":
+            self._states[message["job_id"]] = message["to_state"]
+
     def _connected(self, up: bool, why: str) -> None:
         if up and not self._listening:
             self._listening = True
             _log.info("farm: listening to the other hosts")
-            # What was said while we could not hear it: look at the queue again.
-            self._queue.recorder.refresh()
-            self._queue.wake_all()
+            # What was said while we could not hear it: read the queue again.
+            self.resync().addCallback(lambda _: self._queue.wake_all())
         elif not up and self._listening:
             self._listening = False
             _log.warn("farm: lost the database connection that hears the other hosts "
                       "({why}); connecting again", why=why)
+
+    @inlineCallbacks
+    def resync(self) -> Deferred[None]:
+        """Read every job and announce, as another host's change, each state this
+        host's clients have not been told (the first time: only remember them).
+        A change heard while reading is newer than what was read: it stands.
+        Never fails: if the database is still away, the next heartbeat that gets
+        through reads again."""
+        told = dict(self._states)
+        self._resync_due = False
+        try:
+            jobs = yield self._store.list()
+        except DatabaseUnavailable as error:
+            self._resync_due = True
+            _log.warn("farm: could not read the jobs again: {error}", error=error)
+            return
+        except Exception:  # the store's other failures: logged, read at the next heartbeat
+            self._resync_due = True
+            _log.failure("farm: could not read the jobs again")
+            return
+        self._queue.recorder.refresh()
+        changed = 0
+        for job in reversed(jobs):  # oldest first, as they were submitted
+            before = told.get(job.id)
+            if not self._read_once:
+                self._states.setdefault(job.id, job.state)
+                continue
+            if job.state == before or self._states.get(job.id) != before:
+                continue
+            changed += 1
+            self._states[job.id] = job.state
+            self._bus.publish("jobs", {
+                "type": "job_state_change", "job_id": job.id, "from_state": before,
+                "to_state": job.state, "reason": RESYNC_REASON, "job": job.to_dict()},
+                remote=True)
+        first, self._read_once = not self._read_once, True
+        _log.info("farm: read the {count} jobs{again}; {changed} changed unheard",
+                  count=len(jobs), again="" if first else " again", changed=changed)
 
     # -- heartbeats --------------------------------------------------------------
 
@@ -214,6 +270,8 @@ class FarmLink(Service):
             if self._said_unavailable:
                 self._said_unavailable = False
                 _log.info("farm: the database is back")
+            if self._resync_due:
+                yield self.resync()
         except DatabaseUnavailable as error:
             if not self._said_unavailable:
                 self._said_unavailable = True
