@@ -203,3 +203,42 @@ def test_the_limit_passed_in_the_last_chunk_is_one_413_and_nothing_else(arrival)
     assert transport.disconnecting and len(answers(transport)) == 1
     channel.connectionLost(HUNG_UP)
     assert clock.getDelayedCalls() == []
+
+
+# -- slowloris: headers sent a byte at a time ----------------------------------------------
+
+@pytest.mark.parametrize("start", [b"", b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"],
+                         ids=["first request", "after a request"])
+def test_headers_that_take_too_long_are_408_however_slowly_they_drip(start):
+    """A byte every few seconds kept twisted.web's 60 s idle timeout from ever
+    firing: 190 such connections held a daemon's file descriptors (and every
+    other client out) for as long as the client wished. The request line and
+    headers must now arrive within HEADER_SECONDS of the request's first byte."""
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(start + b"G")
+    for _ in range(int(server.HEADER_SECONDS // 5) - 1):
+        clock.advance(5)
+        channel.dataReceived(b"E")
+    assert [status for status, _ in answers(transport)] == [b"HTTP/1.1 200 OK"] * bool(start)
+    clock.advance(5)
+    statuses = answers(transport)
+    assert statuses[-1][0] == b"HTTP/1.1 408 Request Timeout"
+    assert statuses[-1][1]["error"]["code"] == "request_timeout"
+    assert f"{server.HEADER_SECONDS:g} s" in statuses[-1][1]["error"]["message"]
+    assert transport.write_closed
+    clock.advance(LINGER_IDLE_SECONDS)
+    assert transport.disconnecting
+    channel.connectionLost(HUNG_UP)
+
+
+def test_headers_in_time_and_a_slow_body_are_not_cut_by_the_header_deadline():
+    clock = Clock()
+    channel, transport = connect(clock)
+    channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")
+    clock.advance(server.HEADER_SECONDS * 2)  # the body: twisted.web's idle timeout's
+    channel.dataReceived(b"<svg")
+    assert [status for status, _ in answers(transport)] == [b"HTTP/1.1 200 OK"]
+    assert not transport.disconnecting
+    channel.connectionLost(HUNG_UP)
+    assert clock.getDelayedCalls() == []

@@ -58,6 +58,11 @@ _METHODS = b"GET, HEAD, POST, DELETE"
 LINGER_SECONDS = 30.0
 LINGER_IDLE_SECONDS = 5.0
 LINGER_BYTES = 1 << 30
+#: The request line and headers must arrive within this many seconds of the
+#: request's first byte, else 408: twisted.web's idle timeout (60 s) restarts
+#: with every byte, so a client sending a byte at a time held its connection
+#: (and a file descriptor) for as long as it wished (slowloris).
+HEADER_SECONDS = 20.0
 #: Reason phrases of the refusals (RFC 4918's for 507, not Twisted's).
 _REASONS = {**RESPONSES, 507: b"Insufficient Storage"}
 #: The Retry-After of an upload refused while others take its place or its room.
@@ -175,6 +180,37 @@ class APIChannel(HTTPChannel):
     _linger_idle: IDelayedCall | None = None
     #: The bytes thrown away since the refusal.
     _dropped = 0
+    #: Whether the next bytes are a request's line and headers, and the 408 that
+    #: ends them HEADER_SECONDS after their first byte.
+    _awaiting_headers = True
+    _header_deadline: IDelayedCall | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self._start_header_deadline()
+        super().dataReceived(data)
+        # The start of the next request may have come with the end of this one
+        # (LineReceiver keeps it in its buffer until its line is whole).
+        if self._buffer:
+            self._start_header_deadline()
+
+    def _start_header_deadline(self) -> None:
+        if self._awaiting_headers and self._header_deadline is None:
+            self._header_deadline = self.callLater(HEADER_SECONDS, self._headers_too_slow)
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        self._refuse(b"408 Request Timeout", "request_timeout",
+                     f"the request line and headers did not arrive within "
+                     f"{HEADER_SECONDS:g} s")
+
+    def _end_header_deadline(self) -> None:
+        if self._header_deadline is not None and self._header_deadline.active():
+            self._header_deadline.cancel()
+        self._header_deadline = None
+
+    def allContentReceived(self) -> None:
+        self._awaiting_headers = True  # what comes next is the next request's
+        super().allContentReceived()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._refuse_headers()
@@ -188,6 +224,8 @@ class APIChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._header_bytes = self._header_fields = 0  # the next line is the next request's
+        self._awaiting_headers = False
+        self._end_header_deadline()
         if self.length != 0:  # a body follows (None: chunked)
             refusal = self.site.admit_body(self.requests[-1], self._path, self.length,
                                            getattr(self.transport.getPeer(), "host", "?"))
@@ -278,6 +316,8 @@ class APIChannel(HTTPChannel):
         LINGER_BYTES thrown away, whichever comes first.
         """
         self.clearLineBuffer()
+        self._awaiting_headers = False
+        self._end_header_deadline()
         self.setTimeout(None)  # the bounds below replace the idle timeout
         self.dataReceived = self._drop  # type: ignore[method-assign]
         self.lineReceived = lambda *args: None  # type: ignore[method-assign]
@@ -310,6 +350,7 @@ class APIChannel(HTTPChannel):
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure) -> None:
+        self._end_header_deadline()
         for call in (self._linger, self._linger_idle):
             if call is not None and call.active():
                 call.cancel()
