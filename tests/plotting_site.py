@@ -101,6 +101,9 @@ class InProcessPlanning:
     def run(self, function: Callable, *args: Any) -> Deferred:
         return maybeDeferred(function, *args)
 
+    def start(self) -> None:
+        return None
+
     def stop(self) -> None:
         return None
 

@@ -387,6 +387,39 @@ def test_optimize_never_changes_a_drawn_segment(raw):
     assert segments(ordered) == segments(drawing)
 
 
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=2, max_size=12),
+                min_size=1, max_size=60), st.sampled_from([0.0, 0.5, 1.0]))
+def test_optimize_looking_ahead_picks_exactly_what_the_query_at_each_step_picks(
+        raw, tolerance):
+    """The queries made ahead, all at once, answer as the query made at each step
+    did (ties among equally near entries included): the order, and so the plan,
+    is the same."""
+    import vfab.geometry.order as order_module
+
+    paths = []
+    for path in raw:
+        points = np.array(path, dtype=float)
+        if len(points) > 3 and path[0] != path[-1] and len(path) % 3 == 0:
+            points = np.vstack([points, points[:1]])  # some closed paths
+        keep = np.ones(len(points), bool)
+        keep[1:] = np.any(points[1:] != points[:-1], axis=1)
+        if keep.sum() >= 2:
+            paths.append(points[keep])
+    if not paths:
+        return
+    ahead, ahead_end = order_module.order_paths(tuple(paths), np.zeros(2), tolerance)
+    saved = order_module._AHEAD_K
+    order_module._AHEAD_K = 0  # no query made ahead: each made when the pen gets there
+    try:
+        step, step_end = order_module.order_paths(tuple(paths), np.zeros(2), tolerance)
+    finally:
+        order_module._AHEAD_K = saved
+    assert len(ahead) == len(step) and np.array_equal(ahead_end, step_end)
+    assert all(np.array_equal(a, b) for a, b in zip(ahead, step))
+
+
 # --- stats and preview -----------------------------------------------------------------------
 
 

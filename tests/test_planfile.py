@@ -196,3 +196,23 @@ def test_changed_settings_plan_the_job_again_in_a_child_and_say_so(tmp_path):
     assert len(said) == 1 and "settings or the firmware differ" in said[0]
     assert drawn_length(site.strokes) == pytest.approx(PAGE_FRAME_MM, rel=0.01)
     site.stop()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layers=st.lists(st.lists(path, min_size=1, max_size=12), min_size=1, max_size=2),
+       use_lm=st.booleans())
+def test_a_plan_made_and_written_a_few_paths_at_a_time_is_the_same_file(
+        tmp_path, monkeypatch, layers, use_lm):
+    """Rows are made (planner.ROWS_CHUNK pieces) and written (WRITE_PATHS paths) a
+    bit at a time to bound the memory of a million segments: the bytes are those
+    made all at once."""
+    import vfab.motion.planfile as planfile_module
+    import vfab.motion.planner as planner_module
+
+    whole, pieces = tmp_path / "whole.plan", tmp_path / "pieces.plan"
+    write(whole, layers, use_lm)
+    with monkeypatch.context() as patch:
+        patch.setattr(planner_module, "ROWS_CHUNK", 3)
+        patch.setattr(planfile_module, "WRITE_PATHS", 2)
+        write(pieces, layers, use_lm)
+    assert pieces.read_bytes() == whole.read_bytes()

@@ -79,3 +79,62 @@ def test_freed_memory_goes_back_to_the_system():
     assert not trimming.is_alive()
     assert rss_kb() < held - 20_000 and kept
     assert rss_kb() < before + 20_000
+
+
+def _reaped(pid: int) -> bool:
+    """The process is gone, not a zombie waiting to be reaped."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_started_planner_answers_from_a_spare_and_keeps_one_ready():
+    """The spare (Python started, vpype imported) takes the request, and one new
+    spare replaces it: never more than one idle child, none left after stop."""
+    planning = PlanningProcess(reactor)
+    planning.start()
+    try:
+        first = planning.spare
+        assert first is not None
+        served = yield planning.run(os.getpid)
+        assert served == first
+        second = planning.spare
+        assert second not in (None, first)
+        served = yield planning.run(os.getpid)
+        assert served == second and planning.spare not in (None, first, second)
+        assert len(planning._children) == 1
+    finally:
+        last = planning.spare
+        yield planning.stop()
+    assert planning.spare is None and not planning._children
+    assert all(_reaped(pid) for pid in (first, second, last))
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_spare_that_dies_idle_is_replaced_only_after_the_next_request():
+    """A child that cannot start is not restarted in a loop; the next request
+    starts one of its own and works."""
+    planning = PlanningProcess(reactor)
+    planning.start()
+    try:
+        spare = planning.spare
+        gone = planning._children[planning._spare.transport].exited()
+        os.kill(spare, 9)
+        yield gone
+        assert planning.spare is None and _reaped(spare)
+        summary = yield planning.run(summarize, SQUARE, DeviceConfig())
+        assert summary.paths == 1
+        assert planning.spare is not None
+    finally:
+        yield planning.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_planner_never_started_keeps_no_spare():
+    """Tests and tools that only `run` leave no idle child behind."""
+    planning = PlanningProcess(reactor)
+    served = yield planning.run(os.getpid)
+    assert served != os.getpid() and planning.spare is None and not planning._children

@@ -33,11 +33,22 @@ def optimize(drawing: Drawing, merge_tolerance: float) -> Drawing:
     return Drawing(layers=tuple(layers), width_mm=drawing.width_mm, height_mm=drawing.height_mm)
 
 
+#: Entries whose neighbours are looked up ahead, all at once, need at most this
+#: many (a closed path of many vertices is looked up when it is left).
+_AHEAD_K = 64
+
+
 class _EntryIndex:
     """Nearest entry of an unused path; the tree is rebuilt once most of its entries are used.
 
     Entries are points where a path may start: both ends of an open path,
     every vertex of a closed one. `vertex` is where the path is entered.
+
+    The pen leaves a path at one of its own entries (an open path's other end,
+    a closed path's entry), so the query made after taking a path is known
+    before the walk begins: it is made for every entry at once, in one call
+    into the tree, when the tree is built (the same query, with the same k,
+    so the same answer), and the walk only looks its answer up.
     """
 
     def __init__(self, paths: tuple[np.ndarray, ...]):
@@ -53,32 +64,67 @@ class _EntryIndex:
         rank = np.arange(len(self.owner)) - np.repeat(first, counts)
         self.vertex = np.where(closed[self.owner], rank, rank * (sizes[self.owner] - 1))
         self.points = joined[offsets[self.owner] + self.vertex]
+        entries = np.arange(len(self.owner))
+        # Where the pen stands once the path is drawn from this entry: the same
+        # entry of a closed path, the other end of an open one.
+        self.exit = np.where(closed[self.owner], entries,
+                             np.where(self.vertex == 0, entries + 1, entries - 1))
         self.unused = np.ones(len(paths), dtype=bool)
         # Python lists of the same, for the per-path loop (numpy is slow on scalars).
         self.unused_list = [True] * len(paths)
         self.owner_list = self.owner.tolist()
         self.vertex_list = self.vertex.tolist()
         self.counts_list = counts.tolist()
+        self.exit_list = self.exit.tolist()
         self.last_count = 0
-        self._build(np.arange(len(self.owner)))
+        #: The entry the pen stands on (None before the first path).
+        self.standing: int | None = None
+        self._build(entries)
 
     def _build(self, ids: np.ndarray) -> None:
         self.ids = ids
         self.ids_list = ids.tolist()
         self.live = len(ids)
         self.tree = cKDTree(self.points[ids])
+        self._look_ahead(ids)
+
+    def _look_ahead(self, ids: np.ndarray) -> None:
+        """The query take_nearest makes after a path left at each of `ids`, made now
+        for all of them, grouped by its k: entry e's answer is row
+        `_ahead_row[e]` of group `_ahead_group[e]` (-1: none made)."""
+        self._ahead: list[tuple[np.ndarray, np.ndarray]] = []
+        self._ahead_group = np.full(len(self.owner), -1, dtype=np.int64)
+        self._ahead_row = np.zeros(len(self.owner), dtype=np.int64)
+        k = np.minimum(4 + self.counts[self.owner[ids]], len(ids))
+        for value in np.unique(k[k <= _AHEAD_K]).tolist():
+            chosen = ids[k == value]
+            distances, found = self.tree.query(self.points[chosen], k=value)
+            if value == 1:
+                distances, found = distances[:, None], found[:, None]
+            self._ahead_group[chosen] = len(self._ahead)
+            self._ahead_row[chosen] = np.arange(len(chosen))
+            self._ahead.append((distances, found))
 
     def take_nearest(self, position: np.ndarray) -> tuple[int, int, float]:
-        """(path index, vertex to enter at, distance) of the unused entry nearest `position`."""
+        """(path index, vertex to enter at, distance) of the unused entry nearest
+        `position`, which is where the last path taken ends (or, for the first,
+        anywhere)."""
         # The pen stands on the path just taken: look past its entries at once.
         k = 4 + self.last_count
+        group = -1 if self.standing is None else int(self._ahead_group[self.standing])
         while True:
             k = min(k, len(self.ids))
-            distances, found = self.tree.query(position, k=k)
-            if k == 1:
-                distances, found = [distances], [found]
+            if group >= 0:
+                row = int(self._ahead_row[self.standing])
+                distances = self._ahead[group][0][row].tolist()
+                found = self._ahead[group][1][row].tolist()
+                group = -1
             else:
-                distances, found = distances.tolist(), found.tolist()
+                distances, found = self.tree.query(position, k=k)
+                if k == 1:
+                    distances, found = [distances], [found]
+                else:
+                    distances, found = distances.tolist(), found.tolist()
             owners = self.owner_list
             unused = self.unused_list
             for distance, index in zip(distances, found):
@@ -94,6 +140,7 @@ class _EntryIndex:
         self.unused[path] = False
         self.unused_list[path] = False
         self.last_count = self.counts_list[path]
+        self.standing = self.exit_list[entry]
         self.live -= self.last_count
         if self.live and 4 * self.live < len(self.ids):
             self._build(self.ids[self.unused[self.owner[self.ids]]])

@@ -851,13 +851,18 @@ def _check_expansion(root: ElementTree.Element, limits: SVGLimits) -> None:
     read, before any SVG library expands or parses them."""
     depth = {root: 0}
     ids = {}
+    uses = False
     for parent in root.iter():
         if parent.get("id"):
             ids.setdefault(parent.get("id"), parent)
+        uses = uses or (isinstance(parent.tag, str) and parent.tag.endswith("use"))
         for child in parent:
             depth[child] = depth[parent] + 1
             if depth[child] > MAX_DEPTH:
                 raise SVGError(f"the SVG nests elements more than {MAX_DEPTH} levels deep")
+    if not uses:
+        # Nothing expands: _parse_safely has counted every element and number.
+        return
     sizes: dict[int, tuple[int, int]] = {}
     active: set[int] = set()
 

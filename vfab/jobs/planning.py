@@ -8,8 +8,13 @@ preview) runs in a child process started with `reactor.spawnProcess`, and only
 its small result comes back. A drawing that crashes or exhausts the child
 costs the child, not the daemon; the daemon kills its children when it stops.
 
-The child is this module run as a program: it reads one pickled
-(function, arguments) from stdin and writes the pickled outcome to stdout.
+The child is this module run as a program: it imports what reading and
+planning need, then reads one pickled (function, arguments) from stdin and
+writes the pickled outcome to stdout. Starting Python and importing vpype,
+shapely and scipy takes about a second, longer than reading a drawing of
+10,000 segments: so once started, the daemon keeps one spare child ready,
+imported and waiting for its request, and starts the next spare when a child
+ends. An idle spare costs its memory (about 90 MB) and no CPU.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attr
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -111,19 +116,31 @@ def preview(svg: bytes, device: DeviceConfig, max_points: int,
 
 
 class _Child(ProcessProtocol):
-    """One request to a child process and its answer."""
+    """One child process: started ahead (a spare), then given one request and
+    asked for its answer."""
 
-    def __init__(self, request: bytes):
-        self._request = request
+    def __init__(self) -> None:
         self._stdout: list[bytes] = []
         self._stderr = b""
         self.ended: Deferred[Any] = Deferred()
+        #: Has been given its request (a spare that has not is idle).
+        self.busy = False
         #: Killed because the daemon stops, not because of the drawing.
         self.stopped = False
+        self._exited: list[Deferred[None]] = []
 
-    def connectionMade(self) -> None:
-        self.transport.write(self._request)
+    def exited(self) -> Deferred[None]:
+        """Fires once the process has ended and been reaped, whatever its answer."""
+        waiting: Deferred[None] = Deferred()
+        self._exited.append(waiting)
+        return waiting
+
+    def send(self, request: bytes) -> Deferred[Any]:
+        """Give the child its one request; fires with the answer."""
+        self.busy = True
+        self.transport.write(request)
         self.transport.closeStdin()
+        return self.ended
 
     def outReceived(self, data: bytes) -> None:
         self._stdout.append(data)
@@ -132,10 +149,16 @@ class _Child(ProcessProtocol):
         self._stderr = (self._stderr + data)[-_STDERR_LIMIT:]
 
     def processEnded(self, reason: Failure) -> None:
+        self._answer(reason)
+        for waiting in self._exited:
+            waiting.callback(None)
+
+    def _answer(self, reason: Failure) -> None:
         try:
             kind, value = pickle.loads(b"".join(self._stdout))
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError):
-            if self.stopped:
+            if self.stopped or not self.busy:
+                # Killed as the daemon stops, or a spare that ended while idle.
                 self.ended.errback(NotAccepting())
                 return
             _log.error("the planning process died ({reason}): {stderr}",
@@ -152,12 +175,29 @@ class _Child(ProcessProtocol):
 
 
 class PlanningProcess:
-    """Runs drawing work in child processes, one per request, a few at a time."""
+    """Runs drawing work in child processes, one per request, a few at a time.
+
+    Once `start`ed, one spare child is kept ready (imported, waiting for its
+    request), so that a request does not wait for Python to start; `stop`
+    kills it with the rest.
+    """
 
     def __init__(self, reactor: Any, concurrency: int = CONCURRENT_CHILDREN):
         self._reactor = reactor
         self._children: dict[Any, _Child] = {}
         self._slots = DeferredSemaphore(concurrency)
+        self._spare: _Child | None = None
+        self._keep_spare = False
+
+    def start(self) -> None:
+        """Keep a spare child ready from now on."""
+        self._keep_spare = True
+        self._start_spare()
+
+    @property
+    def spare(self) -> int | None:
+        """The process id of the spare child, if one is ready (or starting)."""
+        return self._spare.transport.pid if self._spare is not None else None
 
     def run(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """`function(*args)` in a child; fires with its result or fails with its exception.
@@ -165,39 +205,67 @@ class PlanningProcess:
         Requests beyond the concurrency wait their turn, so a flood of uploads
         cannot start a flood of processes.
         """
-        return self._slots.run(self._spawn, function, *args)
+        return self._slots.run(self._send, function, *args)
 
-    def _spawn(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        child = _Child(pickle.dumps((function, args)))
+    def _send(self, function: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        child, self._spare = self._spare, None
+        if child is None:
+            child = self._spawn()
+        return child.send(pickle.dumps((function, args)))
+
+    def _spawn(self) -> _Child:
+        child = _Child()
         transport = self._reactor.spawnProcess(
             child, sys.executable, [sys.executable, "-m", "vfab.jobs.planning"],
             env=dict(os.environ))
         self._children[transport] = child
-        child.ended.addBoth(self._forget, transport)
-        return child.ended
+        child.ended.addBoth(self._ended, transport)
+        return child
 
-    def _forget(self, result: Any, transport: Any) -> Any:
-        self._children.pop(transport, None)
+    def _start_spare(self) -> None:
+        if self._keep_spare and self._spare is None:
+            self._spare = self._spawn()
+
+    def _ended(self, result: Any, transport: Any) -> Any:
+        child = self._children.pop(transport, None)
+        if child is self._spare:
+            # A spare that died idle is not replaced until a request has been
+            # served: a child that cannot start must not be restarted in a loop.
+            self._spare = None
+            return None
+        self._start_spare()
         return result
 
-    def stop(self) -> None:
-        """Kill what is still running: the daemon is stopping."""
+    def stop(self) -> Deferred[None]:
+        """Kill what is still running, the spare too: the daemon is stopping.
+        Fires once every child has ended (and been reaped)."""
+        self._keep_spare = False
+        ending = []
         for transport, child in list(self._children.items()):
             child.stopped = True
+            ending.append(child.exited())
             try:
                 transport.signalProcess("KILL")
             except ProcessExitedAlready:
                 pass
+        return DeferredList(ending).addCallback(lambda _: None)
 
 
 def _serve() -> None:
-    """The child: run one pickled request from stdin, answer on stdout.
+    """The child: import what the work needs, then run one pickled request from
+    stdin and answer on stdout.
 
     It runs at a lower priority than the daemon, so that on a machine with
     few cores the reactor feeding the plotter always gets the CPU first.
+    A spare whose daemon went away reads the end of its stdin and exits.
     """
     os.nice(CHILD_NICENESS)
-    function, args = pickle.load(sys.stdin.buffer)
+    import vfab.jobs.prepare  # noqa: F401  (the imports are the second a spare saves)
+
+    try:
+        function, args = pickle.load(sys.stdin.buffer)
+    except EOFError:
+        return
     try:
         answer = ("ok", function(*args))
     except Exception as error:  # every failure goes back to the daemon to report

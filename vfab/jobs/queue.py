@@ -153,6 +153,7 @@ class QueueService(Service):
         self.files.create_directory()
         self.files.remove_stale_uploads()
         self._upload_threads.start()
+        self._planning.start()
         self._unsubscribe = self._bus.subscribe(self._on_event, remote=True)
         starting = self.recorder.refresh().addCallback(lambda _: self._store.adopt(self.farm))
         starting.addCallback(self._adopted)
@@ -191,7 +192,7 @@ class QueueService(Service):
             self._unsubscribe()
         yield DeferredList([scheduler.stop() for scheduler in self.schedulers.values()])
         self._upload_threads.stop()
-        self._planning.stop()
+        yield self._planning.stop()
         _log.info("queue service stopped")
 
     # -- JobControl -------------------------------------------------------------

@@ -65,6 +65,8 @@ PLAN_SETTINGS = (
 #: about a millisecond.
 WINDOW_ROWS = 1024
 _TICKS_PER_S = 25_000
+#: Paths whose rows are put in file order and written at once.
+WRITE_PATHS = 8192
 
 
 class PlanFormatError(ValueError):
@@ -121,14 +123,24 @@ class PlanWriter:
         sizes = travel_count + draw_count
         path_start = self._rows + np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) \
             if count else np.zeros(0, dtype=np.int64)
-        out = np.empty(int(sizes.sum()), dtype=MOVE_DTYPE)
-        travel_path, draw_path = travel["path"].astype(np.int64), draw["path"].astype(np.int64)
-        out[path_start[travel_path] - self._rows
-            + np.arange(len(travel)) - rows.travel_bounds[travel_path]] = travel
-        out[path_start[draw_path] - self._rows + travel_count[draw_path]
-            + np.arange(len(draw)) - rows.draw_bounds[draw_path]] = draw
-        out["path"] += first_path
-        out.tofile(self._out)
+        # Written WRITE_PATHS paths at a time: a copy of the whole layer's rows in
+        # file order would be the biggest array of the submission.
+        for low in range(0, count, WRITE_PATHS):
+            high = min(low + WRITE_PATHS, count)
+            travel_from, travel_to = rows.travel_bounds[low], rows.travel_bounds[high]
+            draw_from, draw_to = rows.draw_bounds[low], rows.draw_bounds[high]
+            some_travel, some_draw = travel[travel_from:travel_to], draw[draw_from:draw_to]
+            out = np.empty(len(some_travel) + len(some_draw), dtype=MOVE_DTYPE)
+            base = path_start[low]
+            travel_path = some_travel["path"].astype(np.int64)
+            draw_path = some_draw["path"].astype(np.int64)
+            out[path_start[travel_path] - base + np.arange(travel_from, travel_to)
+                - rows.travel_bounds[travel_path]] = some_travel
+            out[path_start[draw_path] - base + travel_count[draw_path]
+                + np.arange(draw_from, draw_to) - rows.draw_bounds[draw_path]] = some_draw
+            out["path"] += first_path
+            out.tofile(self._out)
+            del out
 
         index = np.zeros(count, dtype=PATH_DTYPE)
         index["travel_start"], index["travel_count"] = path_start, travel_count
@@ -150,7 +162,7 @@ class PlanWriter:
                 self._high = np.maximum(self._high, points.max(axis=0))
         self._layers.append({"name": name, "first_path": first_path, "paths": count,
                              "home_s": rows.home_s})
-        self._rows += len(out)
+        self._rows += int(sizes.sum())
 
     def finish(self, *, fingerprint: str, figures: dict[str, Any],
                pen: tuple[PenMove, PenMove]) -> None:

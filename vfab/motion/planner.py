@@ -17,6 +17,7 @@ Planning is pure (no reactor, no I/O), so it may run in a thread.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import attr
 import numpy as np
@@ -150,9 +151,42 @@ def plan_rows(paths: list[np.ndarray], limits: Limits, *, use_lm: bool, toleranc
     """Every path's moves as MOVE_DTYPE rows, path after path (no Python object per
     move), and the pieces they were made from."""
     pieces = cut_long_pieces(plan_pieces(paths, limits, tolerance), MAX_MOVE_S)
-    per_mm = limits.steps_per_mm
-    rows = _lm_rows(pieces, per_mm) if use_lm else _sm_rows(pieces, per_mm)
-    return rows, pieces
+    make = _lm_rows if use_lm else _sm_rows
+    return _in_chunks(make, pieces, limits.steps_per_mm), pieces
+
+
+#: Pieces made into rows at once: the rows of a piece depend only on it and on
+#: the pieces before it in its path, so making them a few paths at a time gives
+#: the same rows, without the temporaries of a million pieces at once.
+ROWS_CHUNK = 1 << 17
+
+
+def _in_chunks(make: Any, pieces: Pieces, per_mm: float) -> np.ndarray:
+    """`make(pieces, per_mm)`, made ROWS_CHUNK pieces (whole paths) at a time."""
+    count = len(pieces.path)
+    if count <= ROWS_CHUNK:
+        return make(pieces, per_mm)
+    starts = np.unique(np.searchsorted(pieces.path, pieces.path[::ROWS_CHUNK])).tolist()
+    chunks = [make(_slice(pieces, low, high), per_mm)
+              for low, high in zip(starts, starts[1:] + [count])]
+    rows = np.empty(sum(len(chunk) for chunk in chunks), dtype=MOVE_DTYPE)
+    done = 0
+    chunks.reverse()
+    while chunks:  # each chunk freed as soon as it is copied
+        chunk = chunks.pop()
+        rows[done:done + len(chunk)] = chunk
+        done += len(chunk)
+        del chunk
+    return rows
+
+
+def _slice(pieces: Pieces, low: int, high: int) -> Pieces:
+    """Pieces [low, high), with every path's figures (numbered as before)."""
+    return Pieces(path=pieces.path[low:high], start_mm=pieces.start_mm[low:high],
+                  end_mm=pieces.end_mm[low:high], start_speed=pieces.start_speed[low:high],
+                  end_speed=pieces.end_speed[low:high], length=pieces.length[low:high],
+                  duration=pieces.duration[low:high], path_start=pieces.path_start,
+                  path_end=pieces.path_end, path_length=pieces.path_length)
 
 
 def _planned(paths: list[np.ndarray], limits: Limits, *, use_lm: bool, tolerance: float
@@ -262,7 +296,8 @@ def plan_drawing_rows(paths: list[np.ndarray], config: DeviceConfig, *, use_lm: 
     """Pen-down moves of every path and the pen-up travel to each, as rows."""
     draw, pieces = plan_rows(paths, pen_down_limits(config), use_lm=use_lm,
                              tolerance=chord_tolerance(config))
-    starts, ends = pieces.path_start, pieces.path_end
+    starts, ends, lengths = pieces.path_start, pieces.path_end, pieces.path_length
+    del pieces  # a few hundred MB at a million segments, not needed for the travel
     # Pen-up travel (as plan_travel plans it) to each path from the end of the one
     # before (home for the first), all planned together; then from the last home.
     previous = np.vstack([np.array([HOME]), ends[:-1]]) if len(paths) else np.zeros((0, 2))
@@ -271,7 +306,7 @@ def plan_drawing_rows(paths: list[np.ndarray], config: DeviceConfig, *, use_lm: 
     home_s = float(np.sum(home["ticks"]) / ebb.TICKS_PER_S) if len(paths) else 0.0
     return DrawingRows(draw=draw, draw_bounds=_bounds(draw, len(paths)), travel=travel,
                        travel_bounds=_bounds(travel, len(paths)), start_mm=starts,
-                       end_mm=ends, length_mm=pieces.path_length, home_s=home_s)
+                       end_mm=ends, length_mm=lengths, home_s=home_s)
 
 
 def plan_drawing(drawing: Drawing, config: DeviceConfig, *, use_lm: bool = True) -> MotionPlan:

@@ -127,6 +127,9 @@ def plan_pieces(paths: list[np.ndarray], limits: Limits, chord_tolerance: float)
     motor_cap = MAX_MOTOR_STEPS_PER_S / (limits.steps_per_mm * np.maximum(axis_load, 1e-12))
     segment_cap = np.minimum(np.minimum(limits.speed, motor_cap), length / limits.min_move_s)
     segment_cap = np.where(valid, segment_cap, 0.0)
+    # A million segments make each array here 8-16 MB: what is no longer
+    # needed goes as the plan proceeds, so that they are not all held at once.
+    del delta, safe, axis_load, motor_cap
 
     accel = limits.accel
     # Vertex caps (squared speeds): rest at path ends, junction deviation inside.
@@ -142,6 +145,8 @@ def plan_pieces(paths: list[np.ndarray], limits: Limits, chord_tolerance: float)
                                 accel * limits.cornering * sin_half / (1.0 - sin_half), np.inf)
         around = np.minimum(segment_cap[index - 1], segment_cap[index]) ** 2
         vertex_cap[index] = np.minimum(junction, around)
+        del index, incoming, outgoing, cos_theta, sin_half, junction, around
+    del inner
 
     # Forward and backward passes in closed form (see module docstring).
     reach = np.zeros(len(points))
@@ -151,12 +156,14 @@ def plan_pieces(paths: list[np.ndarray], limits: Limits, chord_tolerance: float)
     backward = np.minimum.accumulate((vertex_cap + total)[::-1])[::-1] - total
     speed2 = np.clip(np.minimum(forward, backward), 0.0, None)
     speed2[first | last] = 0.0
+    del reach, total, forward, backward, vertex_cap, first, last
 
     # Per real segment: entry, exit and cruise speeds and the phase lengths.
     seg = np.nonzero(valid)[0]
     L = length[seg]
     w0, w1 = speed2[seg], speed2[seg + 1]
     cap2 = segment_cap[seg] ** 2
+    del speed2, segment_cap, length, valid
     peak2 = np.minimum(cap2, (2.0 * accel * L + w0 + w1) / 2.0)
     peak2 = np.maximum(peak2, np.maximum(w0, w1))
     v0, v1, vc = np.sqrt(w0), np.sqrt(w1), np.sqrt(peak2)
@@ -203,6 +210,9 @@ def plan_pieces(paths: list[np.ndarray], limits: Limits, chord_tolerance: float)
     s[:, 2] = d_accel + d_cruise
     v[:, 2] = vc
     k[:, 2] = three
+    del w0, w1, cap2, peak2, d_decel, t_accel, t_cruise, t_decel, keep_accel, keep_decel
+    del b_low, b_high, middle, split, rest, single, vm, three, two, halves
+    del v0, v1, vc, d_accel, d_cruise
 
     flat_s, flat_v = s[k], v[k]
     flat_seg = np.repeat(np.arange(len(seg)), k.sum(axis=1))
@@ -210,11 +220,13 @@ def plan_pieces(paths: list[np.ndarray], limits: Limits, chord_tolerance: float)
     piece_seg = flat_seg[:-1][same]
     s_from, s_to = flat_s[:-1][same], flat_s[1:][same]
     u_from, u_to = flat_v[:-1][same], flat_v[1:][same]
+    del s, v, k, flat_s, flat_v, flat_seg, same
 
     origin = points[seg[piece_seg]]
     direction = unit[seg[piece_seg]]
     start = origin + direction * s_from[:, None]
     end = origin + direction * s_to[:, None]
+    del origin, direction
     # Segment ends exactly at their vertices, so no rounding creeps in.
     at_end = s_to >= L[piece_seg]
     end[at_end] = points[seg[piece_seg][at_end] + 1]
