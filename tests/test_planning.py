@@ -132,6 +132,30 @@ def test_a_spare_that_dies_idle_is_replaced_only_after_the_next_request():
         yield planning.stop()
 
 
+class _NoSpawning:
+    """A reactor whose user may not run this Python (dropped to `nobody`)."""
+
+    def spawnProcess(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", sys.executable)
+
+
+def test_a_spare_this_user_cannot_start_is_a_warning_not_a_failed_start():
+    """After dropping root the interpreter may be out of reach: the daemon must
+    still start, and say why planning will not work."""
+    from twisted.logger import globalLogPublisher
+
+    said: list[dict] = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        planning = PlanningProcess(_NoSpawning())
+        planning.start()
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+    assert planning.spare is None and not planning._children
+    assert any("cannot start a planning child" in event.get("log_format", "")
+               for event in said)
+
+
 @pytest_twisted.inlineCallbacks
 def test_a_planner_never_started_keeps_no_spare():
     """Tests and tools that only `run` leave no idle child behind."""

@@ -190,7 +190,9 @@ class PlanningProcess:
         self._keep_spare = False
 
     def start(self) -> None:
-        """Keep a spare child ready from now on."""
+        """Keep a spare child ready from now on; a child this user cannot start is
+        said once here (each submission then says it to its submitter), and the
+        daemon goes on without a spare."""
         self._keep_spare = True
         self._start_spare()
 
@@ -224,7 +226,13 @@ class PlanningProcess:
 
     def _start_spare(self) -> None:
         if self._keep_spare and self._spare is None:
-            self._spare = self._spawn()
+            try:
+                self._spare = self._spawn()
+            except OSError as error:
+                self._keep_spare = False
+                _log.warn("cannot start a planning child ({python}): {error}; each "
+                          "submission will say so until this user may run that Python",
+                          python=sys.executable, error=error)
 
     def _ended(self, result: Any, transport: Any) -> Any:
         child = self._children.pop(transport, None)
