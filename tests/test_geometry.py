@@ -369,17 +369,19 @@ def test_optimize_is_fast_for_many_paths():
     assert drawing_stats(ordered).pen_up_mm < drawing_stats(drawing).pen_up_mm / 10
 
 
+def _drawable(path: list[tuple[int, int]]) -> np.ndarray | None:
+    """The path without repeated consecutive points, or None if less than a segment is left."""
+    points = np.array(path, dtype=float)
+    keep = np.ones(len(points), bool)
+    keep[1:] = np.any(points[1:] != points[:-1], axis=1)
+    return points[keep] if keep.sum() >= 2 else None
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.lists(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=2, max_size=5),
                 min_size=1, max_size=25))
 def test_optimize_never_changes_a_drawn_segment(raw):
-    paths = []
-    for path in raw:
-        points = np.array(path, dtype=float)
-        keep = np.ones(len(points), bool)
-        keep[1:] = np.any(points[1:] != points[:-1], axis=1)
-        if keep.sum() >= 2:
-            paths.append(points[keep])
+    paths = [points for points in map(_drawable, raw) if points is not None]
     if not paths:
         return
     drawing = Drawing(layers=(Layer("l", paths),), width_mm=20, height_mm=20)
@@ -398,15 +400,10 @@ def test_optimize_looking_ahead_picks_exactly_what_the_query_at_each_step_picks(
     is the same."""
     import vfab.geometry.order as order_module
 
-    paths = []
-    for path in raw:
-        points = np.array(path, dtype=float)
-        if len(points) > 3 and path[0] != path[-1] and len(path) % 3 == 0:
-            points = np.vstack([points, points[:1]])  # some closed paths
-        keep = np.ones(len(points), bool)
-        keep[1:] = np.any(points[1:] != points[:-1], axis=1)
-        if keep.sum() >= 2:
-            paths.append(points[keep])
+    # Some paths closed (the first point again at the end).
+    closed = [path + path[:1] if len(path) > 3 and path[0] != path[-1] and len(path) % 3 == 0
+              else path for path in raw]
+    paths = [points for points in map(_drawable, closed) if points is not None]
     if not paths:
         return
     ahead, ahead_end = order_module.order_paths(tuple(paths), np.zeros(2), tolerance)
