@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -146,6 +147,19 @@ class DaemonProcess:
                 return job
             time.sleep(0.1)
         raise AssertionError(f"job {job_id} never reached {states}: {job}\n{self.log}")
+
+
+def read_to_the_end(sock: socket.socket, timeout: float | None = None) -> bytes:
+    """Everything the server sends until it closes; a reset fails the test.
+    `timeout` bounds each read (else the socket's own timeout does)."""
+    if timeout is not None:
+        sock.settimeout(timeout)
+    answer = b""
+    while True:
+        piece = sock.recv(65536)  # ConnectionResetError: the answer may be lost
+        if not piece:
+            return answer
+        answer += piece
 
 
 def run_vfab(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0

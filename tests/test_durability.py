@@ -110,18 +110,23 @@ def wait_for_progress(daemon: DaemonProcess, job_id: str, at_least: float) -> di
     raise AssertionError(f"no progress: {job}")
 
 
+def plot_one_layer(tmp_path, simulator: SimulatorProcess, name: str) -> None:
+    """A daemon on `simulator` plots ONE_LAYER to completion, then stops cleanly."""
+    daemon = daemon_for(tmp_path, simulator)
+    try:
+        wait_for_device(daemon, "idle")
+        _, job = daemon.submit(ONE_LAYER, name=name)
+        assert daemon.wait_for_job(job["id"], {"completed", "failed"})["state"] == "completed"
+    finally:
+        assert daemon.stop() == 0
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> list[np.ndarray]:
     """An uninterrupted plot of the job."""
     tmp_path = tmp_path_factory.mktemp("reference")
     simulator = SimulatorProcess(tmp_path)
-    daemon = daemon_for(tmp_path, simulator)
-    try:
-        wait_for_device(daemon, "idle")
-        _, job = daemon.submit(ONE_LAYER, name="reference")
-        assert daemon.wait_for_job(job["id"], {"completed", "failed"})["state"] == "completed"
-    finally:
-        assert daemon.stop() == 0
+    plot_one_layer(tmp_path, simulator, "reference")
     return strokes_of(simulator.stop())
 
 
@@ -327,12 +332,6 @@ def test_a_simulator_without_a_record_plots_and_writes_none(tmp_path):
     """The memory benchmark's simulator keeps no record, so that it stops at once
     after a million strokes; it still plots what the daemon sends."""
     simulator = SimulatorProcess(tmp_path, record=False)
-    daemon = daemon_for(tmp_path, simulator)
-    try:
-        wait_for_device(daemon, "idle")
-        _, job = daemon.submit(ONE_LAYER, name="unrecorded")
-        assert daemon.wait_for_job(job["id"], {"completed", "failed"})["state"] == "completed"
-    finally:
-        assert daemon.stop() == 0
+    plot_one_layer(tmp_path, simulator, "unrecorded")
     assert simulator.stop() is None
     assert not any(path.name.endswith("record") for path in tmp_path.iterdir())

@@ -27,7 +27,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from tests.daemon_process import DaemonProcess, run_vfab
+from tests.daemon_process import DaemonProcess, read_to_the_end, run_vfab
 from tests.keyless_flood import KeylessFlood
 from vfab.web.auth import exposure_warning, limit_unit
 from vfab.web.ws import key_token
@@ -404,17 +404,6 @@ def test_a_chunked_body_over_the_limit_is_413_as_soon_as_it_passes_it(
 OLD_LINGER_SECONDS = 5.0
 
 
-def read_to_the_end(sock: socket.socket) -> bytes:
-    """Everything the server sends until its end; a reset fails the test."""
-    sock.settimeout(WAIT)
-    answer = b""
-    while True:
-        piece = sock.recv(65536)  # ConnectionResetError: the answer may be lost
-        if not piece:
-            return answer
-        answer += piece
-
-
 @pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
 def test_a_refused_client_still_sending_after_the_old_cutoff_reads_its_413(
         daemon: DaemonProcess, chunked: bool) -> None:
@@ -434,7 +423,7 @@ def test_a_refused_client_still_sending_after_the_old_cutoff_reads_its_413(
     while time.monotonic() - started < OLD_LINGER_SECONDS + 1.5:
         sock.sendall(piece)  # a reset here is the defect too
         time.sleep(0.01)  # the client's pace (about 1.5 MB/s), not a wait for an event
-    answer = read_to_the_end(sock)
+    answer = read_to_the_end(sock, WAIT)
     sock.close()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 "), answer[:200]
@@ -456,7 +445,7 @@ def test_the_limit_passed_by_the_last_chunk_with_the_end_in_the_same_write_is_on
                  + b"\r\nContent-Type: image/svg+xml\r\nTransfer-Encoding: chunked\r\n\r\n"
                  + b"%x\r\n%s\r\n" % (len(first), first) + b"%x\r\n%s\r\n" % (len(last), last)
                  + b"0\r\n\r\n" + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-    answer = read_to_the_end(sock)
+    answer = read_to_the_end(sock, WAIT)
     sock.close()
     head, _, rest = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 "), answer[:200]

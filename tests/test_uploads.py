@@ -21,7 +21,7 @@ import pytest_twisted
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.daemon_process import DaemonProcess
+from tests.daemon_process import DaemonProcess, read_to_the_end
 from vfab.config import ConfigError, DeviceConfig, config_from_dict
 from vfab.geometry import SVGError, SVGLimits, load_svg
 from vfab.geometry import svg as svg_module
@@ -543,12 +543,7 @@ def test_the_daemon_refuses_at_once_an_upload_its_disk_cannot_take(small_disk):
         sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
         sock.sendall(b"POST /api/jobs HTTP/1.1\r\nHost: x\r\nContent-Type: image/svg+xml\r\n"
                      b"Content-Length: %d\r\n\r\n" % (free - (512 << 10)))
-        answer = b""
-        while True:
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            answer += piece
+        answer = read_to_the_end(sock)
         sock.close()
         assert answer.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n"), answer[:200]
         error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
@@ -615,12 +610,7 @@ def test_the_daemon_refuses_a_chunked_upload_before_it_takes_the_reserve(small_d
                 sock.sendall(b"%x\r\n" % piece + b" " * piece + b"\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass  # the daemon had answered and stopped reading
-        answer = b""
-        while True:
-            piece_read = sock.recv(65536)
-            if not piece_read:
-                break
-            answer += piece_read
+        answer = read_to_the_end(sock)
         sock.close()
         assert answer.startswith(b"HTTP/1.1 507 Insufficient Storage\r\n"), answer[:300]
         error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
